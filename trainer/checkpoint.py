@@ -1,0 +1,134 @@
+"""Checkpoints: `{save_dir}/epoch_N/` holds `model.safetensors` (the plain model, loadable by timm),
+`state/` (accelerate's `save_state`: optimizer, scheduler, RNG, progress; under DeepSpeed the engine's
+shards) and `manifest.json` (SHA-256 and size of every file).
+
+A checkpoint appears only when complete: everything is written into a hidden sibling folder, fsynced,
+then renamed into place by one `os.rename`, after which `latest` is updated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+MODEL_FILE = "model.safetensors"
+STATE_DIR = "state"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: printed as one line, exit status 2."""
+
+
+class Progress:
+    """Where training stands; saved with the accelerate state so a resume continues at the right step."""
+
+    def __init__(self) -> None:
+        self.epoch = 0           # epochs completed
+        self.step_in_epoch = 0   # optimizer steps completed within the current epoch
+        self.global_step = 0     # optimizer steps completed in all
+        self.epoch_loss_sum = 0.0    # summed per-image training loss of the current epoch so far, all processes
+        self.epoch_train_time = 0.0  # seconds spent training in the current epoch before this session
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+    for p in files + [folder / MANIFEST_FILE]:
+        _fsync(p)
+    for d in {p.parent for p in files} | {folder}:
+        _fsync(d)
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError naming the first file that is missing, truncated or altered."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        raise CheckpointError(f"{folder} is not a checkpoint: {MANIFEST_FILE} is missing")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{manifest} is unreadable") from None
+    for name in (MODEL_FILE, STATE_DIR):
+        if not any(e == name or e.startswith(name + "/") for e in entries):
+            raise CheckpointError(f"{folder} is not a checkpoint: the manifest lists no {name}")
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint file {path} has {path.stat().st_size} bytes, "
+                                  f"the manifest says {entry['bytes']} (truncated?)")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} does not match its SHA-256 in the manifest (altered)")
+
+
+def save(accelerator, model, save_dir: Path, name: str) -> Path:
+    """Write checkpoint `save_dir/name` atomically; collective: every process must call it."""
+    final, staging = save_dir / name, save_dir / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # get_state_dict unwraps DDP / torch.compile and, under ZeRO-3, gathers the shards (collective).
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, staging / MODEL_FILE)
+    accelerator.save_state(str(staging / STATE_DIR))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(staging)
+        previous = save_dir / f".old-{name}"
+        if final.exists():  # a re-run of the same epoch: replace, never leave neither
+            shutil.rmtree(previous, ignore_errors=True)
+            os.rename(final, previous)
+        os.rename(staging, final)
+        _fsync(save_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+        tmp = save_dir / (LATEST_FILE + ".tmp")
+        tmp.write_text(name + "\n")
+        os.replace(tmp, save_dir / LATEST_FILE)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, folder: Path) -> None:
+    """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint."""
+    verify(folder)
+    accelerator.load_state(str(Path(folder) / STATE_DIR))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path))

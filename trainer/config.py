@@ -1,0 +1,259 @@
+"""One typed configuration for a training run, its command line, and its validation.
+
+Field names are the reference study's names; the command line spells them `--learning_rate` or
+`--learning-rate`; booleans take `--x` / `--no-x`; `--config FILE` (YAML or JSON) supplies values that
+the command line overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: printed as one line, exit status 2."""
+
+
+# The two models of the reference study: the exact timm names and keyword arguments it used.
+MODEL_PRESETS = {
+    "nfnet": ("dm_nfnet_f0.dm_in1k", {}),
+    "vit": ("vit_base_patch8_224.augreg_in21k_ft_in1k", {"img_size": (32, 32)}),
+}
+OPTIMIZERS = ("adamw", "sgdm")
+SCHEDULERS = ("cosine", "linear_decay")
+AUGMENTS = ("crop_flip", "none")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+DATA_DEVICES = ("auto", "cpu", "accelerator")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    model: str = "nfnet"
+    """`nfnet` or `vit` (the study's presets) or any timm model name."""
+    pretrained: bool = True
+    """Start from pretrained weights (timm / Hugging Face cache or hub)."""
+    pretrained_file: Optional[str] = None
+    """Local .safetensors or .pth weights, loaded through timm (head reset, ViT position embeddings resampled)."""
+    image_size: int = 32
+    """Side of the square training image in pixels; CIFAR's 32x32 images are resized when different."""
+
+    # --- data --------------------------------------------------------------------------------
+    data_dir: str = "./data"
+    """Folder that holds `cifar-100-python/`; downloaded there when missing."""
+    download: bool = True
+    """Download CIFAR-100 into data_dir when it is missing."""
+    augment: str = "crop_flip"
+    """`crop_flip`: random 32x32 crop of the 4-pixel zero-padded image plus horizontal flip; `none`."""
+    num_workers: int = 0
+    """Worker processes that prepare micro-batches on the CPU; 0 prepares them in the training process."""
+    data_device: str = "auto"
+    """Where the training set lives: `accelerator` keeps it on the GPU, `auto` does so whenever training on a GPU."""
+
+    # --- optimisation ------------------------------------------------------------------------
+    seed: int = 3407
+    """Seed of weights' initialisation, data order and augmentation."""
+    epochs: int = 25
+    """Passes over the training set."""
+    warmup_epochs: float = 5
+    """Epochs of linear warm-up from 0 to learning_rate."""
+    learning_rate: float = 5e-4
+    """Peak learning rate, per global batch of batch_size images."""
+    min_lr: float = 0.0
+    """Floor that the cosine schedule decays to."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
+    optimizer: str = "adamw"
+    """`adamw` or `sgdm` (SGD with momentum)."""
+    momentum: float = 0.9
+    """Momentum of `sgdm`."""
+    nesterov: bool = False
+    """Nesterov momentum for `sgdm`."""
+    scheduler: str = "cosine"
+    """`cosine` (warm-up, then cosine to min_lr) or `linear_decay` (warm-up, then linear to 0)."""
+    batch_size: int = 256
+    """Global batch: images per optimizer step, summed over processes and accumulation steps."""
+    micro_batch_size: Optional[int] = None
+    """Images per process per forward pass; default: the largest that divides, so accumulation is smallest."""
+    max_micro_batch_size: int = 256
+    """Largest micro-batch the automatic choice may pick (memory bound per process)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 turns clipping off (also under DeepSpeed)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy (timm's LabelSmoothingCrossEntropy when > 0)."""
+
+    # --- hardware ----------------------------------------------------------------------------
+    device: str = "auto"
+    """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
+    mixed_precision: str = "auto"
+    """`no`, `bf16`, `fp16`, or `auto`: accelerate's launch setting if given, else bf16 on GPUs that have it, else fp32."""
+
+    # --- evaluation, checkpoints, logging ----------------------------------------------------
+    eval_batch_size: int = 500
+    """Test images per process per forward pass during evaluation."""
+    checkpoint: Optional[str] = None
+    """Checkpoint folder (`{save_dir}/epoch_N`) to resume from."""
+    save_epochs: int = -1
+    """Save a checkpoint every this many epochs; -1: after the last epoch only."""
+    save_dir: str = "checkpoint"
+    """Folder for config.json, metrics.jsonl and checkpoints."""
+    log_interval: int = 20
+    """Optimizer steps between progress-bar updates (the only host syncs in the training loop)."""
+    progress: bool = True
+    """Show a progress bar on the main process."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("augment", AUGMENTS),
+                              ("device", DEVICES), ("mixed_precision", PRECISIONS), ("data_device", DATA_DEVICES)):
+            value = getattr(self, name)
+            need(value in choices, f"--{name} {value!r} is not one of: {', '.join(choices)}")
+        need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        need(0 <= self.warmup_epochs <= self.epochs,
+             f"--warmup_epochs must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        need(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
+        need(0 <= self.min_lr <= self.learning_rate, f"--min_lr must lie in [0, learning_rate], got {self.min_lr}")
+        need(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        need(self.micro_batch_size is None or self.micro_batch_size >= 1,
+             f"--micro_batch_size must be at least 1, got {self.micro_batch_size}")
+        need(self.max_micro_batch_size >= 1, f"--max_micro_batch_size must be at least 1, got {self.max_micro_batch_size}")
+        need(self.eval_batch_size >= 1, f"--eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        need(self.grad_clip >= 0, f"--grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        need(0 <= self.label_smoothing < 1, f"--label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        need(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        need(self.image_size >= 8, f"--image_size must be at least 8 pixels, got {self.image_size}")
+        need(self.save_epochs == -1 or self.save_epochs >= 1, f"--save_epochs must be -1 or >= 1, got {self.save_epochs}")
+        need(self.log_interval >= 1, f"--log_interval must be at least 1, got {self.log_interval}")
+        need(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")
+        if self.pretrained_file is not None:
+            need(Path(self.pretrained_file).is_file(), f"--pretrained_file {self.pretrained_file} does not exist")
+            need(Path(self.pretrained_file).suffix in (".safetensors", ".pth", ".pt", ".bin"),
+                 f"--pretrained_file {self.pretrained_file} must be a .safetensors or .pth file")
+        if self.checkpoint is not None:
+            need(Path(self.checkpoint).is_dir(), f"--checkpoint {self.checkpoint} is not a folder")
+
+    def timm_name_and_kwargs(self) -> tuple[str, dict]:
+        """The timm model name and the keyword arguments the preset (if any) adds."""
+        return MODEL_PRESETS.get(self.model, (self.model, {}))
+
+
+def resolve_batching(batch_size: int, processes: int, micro_batch_size: Optional[int],
+                     max_micro_batch_size: int) -> tuple[int, int]:
+    """(micro_batch_size, accumulation_steps) with batch_size = micro x processes x accumulation."""
+    if batch_size % processes:
+        divisors = [p for p in range(1, batch_size + 1) if batch_size % p == 0 and p <= 64]
+        raise ConfigError(f"--batch_size {batch_size} is not divisible by the {processes} processes; "
+                          f"use a batch_size that is a multiple of {processes}, or one of these process counts: "
+                          f"{divisors}")
+    per_process = batch_size // processes
+    valid = [m for m in range(1, per_process + 1) if per_process % m == 0]
+    if micro_batch_size is None:
+        fitting = [m for m in valid if m <= max_micro_batch_size]
+        micro_batch_size = fitting[-1]
+    elif per_process % micro_batch_size:
+        raise ConfigError(f"--micro_batch_size {micro_batch_size} does not divide batch_size {batch_size} / "
+                          f"{processes} processes = {per_process}; valid values: {valid}")
+    return micro_batch_size, per_process // micro_batch_size
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer", description="Fine-tune a timm model on CIFAR-100 with Hugging Face Accelerate.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML or JSON file of options; the command line overrides it.")
+    docs = _field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kind = _field_type(f)
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=kind, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each field, read from this file, so `--help` and the code never disagree."""
+    import ast
+    tree = ast.parse(Path(__file__).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    docs, last = {}, None
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign):
+            last = node.target.id
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
+            docs[last] = node.value.value.replace("%", "%%")
+            last = None
+    return docs
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    try:
+        values = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"--config {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                          f"{str(error).splitlines()[0]}") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    coerced = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        kind = _field_type(fields[name])
+        ok = value is None or (isinstance(value, bool) if kind is bool else not isinstance(value, bool))
+        try:
+            coerced[name] = value if value is None or kind is bool else kind(value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--config {path}: {name} must be a {kind.__name__}, got {value!r}")
+    return coerced
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    parser = build_parser()
+    # argparse prints usage and exits 2 on an unknown option: already one clear line and a non-zero exit.
+    cli = vars(parser.parse_args(argv))
+    values = load_config_file(cli.pop("config")) if "config" in cli else {}
+    values.update(cli)
+    return TrainConfig(**values)
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def env_world_size() -> int:
+    """Processes the launcher started (torchrun / accelerate set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,305 @@
+"""The training loop: one Trainer whose methods each do one job (setup, train_epoch, evaluate, save, run)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from timm.loss import LabelSmoothingCrossEntropy
+from tqdm.auto import tqdm
+
+from . import checkpoint, records
+from .config import ConfigError, TrainConfig, env_world_size, resolve_batching, to_dict
+from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100, steps_per_epoch
+from .models import count_parameters, create_model
+from .optim import create_optimizer, create_scheduler
+
+
+def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` from its config
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    return "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
+
+
+def create_accelerator(config: TrainConfig) -> Accelerator:
+    has_cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not has_cuda:
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    on_cpu = config.device == "cpu" or not has_cuda
+    deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # On CPU the process group must be gloo; accelerate picks it for DDP, but under DeepSpeed it only
+    # counts the processes when told (shared notes).
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
+    # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=resolve_mixed_precision(config, on_cpu),
+                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    if env_world_size() > 1 and accelerator.num_processes == 1:
+        # Without a GPU, `accelerate launch --multi_gpu` without cpu=True starts processes that each
+        # think they are alone and each train on all the data (shared notes).
+        raise ConfigError(f"the launcher started {env_world_size()} processes but they did not join one process "
+                          f"group; on CPU use `accelerate launch --multi_gpu --num_processes N` with --device "
+                          f"cpu/auto, or torchrun")
+    if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
+                          "install it with: pip install -e '.[deepspeed]'")
+    if deepspeed_asked and config.device == "cpu" and has_cuda:
+        raise ConfigError("--device cpu is not supported under DeepSpeed on a machine with GPUs")
+    return accelerator
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.accelerator = accelerator = create_accelerator(config)
+        self.save_dir = Path(config.save_dir)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.micro_batch_size, self.accumulation = resolve_batching(
+            config.batch_size, self.world, config.micro_batch_size, config.max_micro_batch_size)
+        accelerator.gradient_accumulation_steps = self.accumulation
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            self._configure_deepspeed()
+
+        with accelerator.local_main_process_first():  # one download per node; the others wait
+            folder = ensure_downloaded(config.data_dir, config.download) if accelerator.is_local_main_process \
+                else Path(config.data_dir) / "cifar-100-python"
+        train, test, self.class_names = load_cifar100(folder)
+        self.num_train = len(train.labels)
+
+        set_seed(config.seed)  # the same initial head on every process and topology
+        with accelerator.main_process_first():  # pretrained weights: download once, then read the cache
+            model = create_model(config)
+        self.num_parameters = count_parameters(model)
+        data_cfg = model.pretrained_cfg
+        normalize = Normalize(data_cfg.get("mean", (0.5,) * 3), data_cfg.get("std", (0.5,) * 3), config.image_size)
+
+        if config.data_device == "accelerator" and accelerator.device.type == "cpu":
+            raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
+        self.data_on_accelerator = accelerator.device.type != "cpu" and config.data_device != "cpu"
+        if self.data_on_accelerator:
+            train.images, train.labels = train.images.to(accelerator.device), train.labels.to(accelerator.device)
+        self.train_steps = TrainSteps(train, normalize, config.augment, config.seed, config.batch_size,
+                                      self.rank, self.world, self.accumulation)
+        self.steps_per_epoch = len(self.train_steps)
+        self.normalize = normalize
+
+        fused = accelerator.device.type == "cuda" and not self.deepspeed
+        optimizer = create_optimizer(config, model, fused=fused)
+        # The scheduler is not passed to prepare(): accelerate would step it once per process
+        # (or, under DeepSpeed, inside the engine); it is stepped here once per optimizer step.
+        self.scheduler = create_scheduler(config, optimizer, self.steps_per_epoch)
+        test_loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(test.images, test.labels), batch_size=config.eval_batch_size)
+        self.model, self.optimizer, self.test_loader = accelerator.prepare(model, optimizer, test_loader)
+        self.num_test = len(test.labels)
+        self.progress = checkpoint.Progress()
+        accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        if config.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=config.label_smoothing)
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss()
+        # Under DeepSpeed with bf16/fp16 the weights themselves are half precision and autocast does not
+        # apply, so inputs are cast to the engine's dtype (shared notes).
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            accelerator.mixed_precision, torch.float32) if self.deepspeed else torch.float32
+
+    def _configure_deepspeed(self) -> None:
+        """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = self.micro_batch_size
+        ds["gradient_accumulation_steps"] = self.accumulation
+        ds["train_batch_size"] = self.config.batch_size
+        # accelerate fills "auto" with 1.0 (clipping that DDP would not do) and reads 0.0 as unset, so
+        # the value is written here, the same as the DDP path's (shared notes). 0 means off in DeepSpeed.
+        ds["gradient_clipping"] = self.config.grad_clip
+
+    # --- what the run resolved -------------------------------------------------------------------
+    def resolved(self) -> dict:
+        acc = self.accelerator
+        return {
+            "timm_model": self.config.timm_name_and_kwargs()[0],
+            "parameters": self.num_parameters,
+            "processes": self.world,
+            "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", 1))),
+            "micro_batch_size": self.micro_batch_size,
+            "accumulation_steps": self.accumulation,
+            "global_batch_size": self.micro_batch_size * self.accumulation * self.world,
+            "steps_per_epoch": self.steps_per_epoch,
+            "last_step_images": self.num_train - (self.steps_per_epoch - 1) * self.config.batch_size,
+            "train_images": self.num_train,
+            "test_images": self.num_test,
+            "mixed_precision": acc.mixed_precision,
+            "distributed_type": str(acc.distributed_type).split(".")[-1],
+            "device": str(acc.device),
+            "data_on_accelerator": self.data_on_accelerator,
+            "deepspeed_zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
+            "normalize_mean": self.normalize.mean.flatten().tolist(),
+            "normalize_std": self.normalize.std.flatten().tolist(),
+        }
+
+    def print_startup(self) -> None:
+        r = self.resolved()
+        self.accelerator.print(
+            f"model {self.config.model} ({r['timm_model']}, {r['parameters'] / 1e6:.2f} M parameters) | "
+            f"{r['distributed_type']} on {r['processes']} process(es), {r['device']} | "
+            f"micro-batch {r['micro_batch_size']} x accumulation {r['accumulation_steps']} x {r['processes']} "
+            f"processes = global batch {r['global_batch_size']} | {r['steps_per_epoch']} steps per epoch "
+            f"(last step {r['last_step_images']} images) | mixed precision {r['mixed_precision']}")
+
+    # --- training --------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list, step_images: int) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns the summed per-image loss (on device)."""
+        model, accelerator = self.model, self.accelerator
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for images, labels in micro_batches:
+            images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
+            labels = labels.to(accelerator.device, non_blocking=True)
+            n = len(labels)
+            if n == 0:
+                # A micro-batch left empty by a small last step (fewer images than micro-batches) still
+                # joins the gradient all-reduce: one blank image whose loss is multiplied by 0. Models
+                # such as ViT cannot run a forward pass on zero images.
+                size = self.config.image_size
+                images = torch.zeros(1, 3, size, size, device=accelerator.device, dtype=self.input_dtype)
+            with accelerator.accumulate(model):
+                logits = model(images).float()
+                if n:
+                    loss = self.criterion(logits, labels)
+                    # The step's gradient must be the mean over its images whatever the topology.
+                    # DDP averages over W processes and accelerate/DeepSpeed divide by A micro-steps, so
+                    # the micro-batch mean is weighted by n*W*A/step_images: exactly 1 for a full step,
+                    # and right for the epoch's smaller last step, whose micro-batches differ in size.
+                    scale = n * self.world * self.accumulation / step_images
+                    accelerator.backward(loss * scale if scale != 1 else loss)
+                    loss_sum += loss.detach() * n
+                else:
+                    accelerator.backward(logits.sum() * 0.0)
+                if accelerator.sync_gradients and self.config.grad_clip > 0 and not self.deepspeed:
+                    accelerator.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        assert accelerator.sync_gradients, "micro-steps out of step with the accumulation count"
+        self.scheduler.step()
+        return loss_sum
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, accelerator, progress = self.config, self.accelerator, self.progress
+        self.model.train()
+        self.train_steps.set_epoch(epoch)
+        start_step = progress.step_in_epoch
+        # Running sums live on the device and are read once per log interval (no sync per step). A run
+        # resumed mid-epoch starts from the saved, already reduced sums (counted once, on the main process).
+        carried = progress.epoch_loss_sum if accelerator.is_main_process else 0.0
+        epoch_loss = torch.tensor(carried, dtype=torch.float64, device=accelerator.device)
+        interval_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        interval_images = 0
+        bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+        start, images_this_session = time.perf_counter(), 0
+        pin = accelerator.device.type == "cuda"
+        for step, micro_batches in iterate_steps(self.train_steps, start_step, cfg.num_workers, pin):
+            step_images = min(cfg.batch_size, self.num_train - step * cfg.batch_size)
+            lr = self.scheduler.get_last_lr()[0]
+            step_loss = self.train_step(micro_batches, step_images)
+            epoch_loss += step_loss
+            interval_loss += step_loss
+            interval_images += step_images
+            images_this_session += step_images
+            progress.step_in_epoch, progress.global_step = step + 1, progress.global_step + 1
+            bar.update(1)
+            if progress.global_step % cfg.log_interval == 0 or step + 1 == self.steps_per_epoch:
+                mean_loss = accelerator.reduce(interval_loss, reduction="sum").item() / interval_images
+                rate = images_this_session / (time.perf_counter() - start)
+                self.log_step({"step": progress.global_step, "epoch": epoch + 1, "lr": lr,
+                               "train_loss": mean_loss, "images_per_s": rate})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                interval_loss.zero_()
+                interval_images = 0
+        bar.close()
+        train_time = time.perf_counter() - start
+        epoch_images = self.num_train
+        total_loss = accelerator.reduce(epoch_loss, reduction="sum").item()
+        return {"train_loss": total_loss / epoch_images, "lr": lr, "train_time_s": progress.epoch_train_time + train_time,
+                "images_per_s": images_this_session / train_time, "train_images": epoch_images}
+
+    def log_step(self, entry: dict) -> None:
+        if self.accelerator.is_main_process:
+            records.append_line(self.save_dir / records.STEPS_FILE, entry)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
+        for images, labels in self.test_loader:
+            logits = self.model(self.normalize(images).to(self.input_dtype)).float()
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            top5 = logits.topk(5, dim=1).indices
+            # gather_for_metrics drops the samples accelerate duplicated to even out the last batch,
+            # so each test image counts exactly once.
+            losses, top5, labels = self.accelerator.gather_for_metrics((losses, top5, labels))
+            hits = top5 == labels[:, None]
+            totals += torch.stack([losses.sum().double(), hits[:, 0].sum().double(),
+                                   hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=hits.device,
+                                                                                dtype=torch.float64)])
+        loss, correct1, correct5, count = totals.tolist()
+        return {"val_loss": loss / count, "val_acc1": 100 * correct1 / count, "val_acc5": 100 * correct5 / count,
+                "val_images": int(count)}
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def resume(self, folder: Path) -> None:
+        checkpoint.load(self.accelerator, folder)
+        p = self.progress
+        if p.global_step != p.epoch * self.steps_per_epoch + p.step_in_epoch:
+            raise checkpoint.CheckpointError(
+                f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
+                f"{self.steps_per_epoch} steps per epoch here: the data set or batch_size differ")
+        self.accelerator.print(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}")
+
+    def should_save(self, epoch: int) -> bool:
+        every = self.config.save_epochs
+        return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
+
+    # --- the whole run ------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        cfg, accelerator = self.config, self.accelerator
+        if cfg.checkpoint:
+            self.resume(Path(cfg.checkpoint))
+        if accelerator.is_main_process:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            records.write_run_config(self.save_dir, to_dict(cfg), self.resolved())
+            records.truncate_records(self.save_dir, self.progress.epoch, self.progress.global_step)
+        self.print_startup()
+        history = []
+        while self.progress.epoch < cfg.epochs:
+            epoch = self.progress.epoch
+            epoch_start = time.perf_counter()
+            train = self.train_epoch(epoch)
+            val = self.evaluate()
+            self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+            self.progress.epoch_loss_sum = self.progress.epoch_train_time = 0.0
+            metrics = {"epoch": epoch + 1, "step": self.progress.global_step, **train, **val,
+                       "epoch_time_s": time.perf_counter() - epoch_start}
+            if not all(math.isfinite(v) for v in (metrics["train_loss"], metrics["val_loss"])):
+                raise FloatingPointError(f"loss is not finite after epoch {epoch + 1} "
+                                         f"(step {self.progress.global_step}); no checkpoint written")
+            history.append(metrics)
+            if accelerator.is_main_process:
+                records.append_line(self.save_dir / records.METRICS_FILE, metrics)
+            accelerator.print(
+                f"epoch {epoch + 1}/{cfg.epochs} step {metrics['step']} | train_loss {metrics['train_loss']:.4f} | "
+                f"val_loss {metrics['val_loss']:.4f} | val_acc1 {metrics['val_acc1']:.2f} % | "
+                f"val_acc5 {metrics['val_acc5']:.2f} % | lr {metrics['lr']:.3e} | "
+                f"{metrics['images_per_s']:.0f} img/s | {metrics['epoch_time_s']:.1f} s")
+            if self.should_save(epoch + 1):
+                path = checkpoint.save(accelerator, self.model, self.save_dir, f"epoch_{epoch + 1}")
+                accelerator.print(f"saved {path}")
+        accelerator.end_training()
+        return history

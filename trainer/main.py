@@ -1,0 +1,36 @@
+"""Fine-tune a timm model on CIFAR-100 with Hugging Face Accelerate.
+
+    python trainer/main.py --model vit                      # one process: a GPU if present, else the CPU
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml trainer/main.py --model nfnet
+    accelerate launch --multi_gpu --num_processes 2 trainer/main.py --device cpu --model test_vit
+    ./launch.sh --strategy zero2 --model vit                # picks the config for the GPUs it finds
+
+Exit status: 0 done, 2 bad input (one line on stderr), 1 anything unexpected (with its traceback).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (`python trainer/main.py`, `accelerate launch trainer/main.py`): import the package,
+    # not this folder's modules as top-level names that could shadow other libraries.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+
+def main(argv=None) -> int:
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError, parse_config
+    from trainer.data import DataError
+    from trainer.loop import Trainer
+
+    try:
+        config = parse_config(argv)
+        Trainer(config).run()
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules, as functions of the optimizer step.
+
+A schedule is stepped once per optimizer step (never per micro-batch or per process), so the sequence of
+learning rates is the same on every topology: `lr_at(step)` is the single source of truth, and tests
+check it against the formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+def create_optimizer(config: TrainConfig, model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum through timm's factory (no weight decay on biases and norms, as timm does).
+
+    `fused` asks torch for its fused CUDA kernels (one launch for all parameters).
+    """
+    from timm.optim import create_optimizer_v2
+    extra = {"fused": True} if fused else {}
+    if config.optimizer == "adamw":
+        return create_optimizer_v2(model, "adamw", lr=config.learning_rate, weight_decay=config.weight_decay, **extra)
+    return create_optimizer_v2(model, "sgd", lr=config.learning_rate, weight_decay=config.weight_decay,
+                               momentum=config.momentum, nesterov=config.nesterov, **extra)
+
+
+def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    Warm-up rises linearly and reaches learning_rate at its last step; afterwards `cosine` falls to min_lr
+    and `linear_decay` to 0, both reaching the end value one step after the last step of training.
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    peak = config.learning_rate
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if config.scheduler == "cosine":
+        return config.min_lr + (peak - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (1 - progress)
+
+
+def create_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # torch's LambdaLR multiplies the optimizer's initial lr by the factor; keeping the formula in lr_at
+    # (not in timm's epoch-based schedulers) makes it one readable function of the step.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, config, steps_per_epoch) / config.learning_rate)
