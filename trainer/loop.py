@@ -22,11 +22,14 @@ from .optim import create_optimizer, create_scheduler
 
 
 def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
+    """`auto`: fp32 on CPU; on a GPU, accelerate's launch setting if any, else bf16 where supported."""
     if config.mixed_precision != "auto":
         return config.mixed_precision
+    if on_cpu:
+        return "no"
     if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` from its config
         return os.environ["ACCELERATE_MIXED_PRECISION"]
-    return "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
 
 
 def create_accelerator(config: TrainConfig) -> Accelerator:

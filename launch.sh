@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Launch the trainer with the accelerate config that fits this machine (or this node of a cluster).
+#
+# usage: ./launch.sh [--strategy auto|single|ddp|zero1|zero2|zero3|zero2_offload|zero3_offload] [--dry-run]
+#                    [trainer options...]
+#        ./launch.sh study [study options...]        # the reference study (python -m trainer.study)
+#
+#   --strategy   auto (default): one process on the CPU or the GPU when there are 0 or 1 GPUs, DDP over all
+#                GPUs when there are several; single, ddp or a DeepSpeed ZeRO stage when named.
+#   --dry-run    print the command and exit.
+# Every other argument goes to trainer/main.py unchanged.
+#
+# Environment (all optional):
+#   GPUS            GPUs per node (default: counted with nvidia-smi; 0 without it)
+#   NPROC_PER_NODE  processes per node (default: GPUS, or 1 on a CPU-only machine)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several nodes (static rendezvous); under SLURM they
+#                   default to SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST, 29500.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [[ "${1:-}" == "study" ]]; then
+  shift
+  exec python -m trainer.study "$@"
+fi
+
+strategy=auto dry_run=0 args=()
+while (($#)); do
+  case "$1" in
+    --strategy) strategy="${2:?--strategy needs a value}"; shift 2 ;;
+    --strategy=*) strategy="${1#*=}"; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+case "$strategy" in
+  auto|single|ddp|zero1|zero2|zero3|zero2_offload|zero3_offload) ;;
+  *) echo "error: --strategy $strategy is not one of auto, single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload" >&2; exit 2 ;;
+esac
+
+if [[ -z "${GPUS:-}" ]]; then
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then GPUS=$SLURM_GPUS_ON_NODE
+  elif command -v nvidia-smi >/dev/null 2>&1; then GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  else GPUS=0; fi
+fi
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+  NNODES=${NNODES:-${SLURM_NNODES:-1}}
+  NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+  if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  fi
+fi
+NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS > 0 ? GPUS : 1))}
+
+if [[ "$strategy" == auto ]]; then
+  if ((NNODES > 1 || NPROC_PER_NODE > 1)); then strategy=ddp; else strategy=single; fi
+fi
+case "$strategy" in
+  single) config=single_gpu.yaml; ((GPUS > 0)) || config="" ;;
+  ddp) if ((NNODES > 1)); then config=multi_node.yaml; elif ((GPUS > 0)); then config=multi_gpu.yaml
+       else config=cpu_multi.yaml; fi ;;
+  *) config=$strategy.yaml ;;
+esac
+
+if [[ "$strategy" == single && -z "$config" ]]; then
+  what="one process on the CPU (no GPU found)"
+  cmd=(python trainer/main.py)
+else
+  what="$strategy: $NNODES node(s) x $NPROC_PER_NODE process(es), $GPUS GPU(s) per node, config $config"
+  cmd=(accelerate launch --config_file "accelerate_configs/$config" --num_processes $((NNODES * NPROC_PER_NODE))
+       --num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR"
+       --main_process_port "$MASTER_PORT" trainer/main.py)
+  # accelerate's --multi_gpu launcher refuses a single process; one process of DDP is plain single.
+  if [[ "$strategy" == ddp ]] && ((NNODES * NPROC_PER_NODE == 1)); then
+    echo "error: --strategy ddp needs more than one process (set NPROC_PER_NODE or GPUS)" >&2; exit 2
+  fi
+  if ((GPUS == 0)) && [[ "$strategy" != single ]]; then
+    args=(--device cpu "${args[@]}")
+  fi
+fi
+
+echo "launch.sh: $what" >&2
+echo "launch.sh: ${cmd[*]} ${args[*]}" >&2
+((dry_run)) && exit 0
+exec "${cmd[@]}" "${args[@]}"

@@ -1,0 +1,76 @@
+"""Shared fixtures: generated CIFAR-format data, and running the real trainer through its real launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.synthetic import write_fake_cifar100
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = str(REPO / "trainer" / "main.py")
+
+# Small runs: tiny timm model, a few hundred generated images, fp32 on CPU, no augmentation unless asked.
+TINY = ["--model", "test_vit", "--no-pretrained", "--no-progress", "--mixed_precision", "no", "--augment", "none",
+        "--warmup_epochs", "0", "--learning_rate", "2e-3", "--eval_batch_size", "50", "--log_interval", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def run_trainer(args, *, processes: int = 1, config_file: str | None = None, module: bool = False,
+                timeout: int = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run trainer/main.py: plain `python` for one process, `accelerate launch` otherwise (or when a config is given)."""
+    if config_file is None and processes == 1:
+        cmd = [sys.executable, "-m", "trainer"] if module else [sys.executable, MAIN]
+    else:
+        config_file = config_file or str(REPO / "accelerate_configs" / "cpu_multi.yaml")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), MAIN]
+    result = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=env or child_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def relative_l2(a: dict, b: dict) -> float:
+    """Relative L2 distance over all tensors together (a per-tensor maximum is noisy: shared notes)."""
+    assert a.keys() == b.keys()
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    den = sum((a[k].double() ** 2).sum() for k in a)
+    return float((num / den).sqrt())
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """288 train images (4 full steps of 64 + a last step of 32), 201 test images (odd, to test sharding)."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10)
+    return root

@@ -1,0 +1,114 @@
+"""End-to-end runs of the real trainer through `python` and `accelerate launch` on generated CIFAR data."""
+
+import json
+import math
+import shutil
+
+import pytest
+import timm
+import torch
+
+from conftest import TINY, load_weights, read_jsonl, relative_l2, run_trainer
+
+# Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
+# of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (shared notes). 1e-5 sits between.
+TOPOLOGY_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_vs_two(cifar_dir, tmp_path_factory):
+    """The same run as 1 process x 4 accumulation steps and as 2 processes x 2 accumulation steps."""
+    root = tmp_path_factory.mktemp("topology")
+    args = TINY + ["--data_dir", cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
+                   "--micro_batch_size", "16"]
+    one = run_trainer(args + ["--save_dir", root / "one"])
+    two = run_trainer(args + ["--save_dir", root / "two"], processes=2)
+    return root / "one", root / "two", one, two
+
+
+def test_one_and_two_processes_train_the_same_weights(one_vs_two):
+    one, two, *_ = one_vs_two
+    config_one, config_two = (json.loads((d / "config.json").read_text())["resolved"] for d in (one, two))
+    assert (config_one["processes"], config_one["accumulation_steps"]) == (1, 4)
+    assert (config_two["processes"], config_two["accumulation_steps"]) == (2, 2)
+    assert config_two["distributed_type"] == "MULTI_CPU" and config_two["global_batch_size"] == 64
+    assert relative_l2(load_weights(one / "epoch_2/model.safetensors"),
+                       load_weights(two / "epoch_2/model.safetensors")) < TOPOLOGY_TOLERANCE
+    metrics_one, metrics_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [m["val_acc1"] for m in metrics_one] == [m["val_acc1"] for m in metrics_two]
+    for a, b in zip(metrics_one, metrics_two):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_learning_rate_sequence_is_the_same_and_follows_the_formula(one_vs_two):
+    one, two, *_ = one_vs_two
+    lrs_one = [s["lr"] for s in read_jsonl(one / "steps.jsonl")]
+    lrs_two = [s["lr"] for s in read_jsonl(two / "steps.jsonl")]
+    assert lrs_one == lrs_two
+    steps_per_epoch, total, peak = 5, 10, 2e-3  # 288 images at 64 per step: 4 full steps and one of 32
+    assert len(lrs_one) == total
+    assert lrs_one[0] == pytest.approx(peak / steps_per_epoch)
+    assert lrs_one[steps_per_epoch - 1] == pytest.approx(peak)  # warm-up ends at the peak
+    last = 0.5 * peak * (1 + math.cos(math.pi * (total - 1 - steps_per_epoch) / (total - steps_per_epoch)))
+    assert lrs_one[-1] == pytest.approx(last)
+
+
+def test_evaluation_with_two_processes_counts_each_test_image_once(one_vs_two):
+    _, two, *_ = one_vs_two
+    # 201 test images in batches of 50 on 2 processes: accelerate pads the last batches, gather_for_metrics drops it.
+    assert {m["val_images"] for m in read_jsonl(two / "metrics.jsonl")} == {201}
+
+
+def test_metrics_lines_hold_the_documented_fields(one_vs_two):
+    one, *_ = one_vs_two
+    metrics = read_jsonl(one / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [5, 10]
+    for key in ("train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "epoch_time_s", "images_per_s"):
+        assert all(isinstance(m[key], float) and math.isfinite(m[key]) for m in metrics), key
+    assert all(0 <= m["val_acc1"] <= m["val_acc5"] <= 100 for m in metrics)
+    assert all(m["train_images"] == 288 for m in metrics)
+
+
+def test_startup_lines_state_the_resolved_batching(one_vs_two):
+    *_, two = one_vs_two
+    assert "micro-batch 16 x accumulation 2 x 2 processes = global batch 64" in two.stdout
+    assert "5 steps per epoch (last step 32 images)" in two.stdout
+    assert two.stdout.count("model test_vit") == 1  # printed by the main process only
+
+
+def test_a_short_run_learns(cifar_dir, tmp_path):
+    # `python -m trainer` is the single-process fallback; crop+flip augmentation on.
+    run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", "4", "--batch_size", "32", "--augment", "crop_flip",
+                        "--save_dir", tmp_path], module=True)
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert metrics[-1]["val_acc1"] > 50  # 10 classes used: chance is 10 %
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+
+
+def test_resume_from_epoch_checkpoint_continues_to_the_same_weights(cifar_dir, tmp_path):
+    args = TINY + ["--data_dir", cifar_dir, "--epochs", "3", "--batch_size", "32", "--save_epochs", "1",
+                   "--augment", "crop_flip", "--save_dir", tmp_path / "run"]
+    run_trainer(args)
+    shutil.copytree(tmp_path / "run", tmp_path / "uninterrupted")
+    resumed = run_trainer(args + ["--checkpoint", tmp_path / "run" / "epoch_1"])
+    assert "resumed from" in resumed.stdout
+    final = load_weights(tmp_path / "run/epoch_3/model.safetensors")
+    expected = load_weights(tmp_path / "uninterrupted/epoch_3/model.safetensors")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)  # bit-identical on CPU in fp32
+
+    def stable(lines):
+        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
+    assert stable(read_jsonl(tmp_path / "run/metrics.jsonl")) == stable(read_jsonl(tmp_path / "uninterrupted/metrics.jsonl"))
+    assert stable(read_jsonl(tmp_path / "run/steps.jsonl")) == stable(read_jsonl(tmp_path / "uninterrupted/steps.jsonl"))
+
+
+def test_checkpoint_weights_load_in_timm(one_vs_two):
+    one, *_ = one_vs_two
+    path = one / "epoch_2" / "model.safetensors"
+    model = timm.create_model("test_vit", pretrained=True, num_classes=100, img_size=(32, 32),
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=100))
+    # num_classes=100 in the overlay keeps the trained head; without it timm resets heads of other sizes.
+    saved = load_weights(path)
+    state = model.state_dict()
+    assert saved.keys() == state.keys()  # no `module.` or `_orig_mod.` prefixes
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
