@@ -60,14 +60,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path) -> None:
+def write_manifest(folder: Path, info: dict) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     entries = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
-    (folder / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+    (folder / MANIFEST_FILE).write_text(json.dumps({**info, "files": entries}, indent=1) + "\n")
     for p in files + [folder / MANIFEST_FILE]:
         _fsync(p)
     for d in {p.parent for p in files} | {folder}:
         _fsync(d)
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def verify(folder: Path) -> None:
@@ -94,41 +101,102 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} does not match its SHA-256 in the manifest (altered)")
 
 
-def save(accelerator, model, save_dir: Path, name: str) -> Path:
-    """Write checkpoint `save_dir/name` atomically; collective: every process must call it."""
+def save(accelerator, model, save_dir: Path, name: str, info: dict) -> Path | None:
+    """Write checkpoint `save_dir/name` atomically; collective: every process must call it.
+
+    Returns the folder, or None when writing failed on any process (disk full, permissions): then the
+    partial folder is removed, earlier checkpoints are untouched, and the error has been printed.
+    """
     final, staging = save_dir / name, save_dir / f".tmp-{name}"
+    failure = None
+
+    def attempt(step):
+        nonlocal failure
+        if failure is None:
+            try:
+                step()
+            except OSError as error:
+                failure = f"{type(error).__name__}: {error}"
+
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        attempt(lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
     accelerator.wait_for_everyone()
     # get_state_dict unwraps DDP / torch.compile and, under ZeRO-3, gathers the shards (collective).
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, staging / MODEL_FILE)
-    accelerator.save_state(str(staging / STATE_DIR))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(staging)
-        previous = save_dir / f".old-{name}"
-        if final.exists():  # a re-run of the same epoch: replace, never leave neither
-            shutil.rmtree(previous, ignore_errors=True)
-            os.rename(final, previous)
-        os.rename(staging, final)
-        _fsync(save_dir)
+        attempt(lambda: save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
+                                  staging / MODEL_FILE))
+    del state_dict
+    # save_state is collective under DeepSpeed, so every process enters it even after a local failure.
+    attempt(lambda: accelerator.save_state(str(staging / STATE_DIR)))
+    if not _all_ok(accelerator, failure is None):
+        failure = failure or "failed on another process"
+    if accelerator.is_main_process and failure is None:
+        attempt(lambda: _publish(staging, final, save_dir, name, info))
+    ok = _all_ok(accelerator, failure is None)
+    if not ok:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.print(f"error: could not save checkpoint {final} ({failure or 'failed on another process'}); "
+                          f"earlier checkpoints are untouched")
+    return final if ok else None
+
+
+def _all_ok(accelerator, ok: bool) -> bool:
+    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+def _publish(staging: Path, final: Path, save_dir: Path, name: str, info: dict) -> None:
+    write_manifest(staging, info)
+    previous = save_dir / f".old-{name}"
+    if final.exists():  # a re-run of the same step: swap, never leave neither
         shutil.rmtree(previous, ignore_errors=True)
-        tmp = save_dir / (LATEST_FILE + ".tmp")
-        tmp.write_text(name + "\n")
-        os.replace(tmp, save_dir / LATEST_FILE)
-    accelerator.wait_for_everyone()
-    return final
+        os.rename(final, previous)
+    os.rename(staging, final)
+    _fsync(save_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    tmp = save_dir / (LATEST_FILE + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, save_dir / LATEST_FILE)
+
+
+def list_checkpoints(save_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest (highest global step) first."""
+    found = [p for p in Path(save_dir).glob("*_*") if p.is_dir() and not p.name.startswith(".")
+             and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: read_manifest(p).get("global_step", -1), reverse=True)
+
+
+def newest_valid(save_dir: Path, say=print) -> Path | None:
+    """The newest checkpoint in `save_dir` that verifies, saying which ones were passed over and why."""
+    for folder in list_checkpoints(save_dir):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as error:
+            say(f"warning: skipping checkpoint {folder}: {error}; falling back to an older one")
+    return None
+
+
+def rotate(save_dir: Path, keep_last: int, keep_best: bool) -> list[Path]:
+    """Delete all but the `keep_last` newest checkpoints (and the best by val_acc1); main process only.
+
+    Called after a new checkpoint is complete, so the newest valid one is never among those deleted.
+    """
+    folders = list_checkpoints(save_dir)
+    keep = set(folders[:keep_last])
+    if keep_best:
+        scored = [f for f in folders if read_manifest(f).get("val_acc1") is not None]
+        if scored:
+            keep.add(max(scored, key=lambda f: read_manifest(f)["val_acc1"]))
+    removed = [f for f in folders if f not in keep]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def load(accelerator, folder: Path) -> None:
     """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint."""
     verify(folder)
     accelerator.load_state(str(Path(folder) / STATE_DIR))
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(path))

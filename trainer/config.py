@@ -102,7 +102,17 @@ class TrainConfig:
     eval_batch_size: int = 500
     """Test images per process per forward pass during evaluation."""
     checkpoint: Optional[str] = None
-    """Checkpoint folder (`{save_dir}/epoch_N`) to resume from."""
+    """Checkpoint folder (`{save_dir}/epoch_N` or `step_N`) to resume from."""
+    resume: Optional[str] = None
+    """`auto`: resume from the newest checkpoint in save_dir that verifies, or start fresh when there is none."""
+    keep_last: int = 0
+    """Keep only the newest K checkpoints (deleted after a newer one is complete); 0 keeps all."""
+    keep_best: bool = False
+    """With keep_last, also keep the checkpoint with the best val_acc1."""
+    on_save_error: str = "stop"
+    """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training."""
+    preempt_signal: str = "SIGTERM"
+    """Signal that makes the run save a mid-epoch checkpoint and exit with status 75 (also SIGUSR1 always)."""
     save_epochs: int = -1
     """Save a checkpoint every this many epochs; -1: after the last epoch only."""
     save_dir: str = "checkpoint"
@@ -145,6 +155,12 @@ class TrainConfig:
                  f"--pretrained_file {self.pretrained_file} must be a .safetensors or .pth file")
         if self.checkpoint is not None:
             need(Path(self.checkpoint).is_dir(), f"--checkpoint {self.checkpoint} is not a folder")
+            need(self.resume is None, "give either --checkpoint DIR or --resume auto, not both")
+        need(self.resume in (None, "auto"), f"--resume must be auto, got {self.resume!r}")
+        need(self.keep_last >= 0, f"--keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+        need(self.on_save_error in ("stop", "continue"), f"--on_save_error must be stop or continue, got {self.on_save_error!r}")
+        need(self.preempt_signal in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"),
+             f"--preempt_signal must be one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, got {self.preempt_signal!r}")
 
     def timm_name_and_kwargs(self) -> tuple[str, dict]:
         """The timm model name and the keyword arguments the preset (if any) adds."""

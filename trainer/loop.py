@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from .config import ConfigError, TrainConfig, env_world_size, resolve_batching, 
 from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100, steps_per_epoch
 from .models import count_parameters, create_model
 from .optim import create_optimizer, create_scheduler
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again with --resume auto
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving a checkpoint."""
 
 
 def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
@@ -104,6 +112,7 @@ class Trainer:
         self.model, self.optimizer, self.test_loader = accelerator.prepare(model, optimizer, test_loader)
         self.num_test = len(test.labels)
         self.progress = checkpoint.Progress()
+        self.stop_signal = None  # set by the preemption signal handler
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
         if config.label_smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=config.label_smoothing)
@@ -219,19 +228,32 @@ class Trainer:
             progress.step_in_epoch, progress.global_step = step + 1, progress.global_step + 1
             bar.update(1)
             if progress.global_step % cfg.log_interval == 0 or step + 1 == self.steps_per_epoch:
-                mean_loss = accelerator.reduce(interval_loss, reduction="sum").item() / interval_images
+                # One collective and one host sync per log interval: the interval's loss over all processes,
+                # and whether any process was asked to stop (so all stop after the same step).
+                stats = torch.stack([interval_loss, torch.tensor(float(self.stop_signal is not None),
+                                                                 dtype=torch.float64, device=accelerator.device)])
+                loss_total, stop = accelerator.reduce(stats, reduction="sum").tolist()
+                mean_loss = loss_total / interval_images
                 rate = images_this_session / (time.perf_counter() - start)
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss is {mean_loss} at step {progress.global_step} "
+                                             f"(epoch {epoch + 1}); stopped before writing a checkpoint")
                 self.log_step({"step": progress.global_step, "epoch": epoch + 1, "lr": lr,
                                "train_loss": mean_loss, "images_per_s": rate})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 interval_loss.zero_()
                 interval_images = 0
+                if stop and step + 1 < self.steps_per_epoch:
+                    bar.close()
+                    progress.epoch_loss_sum = accelerator.reduce(epoch_loss, reduction="sum").item()
+                    progress.epoch_train_time += time.perf_counter() - start
+                    return None
         bar.close()
         train_time = time.perf_counter() - start
-        epoch_images = self.num_train
         total_loss = accelerator.reduce(epoch_loss, reduction="sum").item()
-        return {"train_loss": total_loss / epoch_images, "lr": lr, "train_time_s": progress.epoch_train_time + train_time,
-                "images_per_s": images_this_session / train_time, "train_images": epoch_images}
+        return {"train_loss": total_loss / self.num_train, "lr": lr,
+                "train_time_s": progress.epoch_train_time + train_time,
+                "images_per_s": images_this_session / train_time, "train_images": self.num_train}
 
     def log_step(self, entry: dict) -> None:
         if self.accelerator.is_main_process:
@@ -266,25 +288,67 @@ class Trainer:
                 f"{self.steps_per_epoch} steps per epoch here: the data set or batch_size differ")
         self.accelerator.print(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}")
 
+    def resume_point(self) -> Path | None:
+        if self.config.checkpoint:
+            return Path(self.config.checkpoint)
+        if self.config.resume == "auto":
+            # Every process verifies and picks alone; they agree because they read the same files.
+            found = checkpoint.newest_valid(self.save_dir, say=self.accelerator.print)
+            if found is None:
+                self.accelerator.print(f"--resume auto: no valid checkpoint in {self.save_dir}, starting fresh")
+            return found
+        return None
+
+    def save(self, name: str, val_acc1: float | None = None) -> None:
+        info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
+                "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
+                "timm_model": self.config.timm_name_and_kwargs()[0], "num_classes": 100}
+        path = checkpoint.save(self.accelerator, self.model, self.save_dir, name, info)
+        if path is None:
+            if self.config.on_save_error == "stop":
+                raise checkpoint.CheckpointError(f"stopped: checkpoint {self.save_dir / name} could not be "
+                                                 f"written (--on_save_error continue trains on)")
+            return
+        self.accelerator.print(f"saved {path}")
+        if self.config.keep_last and self.accelerator.is_main_process:
+            for removed in checkpoint.rotate(self.save_dir, self.config.keep_last, self.config.keep_best):
+                self.accelerator.print(f"removed old checkpoint {removed}")
+        self.accelerator.wait_for_everyone()
+
     def should_save(self, epoch: int) -> bool:
         every = self.config.save_epochs
         return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
 
+    def _request_stop(self, signum, frame) -> None:
+        # Only a flag: the loop stops every process after the same step and saves there. A second
+        # signal during the save lands here again and changes nothing.
+        if self.stop_signal is None:
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint at the next log interval, "
+                  f"then exiting with status {PREEMPTED_EXIT_CODE}", flush=True)
+        self.stop_signal = signum
+
     # --- the whole run ------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         cfg, accelerator = self.config, self.accelerator
-        if cfg.checkpoint:
-            self.resume(Path(cfg.checkpoint))
+        folder = self.resume_point()
+        if folder is not None:
+            self.resume(folder)
         if accelerator.is_main_process:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             records.write_run_config(self.save_dir, to_dict(cfg), self.resolved())
             records.truncate_records(self.save_dir, self.progress.epoch, self.progress.global_step)
         self.print_startup()
+        for name in {cfg.preempt_signal, "SIGUSR1"}:
+            signal.signal(getattr(signal, name), self._request_stop)
         history = []
         while self.progress.epoch < cfg.epochs:
             epoch = self.progress.epoch
             epoch_start = time.perf_counter()
             train = self.train_epoch(epoch)
+            if train is None:  # asked to stop mid-epoch
+                self.save(f"step_{self.progress.global_step}")
+                raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} at step "
+                                f"{self.progress.global_step}; resume with --resume auto")
             val = self.evaluate()
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.progress.epoch_loss_sum = self.progress.epoch_train_time = 0.0
@@ -302,7 +366,9 @@ class Trainer:
                 f"val_acc5 {metrics['val_acc5']:.2f} % | lr {metrics['lr']:.3e} | "
                 f"{metrics['images_per_s']:.0f} img/s | {metrics['epoch_time_s']:.1f} s")
             if self.should_save(epoch + 1):
-                path = checkpoint.save(accelerator, self.model, self.save_dir, f"epoch_{epoch + 1}")
-                accelerator.print(f"saved {path}")
+                self.save(f"epoch_{epoch + 1}", val_acc1=metrics["val_acc1"])
+            if self.stop_signal is not None:
+                raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {epoch + 1}"
+                                + ("" if self.should_save(epoch + 1) else " (no checkpoint: not a save epoch)"))
         accelerator.end_training()
         return history

@@ -5,7 +5,9 @@
     accelerate launch --multi_gpu --num_processes 2 trainer/main.py --device cpu --model test_vit
     ./launch.sh --strategy zero2 --model vit                # picks the config for the GPUs it finds
 
-Exit status: 0 done, 2 bad input (one line on stderr), 1 anything unexpected (with its traceback).
+Exit status: 0 done; 2 bad input (one line on stderr); 75 stopped by the preemption signal after saving
+a checkpoint (run the same command with --resume auto to continue); 1 a non-finite loss or anything
+unexpected (with its traceback).
 """
 
 import sys
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError, parse_config
     from trainer.data import DataError
-    from trainer.loop import Trainer
+    from trainer.loop import PREEMPTED_EXIT_CODE, Preempted, Trainer
 
     try:
         config = parse_config(argv)
@@ -29,6 +31,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
