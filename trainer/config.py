@@ -197,7 +197,7 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer", description="Fine-tune a timm model on CIFAR-100 with Hugging Face Accelerate.",
-        argument_default=argparse.SUPPRESS)
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)  # a typo must not silently match another option
     parser.add_argument("--config", help="YAML or JSON file of options; the command line overrides it.")
     docs = _field_docs()
     for f in dataclasses.fields(TrainConfig):

@@ -52,18 +52,25 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
     accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=resolve_mixed_precision(config, on_cpu),
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
-    if env_world_size() > 1 and accelerator.num_processes == 1:
-        # Without a GPU, `accelerate launch --multi_gpu` without cpu=True starts processes that each
-        # think they are alone and each train on all the data (shared notes).
-        raise ConfigError(f"the launcher started {env_world_size()} processes but they did not join one process "
-                          f"group; on CPU use `accelerate launch --multi_gpu --num_processes N` with --device "
-                          f"cpu/auto, or torchrun")
+    check_process_group(accelerator, launched=env_world_size())
     if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
                           "install it with: pip install -e '.[deepspeed]'")
     if deepspeed_asked and config.device == "cpu" and has_cuda:
         raise ConfigError("--device cpu is not supported under DeepSpeed on a machine with GPUs")
     return accelerator
+
+
+def check_process_group(accelerator: Accelerator, launched: int) -> None:
+    """Refuse processes that each believe they are alone: each would train on all the data, silently.
+
+    This is what `accelerate launch --multi_gpu` gives on a machine without GPUs when the Accelerator is
+    not built with cpu=True (shared notes), and what a launcher whose group failed to form looks like.
+    """
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(f"the launcher started {launched} processes but accelerate sees "
+                          f"{accelerator.num_processes}: they did not join one process group; on CPU use "
+                          f"`accelerate launch --multi_gpu --num_processes N` (or torchrun) with --device cpu/auto")
 
 
 class Trainer:

@@ -1,0 +1,54 @@
+"""timm models: the study's presets train a step, local pretrained weights load through timm."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY, load_weights, read_jsonl, run_trainer
+from trainer.config import TrainConfig
+from trainer.models import create_model
+from trainer.synthetic import write_fake_cifar100
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("few")
+    write_fake_cifar100(root, num_train=8, num_test=8)
+    return root
+
+
+@pytest.mark.parametrize("preset, timm_name, parameters", [
+    ("nfnet", "dm_nfnet_f0.dm_in1k", 68.0e6), ("vit", "vit_base_patch8_224.augreg_in21k_ft_in1k", 85.0e6)])
+def test_study_models_train_one_step(few_images, tmp_path, preset, timm_name, parameters):
+    args = [a for a in TINY if a not in ("test_vit",)]
+    args[args.index("--model") + 1:args.index("--model") + 1] = [preset]
+    run_trainer(args + ["--data_dir", few_images, "--epochs", "1", "--batch_size", "8", "--micro_batch_size", "4",
+                        "--save_dir", tmp_path], timeout=600)
+    (line,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert line["step"] == 1 and line["val_images"] == 8
+    import json
+    resolved = json.loads((tmp_path / "config.json").read_text())["resolved"]
+    assert resolved["timm_model"] == timm_name and resolved["parameters"] > parameters
+    assert resolved["accumulation_steps"] == 2
+    weights = load_weights(tmp_path / "epoch_1" / "model.safetensors")
+    reference = timm.create_model(timm_name, num_classes=100, **({"img_size": (32, 32)} if preset == "vit" else {}))
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_img_size_goes_to_models_that_take_it():
+    vit = create_model(TrainConfig(model="test_vit", pretrained=False, image_size=48))
+    assert vit.patch_embed.img_size == (48, 48)
+    nfnet = create_model(TrainConfig(model="test_nfnet", pretrained=False, image_size=48))  # takes no img_size
+    assert nfnet(torch.zeros(1, 3, 48, 48)).shape == (1, 100)
+
+
+def test_pretrained_file_loads_through_timm_resetting_the_head_and_resampling_positions(tmp_path):
+    source = timm.create_model("test_vit", num_classes=1000, img_size=(64, 64))  # 4x4 patches of 16, ImageNet head
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = create_model(TrainConfig(model="test_vit", pretrained_file=str(path)))
+    assert model.head.out_features == 100
+    assert source.pos_embed.shape[1] == 1 + 4 * 4
+    assert model.pos_embed.shape[1] == 1 + 2 * 2  # resampled to 2x2 patches at 32x32
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)

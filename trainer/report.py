@@ -1,0 +1,341 @@
+"""The report of a study: a table of every run's results, the reference study's results beside them, and
+figures of the training curves.
+
+    python -m trainer.report runs/study/nfnet_adamw_cosine runs/study/vit_adamw_cosine
+    python -m trainer.report machine_a/run1 machine_b/run2 --out report --study my_study.yaml
+
+Writes `report.md` and PNG figures into --out (default: `report/` beside the first run folder): one
+figure per run, and one overlaid figure per comparison of the study file that has runs of at least two
+of its experiments. It reads only each run's config.json, metrics.jsonl and steps.jsonl, so it works on
+unfinished runs and on runs copied from other machines, and needs no GPU (nor torch).
+
+A run belongs to the study experiment whose name is its folder's name, or else to the experiment whose own
+options (model, optimizer, scheduler) it shares. Its reference result is shown only when every setting the
+study file names equals the run's; otherwise a footnote says what differs.
+
+Exit status: 0 done; 2 a folder that is not a run, or a bad study file (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .config import MODEL_PRESETS, TrainConfig
+
+DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
+
+
+class ReportError(ValueError):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# --- the study file -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Study:
+    path: Path
+    defaults: dict             # trainer options of every experiment
+    experiments: dict          # name -> {"options": {...}, "reference": {...}}
+    comparisons: dict          # name -> {"title": str, "experiments": [names]}
+
+    def settings(self, name: str) -> dict:
+        """The trainer options of experiment `name`: the defaults, then its own."""
+        return {**self.defaults, **self.experiments[name]["options"]}
+
+
+def load_study(path) -> Study:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ReportError(f"study file {path}: {str(error).splitlines()[0]}") from None
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ReportError(f"study file {path}: {message}")
+
+    need(isinstance(raw, dict) and isinstance(raw.get("experiments"), dict) and raw["experiments"],
+         "needs a mapping `experiments` of at least one experiment")
+    defaults, experiments = raw.get("defaults") or {}, raw["experiments"]
+    comparisons = raw.get("comparisons") or {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    need(isinstance(defaults, dict), "`defaults` must be a mapping of trainer options")
+    for where, options in [("defaults", defaults)] + [(n, (e or {}).get("options")) for n, e in experiments.items()]:
+        need(isinstance(options, dict), f"{where}: needs a mapping `options` of trainer options")
+        unknown = sorted(set(options) - known)
+        need(not unknown, f"{where}: unknown trainer option(s) {', '.join(unknown)}")
+        # Values become command-line arguments, which have no spelling for null or for lists.
+        bad = [k for k, v in options.items() if not isinstance(v, (str, int, float, bool))]
+        need(not bad, f"{where}: option(s) {', '.join(bad)} must be a string, number or boolean")
+    for name, experiment in experiments.items():
+        need("/" not in str(name) and not str(name).startswith("."), f"experiment name {name!r} is not a folder name")
+        need(set(experiment) <= {"options", "reference"}, f"{name}: only `options` and `reference` are allowed")
+        reference = experiment["reference"] = experiment.get("reference") or {}
+        need(set(reference) <= {"train_loss", "val_acc1"}, f"{name}: `reference` holds train_loss and val_acc1")
+    for name, comparison in comparisons.items():
+        names = (comparison or {}).get("experiments")
+        need(isinstance(names, list) and set(names) <= set(experiments),
+             f"comparison {name}: `experiments` must list experiments of this file")
+    return Study(path, defaults, experiments, comparisons)
+
+
+def timm_name(model: str) -> str:
+    return MODEL_PRESETS.get(model, (model, {}))[0]
+
+
+# --- run folders --------------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON value per line; a run killed while appending may leave a partial last line, which is skipped."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ReportError(f"{path}: line {i + 1} is not JSON") from None
+    return entries
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    name: str                  # unique among the report's runs: the folder name, or parent_folder when repeated
+    config: dict               # config.json
+    metrics: list[dict]        # metrics.jsonl: one line per finished epoch
+    steps: list[dict]          # steps.jsonl: one line per log interval
+    experiment: Optional[str] = None
+    reference: Optional[dict] = None   # the experiment's reference result, when the settings match
+    note: Optional[str] = None         # why the reference is not shown, or why it is not comparable yet
+
+    @property
+    def options(self) -> dict:
+        return self.config.get("options", {})
+
+    @property
+    def resolved(self) -> dict:
+        return self.config.get("resolved", {})
+
+    def describe(self) -> str:
+        o = self.options
+        return f"{self.resolved.get('timm_model', o.get('model', '?'))}, {o.get('optimizer', '?')}, {o.get('scheduler', '?')}"
+
+
+def load_run(path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a folder")
+    metrics = read_jsonl(path / "metrics.jsonl")
+    if not metrics:
+        raise ReportError(f"{path} has no metrics.jsonl lines: not a run folder, or no epoch has finished yet")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ReportError(f"{path} has metrics.jsonl but no readable config.json") from None
+    return Run(path, path.name, config, metrics, read_jsonl(path / "steps.jsonl"))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def differences(run: Run, wanted: dict) -> list[str]:
+    """`key value (reference value)` for every wanted setting the run does not share; models by timm name."""
+    out = []
+    for key, value in wanted.items():
+        have = run.resolved.get("timm_model") if key == "model" else run.options.get(key)
+        if key == "model":
+            value = timm_name(value)
+        if not _same(have, value):
+            out.append(f"{key} {'not recorded' if have is None else have} (reference {value})")
+    return out
+
+
+def attach_study(run: Run, study: Study) -> None:
+    """Find the run's experiment and decide whether its reference result is comparable."""
+    if run.path.name in study.experiments:
+        run.experiment = run.path.name
+    else:
+        run.experiment = next((n for n, e in study.experiments.items() if not differences(run, e["options"])), None)
+    if run.experiment is None:
+        run.note = f"no experiment of {study.path.name} uses {run.describe()}"
+        return
+    diff = differences(run, study.settings(run.experiment))
+    if diff:
+        run.note = f"settings differ from the reference {run.experiment}: {', '.join(diff)}"
+    elif not study.experiments[run.experiment]["reference"]:
+        run.note = f"{study.path.name} gives no reference result for {run.experiment}"
+    else:
+        run.reference = study.experiments[run.experiment]["reference"]
+        done, planned = run.metrics[-1]["epoch"], run.options.get("epochs")
+        if done != planned:
+            run.note = f"unfinished: {done} of {planned} epochs, so the run's values are not final"
+
+
+def load_runs(paths, study: Study) -> list[Run]:
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    for run in runs:
+        if names.count(run.name) > 1:  # e.g. the same experiment run on two machines
+            run.name = f"{run.path.resolve().parent.name}_{run.name}"
+        attach_study(run, study)
+    return runs
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def summarize(run: Run) -> dict:
+    m, last = run.metrics, run.metrics[-1]
+    best = max(m, key=lambda e: e["val_acc1"])
+    return {"epochs_done": last["epoch"], "train_loss": last["train_loss"], "acc1": last["val_acc1"],
+            "best_acc1": best["val_acc1"], "best_epoch": best["epoch"], "acc5": last["val_acc5"],
+            "wall_s": sum(e["epoch_time_s"] for e in m),
+            "images_per_s": sum(e["images_per_s"] for e in m) / len(m)}
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    cell = lambda v: str(v).replace("|", "\\|")
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def results_table(runs: list[Run]) -> list[str]:
+    header = ["run", "model (timm)", "optimizer", "scheduler", "epochs done / planned", "final train loss",
+              "final top-1 (%)", "best top-1 (%) (epoch)", "final top-5 (%)", "wall time (h:mm:ss)",
+              "images/s (mean)", "hardware", "processes / global batch"]
+    rows = []
+    for run in runs:
+        s, o, r = summarize(run), run.options, run.resolved
+        rows.append([run.name, r.get("timm_model", o.get("model", "?")), o.get("optimizer", "?"),
+                     o.get("scheduler", "?"), f"{s['epochs_done']} / {o.get('epochs', '?')}",
+                     f"{s['train_loss']:.4f}", f"{s['acc1']:.2f}", f"{s['best_acc1']:.2f} ({s['best_epoch']})",
+                     f"{s['acc5']:.2f}", str(timedelta(seconds=round(s["wall_s"]))), f"{s['images_per_s']:,.0f}",
+                     run.config.get("hardware", "?"),
+                     f"{r.get('processes', '?')} / {r.get('global_batch_size', o.get('batch_size', '?'))}"])
+    return _table(header, rows)
+
+
+def reference_table(runs: list[Run]) -> list[str]:
+    header = ["run", "reference experiment", "final train loss", "reference train loss", "final top-1 (%)",
+              "reference top-1 (%)"]
+    rows, notes = [], []
+    for run in runs:
+        s = summarize(run)
+        mark = ""
+        if run.note:
+            notes.append(f"[^{len(notes) + 1}]: {run.name}: {run.note}.")
+            mark = f"[^{len(notes)}]"
+        ref = run.reference or {}
+        loss = f"{ref['train_loss']:.4f}" if "train_loss" in ref else "-"
+        acc1 = f"{ref['val_acc1']:.2f}" if "val_acc1" in ref else "-"
+        rows.append([run.name + (mark if run.reference else ""), run.experiment or "-", f"{s['train_loss']:.4f}",
+                     loss + ("" if run.reference else mark), f"{s['acc1']:.2f}", acc1 + ("" if run.reference else mark)])
+    return _table(header, rows) + ([""] + notes if notes else [])
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def plot(runs: list[Run], title: str, path: Path) -> None:
+    """Three panels: training loss and learning rate against step, validation top-1 against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display, no GPU
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    # 12 x 4 inches at 100 dpi: 1200 x 400 pixels, readable at README width. No bbox_inches="tight",
+    # which would change the size from figure to figure.
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(12, 4), dpi=100, layout="constrained")
+    for run in runs:
+        steps = run.steps or run.metrics  # a run without steps.jsonl: one point per epoch from metrics.jsonl
+        x = [s["step"] for s in steps]
+        marker = "." if len(x) < 50 else None  # a line of one or a few points would not show without markers
+        (line,) = loss_ax.plot(x, [s["train_loss"] for s in steps], label=run.name, linewidth=1.2, marker=marker)
+        color = line.get_color()
+        acc_ax.plot([m["epoch"] for m in run.metrics], [m["val_acc1"] for m in run.metrics], marker="o",
+                    markersize=3, color=color, label=run.name)
+        if run.reference and "val_acc1" in run.reference:
+            acc_ax.axhline(run.reference["val_acc1"], color=color, linestyle="--", linewidth=1,
+                           label=f"{run.name}: reference {run.reference['val_acc1']:.2f} %")
+        lr_ax.plot(x, [s["lr"] for s in steps], color=color, label=run.name, linewidth=1.2, marker=marker)
+    loss_ax.set(title="Training loss", xlabel="optimizer step", ylabel="cross-entropy (nats per image)")
+    acc_ax.set(title="Validation top-1", xlabel="epoch", ylabel="top-1 accuracy (%)")
+    lr_ax.set(title="Learning rate", xlabel="optimizer step", ylabel="learning rate (per global batch)")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
+    """Write `out/report.md` and its figures; return the path of report.md."""
+    study = load_study(study_path)
+    runs = load_runs(paths, study)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for run in runs:
+        s = summarize(run)
+        title = (f"{run.name}: {run.describe()}, {s['epochs_done']}/{run.options.get('epochs', '?')} epochs, "
+                 f"{run.config.get('hardware', '?')}")
+        plot([run], title, out / f"{run.name}.png")
+        figures.append((title, f"{run.name}.png"))
+    for name, comparison in study.comparisons.items():
+        members = [r for r in runs if r.experiment in comparison["experiments"]]
+        if len({r.experiment for r in members}) >= 2:
+            title = comparison.get("title", name)
+            plot(members, title, out / f"compare_{name}.png")
+            figures.append((title, f"compare_{name}.png"))
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# Report", "",
+             f"{len(runs)} run(s), reference results from `{study.path.name}`; written {now} by "
+             f"`python -m trainer.report`. Top-1 and top-5 are percent of the test images; wall time sums "
+             f"the epochs' times (training and evaluation).", "",
+             "## Results", ""] + results_table(runs) + \
+            ["", "## Against the reference study", ""] + reference_table(runs) + ["", "## Figures", ""]
+    lines += [f"![{title}]({file})\n" for title, file in figures]
+    report = out / "report.md"
+    report.write_text("\n".join(lines).rstrip() + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (a trainer's --save_dir)")
+    parser.add_argument("--out", help="output folder (default: report/ beside the first run folder)")
+    parser.add_argument("--study", default=str(DEFAULT_STUDY),
+                        help="study file with the experiments, reference results and comparisons "
+                             "(default: the packaged reference study)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent / "report"
+    try:
+        report = write_report(args.runs, out, args.study)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Run a study: its experiments one after another, each into `{save_dir}/{experiment}/`, then its report.
+
+    python -m trainer.study                                   # the reference study, one process, runs/study/
+    ./launch.sh study --save_dir runs/study --processes 8     # the same, DDP over 8 GPUs of this machine
+    python -m trainer.study --study my_study.yaml --launcher "./launch.sh --strategy zero2"
+    python -m trainer.study --save_dir /tmp/smoke --epochs 1 --warmup_epochs 0 --model test_vit \\
+        --no-pretrained --data_dir /tmp/fake_cifar          # a CPU smoke test of the whole pipeline
+
+Every argument that is not one of the options below is a trainer option (`python trainer/main.py --help`)
+given to every run after the study file's values, so it wins over them: `--model test_vit` replaces the
+model of all experiments. Run it again with the same arguments after an interruption: a complete run (its
+last epoch in metrics.jsonl and its `epoch_N/` checkpoint on disk) is skipped, any other is started, or
+resumed with `--resume auto` from its newest valid checkpoint. A run folder started with other values of
+the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them.
+
+Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. The report is written to
+`{save_dir}/report/` (see trainer/report.py).
+
+Exit status: 0 done; 2 bad input (one line on stderr); 1 a run failed (named, with its log); 75 a run was
+stopped by a preemption signal after saving a checkpoint (run the same command again to resume it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, parse_config
+from .report import DEFAULT_STUDY, ReportError, Study, load_study, read_jsonl, write_report
+
+PREEMPTED_EXIT_CODE = 75  # the trainer's status after saving on a preemption signal (trainer/main.py)
+LOG_FILE = "train.log"
+# The runner sets these for every run itself; from the command line they would fight it.
+RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
+            "--resume": "the runner resumes with --resume auto itself",
+            "--config": "put shared options in the study file's `defaults` instead"}
+
+
+class StudyError(ValueError):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def to_args(options: dict) -> list[str]:
+    """Trainer command-line arguments for a mapping of options (booleans as --x / --no-x)."""
+    args = []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """One clear line for a mistyped option now, not argparse's usage block after hours of earlier runs."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for arg in overrides:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED:
+            raise StudyError(f"{flag} cannot be given to a study: {RESERVED[flag]}")
+        name = flag[2:].replace("-", "_")
+        if name not in known and not (name.startswith("no_") and name[3:] in known):
+            raise StudyError(f"{flag} is neither a study option (--study, --save_dir, --processes, --launcher) "
+                             f"nor a trainer option (python trainer/main.py --help)")
+
+
+def launcher(args) -> list[str]:
+    """The command that runs one training run; the run's options are appended to it."""
+    if args.launcher:
+        return shlex.split(args.launcher)
+    main = str(Path(__file__).with_name("main.py"))
+    if args.processes == 1:
+        return [sys.executable, main]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(args.processes), main]
+
+
+def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
+    """Stop when the folder holds a run started with other values of the study's settings."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text()).get("options", {})
+    changed = [f"{k} {previous.get(k)} -> {getattr(config, k)}" for k in keys if previous.get(k) != getattr(config, k)]
+    if changed:
+        raise StudyError(f"{run_dir} holds a run started with other settings ({', '.join(changed)}); "
+                         f"use another --save_dir, or delete that folder to start it again")
+
+
+def is_complete(run_dir: Path, epochs: int) -> bool:
+    return (any(m.get("epoch") == epochs for m in read_jsonl(run_dir / "metrics.jsonl"))
+            and (run_dir / f"epoch_{epochs}" / "manifest.json").is_file())
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any((p / "manifest.json").is_file() for pattern in ("epoch_*", "step_*") for p in run_dir.glob(pattern))
+
+
+def run_logged(cmd: list[str], log: Path) -> int:
+    """Run cmd, showing its output and appending it to log; pass preemption signals on to it."""
+    forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    with open(log, "ab") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        f.write(f"\n$ {shlex.join(cmd)}\n".encode())
+        # A scheduler that stops this runner must reach the trainer, which then saves before it exits.
+        previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in forwarded}
+        try:
+            # Bytes as they come, so progress bars that redraw with \r stay live.
+            for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+                f.write(chunk)
+            return proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str]) -> int:
+    plans = []
+    for name in study.experiments:  # every run's options are checked before the first one starts
+        run_dir = save_dir / name
+        args = to_args(study.settings(name)) + overrides + ["--save_dir", str(run_dir)]
+        config = parse_config(args)
+        check_same_settings(run_dir, config, study.settings(name))
+        plans.append((name, run_dir, args, config.epochs))
+    for i, (name, run_dir, args, epochs) in enumerate(plans, 1):
+        head = f"study [{i}/{len(plans)}] {name}"
+        if is_complete(run_dir, epochs):
+            print(f"{head}: skipped, complete ({epochs} epochs in {run_dir})", flush=True)
+            continue
+        print(f"{head}: {'resuming from its newest valid checkpoint' if has_checkpoint(run_dir) else 'starting'}",
+              flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = run_dir / LOG_FILE
+        status = run_logged(command + args + ["--resume", "auto"], log)
+        if status == PREEMPTED_EXIT_CODE:
+            print(f"{head}: stopped by a preemption signal after saving a checkpoint; run the same command "
+                  f"again to resume (log: {log})", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        if status != 0:
+            print(f"error: {head} failed with exit status {status}; see its log {log}", file=sys.stderr)
+            return 1
+    report = write_report([run_dir for _, run_dir, _, _ in plans], save_dir / "report", study.path)
+    print(f"study: done; report {report}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.study", description=__doc__.split("\n\n")[0],
+        epilog="Any other argument is a trainer option given to every run.", allow_abbrev=False)
+    parser.add_argument("--study", default=str(DEFAULT_STUDY),
+                        help="study file: defaults, experiments, reference results, comparisons "
+                             "(default: the packaged reference study, trainer/study.yaml)")
+    parser.add_argument("--save_dir", "--save-dir", default="runs/study",
+                        help="folder of the study: one subfolder per experiment, and report/ (default: runs/study)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--processes", type=int, default=1,
+                     help="processes per run: 1 runs `python trainer/main.py`; N > 1 runs `accelerate launch "
+                          "--multi_gpu --num_processes N trainer/main.py` (N GPUs, or N CPU processes without "
+                          "GPUs) (default: 1)")
+    how.add_argument("--launcher", help="command that runs one training run, the run's options appended, "
+                                        "e.g. \"./launch.sh --strategy zero2\" (instead of --processes)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.processes < 1:
+            raise StudyError(f"--processes must be at least 1, got {args.processes}")
+        if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
+            raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
+        check_overrides(overrides)
+        study = load_study(args.study)
+        return run_study(study, Path(args.save_dir), launcher(args), overrides)
+    except (StudyError, ReportError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
