@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import sys
+import typing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
@@ -67,20 +68,29 @@ def load_study(path) -> Study:
          "needs a mapping `experiments` of at least one experiment")
     defaults, experiments = raw.get("defaults") or {}, raw["experiments"]
     comparisons = raw.get("comparisons") or {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     need(isinstance(defaults, dict), "`defaults` must be a mapping of trainer options")
-    for where, options in [("defaults", defaults)] + [(n, (e or {}).get("options")) for n, e in experiments.items()]:
-        need(isinstance(options, dict), f"{where}: needs a mapping `options` of trainer options")
-        unknown = sorted(set(options) - known)
-        need(not unknown, f"{where}: unknown trainer option(s) {', '.join(unknown)}")
-        # Values become command-line arguments, which have no spelling for null or for lists.
-        bad = [k for k, v in options.items() if not isinstance(v, (str, int, float, bool))]
-        need(not bad, f"{where}: option(s) {', '.join(bad)} must be a string, number or boolean")
     for name, experiment in experiments.items():
-        need("/" not in str(name) and not str(name).startswith("."), f"experiment name {name!r} is not a folder name")
-        need(set(experiment) <= {"options", "reference"}, f"{name}: only `options` and `reference` are allowed")
+        need(isinstance(name, str) and "/" not in name and not name.startswith("."),
+             f"experiment name {name!r} is not a folder name")
+        need(isinstance(experiment, dict) and isinstance(experiment.get("options"), dict)
+             and set(experiment) <= {"options", "reference"},
+             f"{name}: needs a mapping `options` of trainer options, and optionally `reference`")
         reference = experiment["reference"] = experiment.get("reference") or {}
         need(set(reference) <= {"train_loss", "val_acc1"}, f"{name}: `reference` holds train_loss and val_acc1")
+    hints = typing.get_type_hints(TrainConfig)
+    for where, options in [("defaults", defaults)] + [(n, e["options"]) for n, e in experiments.items()]:
+        unknown = sorted(set(options) - set(hints))
+        need(not unknown, f"{where}: unknown trainer option(s) {', '.join(unknown)}")
+        for key, value in options.items():
+            # Values become command-line arguments, which have no spelling for null or for lists.
+            need(isinstance(value, (str, int, float, bool)), f"{where}: {key} must be a string, number or boolean")
+            kind = next((a for a in typing.get_args(hints[key]) if a is not type(None)), hints[key])
+            if kind in (int, float) and not isinstance(value, bool):
+                # YAML reads `5e-4` (no dot) as a string; the report compares numbers with the runs' numbers.
+                try:
+                    options[key] = kind(value)
+                except ValueError:
+                    need(False, f"{where}: {key} must be a number, got {value!r}")
     for name, comparison in comparisons.items():
         names = (comparison or {}).get("experiments")
         need(isinstance(names, list) and set(names) <= set(experiments),
@@ -130,7 +140,8 @@ class Run:
 
     def describe(self) -> str:
         o = self.options
-        return f"{self.resolved.get('timm_model', o.get('model', '?'))}, {o.get('optimizer', '?')}, {o.get('scheduler', '?')}"
+        model = self.resolved.get("timm_model", o.get("model", "?"))
+        return f"{model}, {o.get('optimizer', '?')}, {o.get('scheduler', '?')}"
 
 
 def load_run(path) -> Run:
@@ -234,16 +245,15 @@ def reference_table(runs: list[Run]) -> list[str]:
               "reference top-1 (%)"]
     rows, notes = [], []
     for run in runs:
-        s = summarize(run)
-        mark = ""
+        s, ref, mark = summarize(run), run.reference or {}, ""
         if run.note:
             notes.append(f"[^{len(notes) + 1}]: {run.name}: {run.note}.")
             mark = f"[^{len(notes)}]"
-        ref = run.reference or {}
-        loss = f"{ref['train_loss']:.4f}" if "train_loss" in ref else "-"
-        acc1 = f"{ref['val_acc1']:.2f}" if "val_acc1" in ref else "-"
-        rows.append([run.name + (mark if run.reference else ""), run.experiment or "-", f"{s['train_loss']:.4f}",
-                     loss + ("" if run.reference else mark), f"{s['acc1']:.2f}", acc1 + ("" if run.reference else mark)])
+        # The note goes on the empty reference cells it explains, or on the run when the reference is shown.
+        run_mark, ref_mark = (mark, "") if run.reference else ("", mark)
+        rows.append([run.name + run_mark, run.experiment or "-", f"{s['train_loss']:.4f}",
+                     f"{ref['train_loss']:.4f}" if "train_loss" in ref else "-" + ref_mark, f"{s['acc1']:.2f}",
+                     f"{ref['val_acc1']:.2f}" if "val_acc1" in ref else "-" + ref_mark])
     return _table(header, rows) + ([""] + notes if notes else [])
 
 
@@ -276,7 +286,7 @@ def plot(runs: list[Run], title: str, path: Path) -> None:
     lr_ax.set(title="Learning rate", xlabel="optimizer step", ylabel="learning rate (per global batch)")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in (loss_ax, acc_ax, lr_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))  # steps and epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -319,7 +329,8 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (a trainer's --save_dir)")
     parser.add_argument("--out", help="output folder (default: report/ beside the first run folder)")

@@ -35,7 +35,7 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig, parse_config
 from .report import DEFAULT_STUDY, ReportError, Study, load_study, read_jsonl, write_report
 
-PREEMPTED_EXIT_CODE = 75  # the trainer's status after saving on a preemption signal (trainer/main.py)
+PREEMPTED_EXIT_CODE = 75  # trainer/loop.py's status after saving on a preemption signal (not imported: it loads torch)
 LOG_FILE = "train.log"
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
@@ -77,11 +77,14 @@ def launcher(args) -> list[str]:
     """The command that runs one training run; the run's options are appended to it."""
     if args.launcher:
         return shlex.split(args.launcher)
-    main = str(Path(__file__).with_name("main.py"))
     if args.processes == 1:
-        return [sys.executable, main]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(args.processes), main]
+        return [sys.executable, str(Path(__file__).with_name("main.py"))]
+    # launch.sh picks the accelerate config for the GPUs it finds (or the CPU one); a bare `accelerate
+    # launch` would set mixed precision to `no`, which the trainer would follow on GPUs.
+    launch_sh = Path(__file__).resolve().parent.parent / "launch.sh"
+    if not launch_sh.is_file():
+        raise StudyError(f"--processes needs the repository's launch.sh ({launch_sh} is missing); use --launcher")
+    return ["env", f"NPROC_PER_NODE={args.processes}", str(launch_sh), "--strategy", "ddp"]
 
 
 def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
@@ -156,7 +159,7 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.study", description=__doc__.split("\n\n")[0],
+        prog="python -m trainer.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument is a trainer option given to every run.", allow_abbrev=False)
     parser.add_argument("--study", default=str(DEFAULT_STUDY),
                         help="study file: defaults, experiments, reference results, comparisons "
@@ -165,9 +168,9 @@ def main(argv=None) -> int:
                         help="folder of the study: one subfolder per experiment, and report/ (default: runs/study)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--processes", type=int, default=1,
-                     help="processes per run: 1 runs `python trainer/main.py`; N > 1 runs `accelerate launch "
-                          "--multi_gpu --num_processes N trainer/main.py` (N GPUs, or N CPU processes without "
-                          "GPUs) (default: 1)")
+                     help="processes per run: 1 runs `python trainer/main.py` (a GPU if there is one); N > 1 "
+                          "runs `NPROC_PER_NODE=N ./launch.sh --strategy ddp` (DDP over N GPUs, or N CPU "
+                          "processes without GPUs) (default: 1)")
     how.add_argument("--launcher", help="command that runs one training run, the run's options appended, "
                                         "e.g. \"./launch.sh --strategy zero2\" (instead of --processes)")
     args, overrides = parser.parse_known_args(argv)
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
             raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
         check_overrides(overrides)
         study = load_study(args.study)
-        return run_study(study, Path(args.save_dir), launcher(args), overrides)
+        # Absolute, because launch.sh (--processes) starts the trainer from the repository's folder.
+        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides)
     except (StudyError, ReportError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

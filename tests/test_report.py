@@ -1,0 +1,135 @@
+"""The report on hand-written run folders: the numbers in its tables, the reference column, its figures."""
+
+import json
+
+import matplotlib.image
+import pytest
+
+from trainer.report import main as report_main
+
+NFNET, VIT = "dm_nfnet_f0.dm_in1k", "vit_base_patch8_224.augreg_in21k_ft_in1k"
+REFERENCE = dict(epochs=25, warmup_epochs=5.0, learning_rate=5e-4, weight_decay=1e-2, batch_size=256, seed=3407)
+FIGURE_PIXELS = (400, 1200)  # 12 x 4 inches at 100 dpi: rows, columns
+
+
+def write_run(folder, *, model="nfnet", timm_model=NFNET, optimizer="adamw", scheduler="cosine", acc1=(50.0, 70.5),
+              steps_per_epoch=4, hardware="NVIDIA H200", steps=True, **options):
+    """A run folder as the trainer writes it, with one metrics line per value of acc1."""
+    folder.mkdir(parents=True)
+    options = {**REFERENCE, "model": model, "optimizer": optimizer, "scheduler": scheduler, **options}
+    (folder / "config.json").write_text(json.dumps({
+        "options": options, "hardware": hardware,
+        "resolved": {"timm_model": timm_model, "processes": 8, "global_batch_size": options["batch_size"]}}))
+    metrics = [{"epoch": e, "step": e * steps_per_epoch, "train_loss": 3.0 / e, "val_loss": 2.5 / e, "val_acc1": a,
+                "val_acc5": a + 20, "lr": 1e-4 * e, "epoch_time_s": 100.0 * e, "images_per_s": 1000.0 * e}
+               for e, a in enumerate(acc1, 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if steps:
+        lines = [{"step": s, "epoch": (s - 1) // steps_per_epoch + 1, "lr": 1e-5 * s, "train_loss": 4.0 - 0.1 * s,
+                  "images_per_s": 900.0} for s in range(1, len(acc1) * steps_per_epoch + 1)]
+        (folder / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    return folder
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every table of a Markdown text, as rows of {header: cell}."""
+    tables, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---") and \
+                not (i and lines[i - 1].startswith("|")):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(header, (c.strip() for c in row.strip("|").split("|")))))
+            tables.append(rows)
+    return tables
+
+
+def report(tmp_path, *runs):
+    assert report_main([str(r) for r in runs] + ["--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    results, reference = markdown_tables(text)
+    return text, {r["run"]: r for r in results}, {r["run"].split("[^")[0]: r for r in reference}
+
+
+def test_results_table_reads_back_the_metrics(tmp_path):
+    run = write_run(tmp_path / "runs" / "mine", acc1=(50.0, 70.5, 65.25))
+    _, results, _ = report(tmp_path, run)
+    row = results["mine"]
+    assert row["model (timm)"] == NFNET and row["optimizer"] == "adamw" and row["scheduler"] == "cosine"
+    assert row["epochs done / planned"] == "3 / 25"
+    assert row["final train loss"] == "1.0000"  # 3.0 / epoch 3
+    assert row["final top-1 (%)"] == "65.25"
+    assert row["best top-1 (%) (epoch)"] == "70.50 (2)"
+    assert row["final top-5 (%)"] == "85.25"
+    assert row["wall time (h:mm:ss)"] == "0:10:00"  # 100 + 200 + 300 s
+    assert row["images/s (mean)"] == "2,000"
+    assert row["hardware"] == "NVIDIA H200" and row["processes / global batch"] == "8 / 256"
+
+
+def test_reference_values_only_where_the_settings_match(tmp_path):
+    runs = tmp_path / "runs"
+    match = write_run(runs / "a", acc1=[60.0] * 25)  # found by its settings: NFNet, adamw, cosine
+    # Given by its timm name, not the preset's: the same model.
+    vit = write_run(runs / "vit_adamw_cosine", model=VIT, timm_model=VIT, acc1=[70.0] * 25)
+    other_lr = write_run(runs / "b", learning_rate=1e-3, acc1=[60.0] * 25)
+    unfinished = write_run(runs / "nfnet_sgdm_cosine", optimizer="sgdm", acc1=(40.0, 50.0))
+    tiny = write_run(runs / "c", model="test_vit", timm_model="test_vit")
+    text, _, reference = report(tmp_path, match, vit, other_lr, unfinished, tiny)
+
+    assert reference["a"]["reference experiment"] == "nfnet_adamw_cosine"
+    assert (reference["a"]["reference train loss"], reference["a"]["reference top-1 (%)"]) == ("1.6041", "74.23")
+    assert reference["a"]["final top-1 (%)"] == "60.00" and reference["a"]["final train loss"] == "0.1200"
+    assert reference["vit_adamw_cosine"]["reference top-1 (%)"] == "73.17"
+    assert reference["b"]["reference top-1 (%)"].startswith("-[^")
+    assert "learning_rate 0.001 (reference 0.0005)" in text
+    # An unfinished run with the reference settings shows the reference, with a note that it is not final.
+    assert reference["nfnet_sgdm_cosine"]["reference top-1 (%)"] == "58.47"
+    assert "unfinished: 2 of 25 epochs" in text
+    assert reference["c"]["reference experiment"] == "-" and reference["c"]["reference top-1 (%)"].startswith("-[^")
+    assert "no experiment of study.yaml uses test_vit, adamw, cosine" in text
+
+
+def test_figures_per_run_and_per_comparison_present(tmp_path):
+    runs = tmp_path / "runs"
+    nfnet = write_run(runs / "nfnet_adamw_cosine")
+    vit = write_run(runs / "vit_adamw_cosine", model="vit", timm_model=VIT, steps=False)  # plotted from metrics
+    linear = write_run(runs / "nfnet_adamw_linear_decay", scheduler="linear_decay", acc1=(55.0,))
+    text, *_ = report(tmp_path, nfnet, vit, linear)
+    out = tmp_path / "out"
+    expected = ["nfnet_adamw_cosine.png", "vit_adamw_cosine.png", "nfnet_adamw_linear_decay.png",
+                "compare_cnn_vs_vit.png", "compare_cosine_vs_linear_decay.png"]
+    for name in expected:
+        assert matplotlib.image.imread(out / name).shape[:2] == FIGURE_PIXELS, name
+        assert f"]({name})" in text
+    assert not (out / "compare_adamw_vs_sgdm.png").exists()  # no SGDM run
+
+
+def test_runs_with_the_same_folder_name_from_two_machines(tmp_path):
+    a = write_run(tmp_path / "machine_a" / "nfnet_adamw_cosine", hardware="NVIDIA H100")
+    b = write_run(tmp_path / "machine_b" / "nfnet_adamw_cosine", hardware="CPU (x86_64, 2 cores)")
+    _, results, _ = report(tmp_path, a, b)
+    assert results["machine_a_nfnet_adamw_cosine"]["hardware"] == "NVIDIA H100"
+    assert results["machine_b_nfnet_adamw_cosine"]["hardware"] == "CPU (x86_64, 2 cores)"
+    assert (tmp_path / "out" / "machine_b_nfnet_adamw_cosine.png").is_file()
+
+
+def test_partial_last_line_of_a_killed_run_is_skipped_and_default_out(tmp_path):
+    run = write_run(tmp_path / "runs" / "mine", acc1=(50.0, 70.5))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "step": 1')
+    assert report_main([str(run)]) == 0
+    results = markdown_tables((tmp_path / "runs" / "report" / "report.md").read_text())[0]
+    assert results[0]["epochs done / planned"] == "2 / 25"
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: None, lambda p: write_run(p).joinpath(
+    "metrics.jsonl").write_text("")], ids=["no-metrics", "missing", "empty-metrics"])
+def test_a_folder_that_is_not_a_run_is_one_line_and_exit_2(tmp_path, capsys, make):
+    folder = tmp_path / "x"
+    make(folder)
+    assert report_main([str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(folder) in err

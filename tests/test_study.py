@@ -1,0 +1,126 @@
+"""The study runner end to end: four tiny runs through the real trainer, skipping, resuming, failing, the report."""
+
+import ast
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from conftest import REPO, TINY, child_env, read_jsonl
+from test_report import FIGURE_PIXELS, markdown_tables
+
+EXPERIMENTS = ["nfnet_adamw_cosine", "vit_adamw_cosine", "nfnet_sgdm_cosine", "nfnet_adamw_linear_decay"]
+
+
+def study(*args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "trainer.study", *map(str, args)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"study failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_study(cifar_dir, tmp_path_factory):
+    """The reference study with test_vit for every model; 2 epochs, a checkpoint after each, so one can resume."""
+    save_dir = tmp_path_factory.mktemp("study")
+    args = ["--save_dir", save_dir, *TINY, "--data_dir", cifar_dir, "--epochs", "2", "--save_epochs", "1",
+            "--batch_size", "32"]
+    return save_dir, args, study(*args)
+
+
+def test_four_runs_with_the_overrides_and_a_report(tiny_study):
+    save_dir, _, first = tiny_study
+    assert first.stdout.count(": starting") == 4
+    for name in EXPERIMENTS:
+        config = json.loads((save_dir / name / "config.json").read_text())["options"]
+        assert [m["epoch"] for m in read_jsonl(save_dir / name / "metrics.jsonl")] == [1, 2]
+        assert (save_dir / name / "epoch_2" / "manifest.json").is_file()
+        # The command line wins over the study file: its model, epochs and learning rate replace the study's.
+        assert (config["model"], config["epochs"], config["learning_rate"]) == ("test_vit", 2, 2e-3)
+        assert (config["optimizer"], config["scheduler"]) == tuple(name.split("_", 2)[1:])
+        assert "--resume auto" in (save_dir / name / "train.log").read_text()
+    results, reference = markdown_tables((save_dir / "report" / "report.md").read_text())
+    assert [r["run"] for r in results] == EXPERIMENTS
+    for row in results:
+        last = read_jsonl(save_dir / row["run"] / "metrics.jsonl")[-1]
+        assert row["final top-1 (%)"] == f"{last['val_acc1']:.2f}" and row["epochs done / planned"] == "2 / 2"
+    assert all(r["reference top-1 (%)"].startswith("-[^") for r in reference)  # test_vit, 2 epochs: not comparable
+    figures = EXPERIMENTS + ["compare_cnn_vs_vit", "compare_adamw_vs_sgdm", "compare_cosine_vs_linear_decay"]
+    for name in figures:
+        assert matplotlib.image.imread(save_dir / "report" / f"{name}.png").shape[:2] == FIGURE_PIXELS
+
+
+def test_second_invocation_skips_complete_runs(tiny_study):
+    save_dir, args, _ = tiny_study
+    files = [save_dir / name / f for name in EXPERIMENTS for f in ("metrics.jsonl", "steps.jsonl")]
+    before = [p.stat().st_mtime_ns for p in files]
+    again = study(*args)
+    assert again.stdout.count("skipped, complete") == 4 and "starting" not in again.stdout
+    assert [p.stat().st_mtime_ns for p in files] == before
+    assert "report" in again.stdout
+
+
+def test_run_without_its_last_checkpoint_resumes(tiny_study):
+    save_dir, args, _ = tiny_study
+    run = save_dir / "nfnet_sgdm_cosine"
+    finished = read_jsonl(run / "metrics.jsonl")
+    shutil.rmtree(run / "epoch_2")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    resumed = study(*args)
+    assert resumed.stdout.count("skipped, complete") == 3
+    assert "nfnet_sgdm_cosine: resuming" in resumed.stdout and f"resumed from {run / 'epoch_1'}" in resumed.stdout
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2] and (run / "epoch_2" / "manifest.json").is_file()
+    assert metrics[1]["val_acc1"] == finished[1]["val_acc1"]  # deterministic on CPU in fp32
+    assert [s["step"] for s in read_jsonl(run / "steps.jsonl")] == list(range(1, 19))  # 2 x 9 steps, none twice
+
+
+def test_changed_settings_stop_before_any_run(tiny_study):
+    save_dir, args, _ = tiny_study
+    result = study(*args, "--epochs", "3", check=False)
+    assert result.returncode == 2 and "starting" not in result.stdout
+    assert result.stderr.startswith(f"error: {save_dir / 'nfnet_adamw_cosine'} holds a run started with other "
+                                    f"settings (epochs 2 -> 3)")
+
+
+def test_failing_run_stops_the_study_naming_run_and_log(tmp_path):
+    # A launcher that prints the arguments it got and fails: no trainer needed.
+    launcher = f"{sys.executable} -c 'import sys; print(sys.argv[1:]); sys.exit(3)'"
+    result = study("--save_dir", tmp_path, "--launcher", launcher, "--model", "test_vit", check=False)
+    log = tmp_path / "nfnet_adamw_cosine" / "train.log"
+    assert result.returncode == 1
+    assert result.stderr.strip() == \
+        f"error: study [1/4] nfnet_adamw_cosine failed with exit status 3; see its log {log}"
+    assert not (tmp_path / "vit_adamw_cosine").exists()
+    args = ast.literal_eval(log.read_text().splitlines()[-1])  # the list the launcher printed
+    assert args.index("nfnet") < args.index("test_vit")  # the override comes later, so it wins
+    assert args[-4:] == ["--save_dir", str(tmp_path / "nfnet_adamw_cosine"), "--resume", "auto"]
+
+
+def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
+    launcher = (f"{sys.executable} -c 'import signal, sys, time; "
+                f"signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); print(\"ready\", flush=True); time.sleep(60)'")
+    with subprocess.Popen([sys.executable, "-m", "trainer.study", "--save_dir", str(tmp_path), "--launcher", launcher],
+                          cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                proc.send_signal(signal.SIGTERM)
+                break
+        assert proc.wait(timeout=30) == 75
+        assert "run the same command again to resume" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epoch", "1"], "--epoch is neither a study option"),
+    (["--resume", "auto"], "--resume cannot be given to a study"),
+    (["--study", "/nonexistent.yaml"], "study file /nonexistent.yaml"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = study("--save_dir", tmp_path, *args, check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
+    assert not any(tmp_path.iterdir())
