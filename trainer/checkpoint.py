@@ -27,6 +27,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: printed as one line, exit status 2."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written and --on_save_error is `stop`: printed as one line, exit status 1."""
+
+
 class Progress:
     """Where training stands; saved with the accelerate state so a resume continues at the right step."""
 
@@ -90,6 +94,10 @@ def verify(folder: Path) -> None:
     for name in (MODEL_FILE, STATE_DIR):
         if not any(e == name or e.startswith(name + "/") for e in entries):
             raise CheckpointError(f"{folder} is not a checkpoint: the manifest lists no {name}")
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                      if p.is_file() and p.name != MANIFEST_FILE and str(p.relative_to(folder)) not in entries)
+    if unlisted:
+        raise CheckpointError(f"checkpoint file {folder / unlisted[0]} is not in the manifest (altered folder)")
     for name, entry in entries.items():
         path = folder / name
         if not path.is_file():
@@ -115,7 +123,7 @@ def save(accelerator, model, save_dir: Path, name: str, info: dict) -> Path | No
         if failure is None:
             try:
                 step()
-            except OSError as error:
+            except Exception as error:  # disk full surfaces as OSError, SafetensorError or torch's RuntimeError
                 failure = f"{type(error).__name__}: {error}"
 
     if accelerator.is_main_process:

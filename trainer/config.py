@@ -96,7 +96,7 @@ class TrainConfig:
     device: str = "auto"
     """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
     mixed_precision: str = "auto"
-    """`no`, `bf16`, `fp16`, or `auto`: accelerate's launch setting if given, else bf16 on GPUs that have it, else fp32."""
+    """`no`, `bf16`, `fp16`, or `auto`: fp32 on CPU; on GPUs the accelerate config's bf16/fp16, else bf16 where supported."""
 
     # --- evaluation, checkpoints, logging ----------------------------------------------------
     eval_batch_size: int = 500

@@ -30,13 +30,18 @@ class Preempted(Exception):
 
 
 def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
-    """`auto`: fp32 on CPU; on a GPU, accelerate's launch setting if any, else bf16 where supported."""
+    """`auto`: fp32 on CPU; on a GPU, the half precision an accelerate config asks for, else bf16 where supported.
+
+    A bare `accelerate launch` sets ACCELERATE_MIXED_PRECISION=no whether or not anyone asked, so "no" there
+    cannot be told from the default; fp32 on a GPU takes an explicit --mixed_precision no.
+    """
     if config.mixed_precision != "auto":
         return config.mixed_precision
     if on_cpu:
         return "no"
-    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` from its config
-        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no":
+        return launched
     return "bf16" if torch.cuda.is_bf16_supported() else "no"
 
 
@@ -286,7 +291,27 @@ class Trainer:
                 "val_images": int(count)}
 
     # --- checkpoints ------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict:
+        """What timm.create_model needs besides the name to rebuild this model (for export)."""
+        model = self.accelerator.unwrap_model(self.model)
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        return {"img_size": list(img_size)} if img_size is not None else {}
+
     def resume(self, folder: Path) -> None:
+        saved = checkpoint.read_manifest(folder)
+        here = self.resolved()
+        if (saved.get("distributed_type") == "DEEPSPEED") != self.deepspeed:
+            raise checkpoint.CheckpointError(
+                f"{folder} was saved by a {saved.get('distributed_type')} run and cannot resume a "
+                f"{here['distributed_type']} run; start from its model.safetensors with --pretrained_file instead")
+        if self.deepspeed and (saved.get("processes"), saved.get("deepspeed_zero_stage")) != (
+                self.world, here["deepspeed_zero_stage"]):
+            # DeepSpeed partitions optimizer state by process count and refuses another count.
+            raise checkpoint.CheckpointError(
+                f"{folder} holds ZeRO-{saved.get('deepspeed_zero_stage')} state sharded over {saved.get('processes')} "
+                f"processes; resume it with {saved.get('processes')} processes and the same stage (this run: "
+                f"{self.world}, ZeRO-{here['deepspeed_zero_stage']}), or start from its model.safetensors with "
+                f"--pretrained_file")
         checkpoint.load(self.accelerator, folder)
         p = self.progress
         if p.global_step != p.epoch * self.steps_per_epoch + p.step_in_epoch:
@@ -307,14 +332,16 @@ class Trainer:
         return None
 
     def save(self, name: str, val_acc1: float | None = None) -> None:
+        resolved = self.resolved()
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
-                "timm_model": self.config.timm_name_and_kwargs()[0], "num_classes": 100}
+                "timm_model": resolved["timm_model"], "num_classes": 100, "model_kwargs": self.model_kwargs(),
+                **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
         path = checkpoint.save(self.accelerator, self.model, self.save_dir, name, info)
         if path is None:
             if self.config.on_save_error == "stop":
-                raise checkpoint.CheckpointError(f"stopped: checkpoint {self.save_dir / name} could not be "
-                                                 f"written (--on_save_error continue trains on)")
+                raise checkpoint.SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
+                                           f"earlier checkpoints are intact (--on_save_error continue trains on)")
             return
         self.accelerator.print(f"saved {path}")
         if self.config.keep_last and self.accelerator.is_main_process:

@@ -7,7 +7,7 @@
 
 Exit status: 0 done; 2 bad input (one line on stderr); 75 stopped by the preemption signal after saving
 a checkpoint (run the same command with --resume auto to continue); 1 a non-finite loss or anything
-unexpected (with its traceback).
+unexpected (with its traceback), or a checkpoint that could not be written.
 """
 
 import sys
@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
 
 def main(argv=None) -> int:
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpoint import CheckpointError, SaveError
     from trainer.config import ConfigError, parse_config
     from trainer.data import DataError
     from trainer.loop import PREEMPTED_EXIT_CODE, Preempted, Trainer
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     except Preempted as stop:
         print(stop, file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except FloatingPointError as error:
+    except (FloatingPointError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -69,7 +69,16 @@ def read_lines(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:  # a line cut short by a kill mid-write; a resume rewrites it
+                break
+            raise ValueError(f"{path}: line {number + 1} is not JSON") from None
+    return entries
 
 
 def read_metrics(save_dir: Path) -> list[dict]:

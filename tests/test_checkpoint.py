@@ -1,0 +1,219 @@
+"""Checkpoints that survive kills, signals, corruption, full disks and a changed process count."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+from conftest import MAIN, REPO, TINY, child_env, load_weights, read_jsonl, relative_l2, run_trainer
+from trainer import checkpoint
+from trainer.export import main as export_main
+
+EPOCHS = 3
+STEPS_PER_EPOCH = 9  # 288 images, batch 32
+
+
+def args_for(cifar_dir, save_dir, *extra):
+    return TINY + ["--data_dir", cifar_dir, "--epochs", EPOCHS, "--batch_size", 32, "--augment", "crop_flip",
+                   "--save_epochs", 1, "--save_dir", save_dir, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_trainer(args_for(cifar_dir, root))
+    return root
+
+
+def same_run(run_dir, reference):
+    """Bit-identical final weights and the same metrics and step lines (timings aside)."""
+    final, expected = (load_weights(d / f"epoch_{EPOCHS}/model.safetensors") for d in (run_dir, reference))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+    def stable(lines):
+        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        got, want = stable(read_jsonl(run_dir / name)), stable(read_jsonl(reference / name))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            assert all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a)
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir, step, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = read_jsonl(run_dir / "steps.jsonl") if (run_dir / "steps.jsonl").exists() else []
+        if lines and lines[-1]["step"] >= step:
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(cifar_dir, tmp_path, uninterrupted):
+    args = args_for(cifar_dir, tmp_path, "--resume", "auto")
+    process = start(args)
+    wait_for_step(tmp_path, STEPS_PER_EPOCH + 4, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output
+    (saved,) = [p for p in checkpoint.list_checkpoints(tmp_path) if p.name.startswith("step_")]
+    info = checkpoint.read_manifest(saved)
+    assert info["epoch"] == 1 and 0 < info["step_in_epoch"] < STEPS_PER_EPOCH
+    checkpoint.verify(saved)
+    resumed = run_trainer(args)
+    assert f"resumed from {saved}" in resumed.stdout
+    same_run(tmp_path, uninterrupted)
+
+
+def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint(cifar_dir, tmp_path, uninterrupted):
+    args = args_for(cifar_dir, tmp_path, "--resume", "auto")
+    rng = random.Random(7)
+    kills = 0
+    for target in sorted(rng.sample(range(2, EPOCHS * STEPS_PER_EPOCH - 2), 2)) + ["save"]:
+        process = start(args)
+        if target == "save":
+            # Kill while a checkpoint is being written: the moment its hidden staging folder exists.
+            deadline = time.monotonic() + 120
+            while not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()):
+                assert time.monotonic() < deadline and process.poll() is None
+        else:
+            wait_for_step(tmp_path, target, process)
+        process.kill()
+        process.wait()
+        kills += 1
+        for folder in checkpoint.list_checkpoints(tmp_path):
+            checkpoint.verify(folder)  # whatever is visible is complete
+    assert kills == 3
+    run_trainer(args)
+    same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "has .* bytes, the manifest says .* \\(truncated\\?\\)"),
+    ("flip", "does not match its SHA-256"),
+    ("unlisted", "is not in the manifest"),
+])
+def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(cifar_dir, tmp_path, uninterrupted, damage, message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    newest = run_dir / f"epoch_{EPOCHS}"
+    model = newest / "model.safetensors"
+    if damage == "truncate":
+        model.write_bytes(model.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+    else:
+        manifest = json.loads((newest / "manifest.json").read_text())
+        del manifest["files"]["state/optimizer.bin"]
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+    refused = run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", newest), check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
+    import re
+    assert re.search(message, refused.stderr)
+    resumed = run_trainer(args_for(cifar_dir, run_dir, "--resume", "auto"))
+    assert f"skipping checkpoint {newest}" in resumed.stdout
+    assert f"resumed from {run_dir / f'epoch_{EPOCHS - 1}'}" in resumed.stdout
+    same_run(run_dir, uninterrupted)
+
+
+def test_resume_auto_in_an_empty_folder_starts_fresh(cifar_dir, tmp_path):
+    result = run_trainer(args_for(cifar_dir, tmp_path, "--resume", "auto", "--epochs", 1, "--warmup_epochs", 0))
+    assert "no valid checkpoint" in result.stdout and (tmp_path / "epoch_1").is_dir()
+    assert (tmp_path / "latest").read_text().strip() == "epoch_1"
+
+
+def test_rotation_keeps_the_newest_k_and_the_best(tmp_path):
+    for step, acc in [(10, 50.0), (20, 90.0), (30, 60.0), (40, 70.0), (45, None)]:
+        folder = tmp_path / f"ckpt_{step}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"global_step": step, "val_acc1": acc, "files": {}}))
+    removed = checkpoint.rotate(tmp_path, keep_last=2, keep_best=True)
+    assert sorted(p.name for p in removed) == ["ckpt_10", "ckpt_30"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_20", "ckpt_40", "ckpt_45"]
+    checkpoint.rotate(tmp_path, keep_last=1, keep_best=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_45"]
+
+
+def test_keep_last_during_a_run(cifar_dir, tmp_path):
+    run_trainer(args_for(cifar_dir, tmp_path, "--keep_last", 1))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [f"epoch_{EPOCHS}"]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 7 MB file system: room for one test_vit checkpoint (~5 MB) but not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.fail("this test needs to mount a small tmpfs (run as root), to fill a disk for real")
+    yield mount
+    subprocess.run(["umount", str(mount)])
+
+
+def test_a_full_disk_stops_the_run_and_leaves_the_previous_checkpoint_valid(cifar_dir, small_disk):
+    result = run_trainer(args_for(cifar_dir, small_disk), check=False)
+    assert result.returncode == 1
+    assert "could not save checkpoint" in result.stdout and "No space left on device" in result.stdout
+    assert "earlier checkpoints are intact" in result.stderr.strip().splitlines()[-1]
+    checkpoint.verify(small_disk / "epoch_1")
+    assert (small_disk / "latest").read_text().strip() == "epoch_1"
+    assert not [p for p in small_disk.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_on_save_error_continue_trains_on(cifar_dir, small_disk):
+    result = run_trainer(args_for(cifar_dir, small_disk, "--on_save_error", "continue"), check=False)
+    assert result.returncode == 0
+    assert [m["epoch"] for m in read_jsonl(small_disk / "metrics.jsonl")] == list(range(1, EPOCHS + 1))
+    checkpoint.verify(small_disk / "epoch_1")
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, uninterrupted, before, after):
+    run_dir = tmp_path / "run"
+    if before == 1:
+        shutil.copytree(uninterrupted, run_dir)
+    else:
+        run_trainer(args_for(cifar_dir, run_dir), processes=before)
+    run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", run_dir / "epoch_1"), processes=after)
+    # Float re-association across process counts only (see test_train.py).
+    assert relative_l2(load_weights(run_dir / f"epoch_{EPOCHS}/model.safetensors"),
+                       load_weights(uninterrupted / f"epoch_{EPOCHS}/model.safetensors")) < 1e-5
+    assert [m["val_acc1"] for m in read_jsonl(run_dir / "metrics.jsonl")] == \
+        [m["val_acc1"] for m in read_jsonl(uninterrupted / "metrics.jsonl")]
+
+
+def test_a_nan_loss_stops_with_the_step_and_writes_no_checkpoint(cifar_dir, tmp_path):
+    result = run_trainer(args_for(cifar_dir, tmp_path, "--learning_rate", "1e30"), check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training loss is nan at step") or "not finite" in last, last
+    assert not checkpoint.list_checkpoints(tmp_path)
+
+
+def test_export_writes_weights_that_timm_loads(uninterrupted, tmp_path):
+    assert export_main([str(uninterrupted / f"epoch_{EPOCHS}"), "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info == {"timm_model": "test_vit", "num_classes": 100, "model_kwargs": {"img_size": [32, 32]}}
+    model = timm.create_model(info["timm_model"], pretrained=True, num_classes=info["num_classes"],
+                              **info["model_kwargs"], pretrained_cfg_overlay=dict(
+                                  file=str(tmp_path / "model.safetensors"), num_classes=info["num_classes"]))
+    saved = load_weights(tmp_path / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
