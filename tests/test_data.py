@@ -66,8 +66,9 @@ def test_an_image_gets_the_same_augmentation_whichever_process_trains_it():
     single = _steps(split, "crop_flip", 0, 1, 4)
     pair = [_steps(split, "crop_flip", r, 2, 2) for r in range(2)]
     for step in range(len(single)):
-        one = {int(l): x for images, labels in single[step] for x, l in zip(images, labels)}
-        two = {int(l): x for s in pair for images, labels in s[step] for x, l in zip(images, labels)}
+        one = {int(l): x for images, labels, weights in single[step] for x, l, w in zip(images, labels, weights) if w}
+        two = {int(l): x for s in pair for images, labels, weights in s[step]
+               for x, l, w in zip(images, labels, weights) if w}
         assert one.keys() == two.keys()
         assert all(torch.equal(one[k], two[k]) for k in one)
 
@@ -76,11 +77,24 @@ def test_none_leaves_images_unchanged_and_normalises_with_mean_and_std():
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     split = Split(images, torch.arange(40))
     steps = _steps(split, "none", 0, 1, 1)
-    (batch, labels), = steps[0]
+    (batch, labels, _), = steps[0]
     assert torch.allclose(batch, (images[labels].float() / 255 - 0.5) / 0.25)
-    (augmented, labels2), = _steps(split, "crop_flip", 0, 1, 1)[0]
+    (augmented, labels2, _), = _steps(split, "crop_flip", 0, 1, 1)[0]
     assert augmented.shape == batch.shape and torch.equal(labels, labels2)
     assert not torch.allclose(augmented, batch)
+
+
+def test_micro_batches_keep_a_static_shape_with_zero_weight_padding():
+    # 70 images, batch 32 on 2 processes x 2 micro-steps: the last step has 6 real images for 4 micro-batches of 8.
+    split = Split(torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8), torch.arange(70) % 100)
+    pair = [_steps(split, "crop_flip", r, 2, 2) for r in range(2)]
+    last = [mb for s in pair for mb in s[2]]
+    assert all(images.shape == (8, 3, 32, 32) and labels.shape == weights.shape == (8,) for images, labels, weights in last)
+    assert sorted(int(w.sum()) for _, _, w in last) == [1, 1, 2, 2]
+    real = [int(l) for _, labels, weights in last for l, w in zip(labels, weights) if w]
+    order = EpochPlan.draw(70, 5, 1).order
+    assert sorted(real) == sorted(order[64:].tolist())
+    assert all(w.sum() == 8 for s in pair for step in (0, 1) for _, _, w in s[step])
 
 
 def test_generated_files_read_back(tmp_path):

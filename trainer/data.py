@@ -205,14 +205,26 @@ class TrainSteps(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_steps
 
-    def __getitem__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitem__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images, labels, weights) per micro-batch, each padded to the full micro-batch size.
+
+        Every micro-batch has the same shape, also in the epoch's short last step: its missing places hold
+        copies of a real image with weight 0. Static shapes let torch.compile and CUDA graphs run the last
+        step with the same graph, and a micro-batch with no real image still joins the all-reduce.
+        """
+        micro_size = self.batch_size // (self.world * self.accumulation)
+        filler = self.plan.order[step * self.batch_size]
         micro = []
         for index in micro_batch_indices(self.plan.order, step, self.batch_size, self.rank, self.world,
                                          self.accumulation):
+            real = len(index)
+            weights = (torch.arange(micro_size, device=index.device) < real).float()
+            if real < micro_size:
+                index = torch.cat([index, filler.expand(micro_size - real)])
             images = self.split.images[index]
             if self.augment == "crop_flip":
                 images = crop_flip(images, self.plan.offsets[index], self.plan.flips[index])
-            micro.append((self.normalize(images), self.split.labels[index]))
+            micro.append((self.normalize(images), self.split.labels[index], weights))
         return micro
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from timm.loss import LabelSmoothingCrossEntropy
 from tqdm.auto import tqdm
 
 from . import checkpoint, records
@@ -126,10 +125,6 @@ class Trainer:
         self.progress = checkpoint.Progress()
         self.stop_signal = None  # set by the preemption signal handler
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
-        if config.label_smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=config.label_smoothing)
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss()
         # Under DeepSpeed with bf16/fp16 the weights themselves are half precision and autocast does not
         # apply, so inputs are cast to the engine's dtype (shared notes).
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -183,36 +178,32 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns the summed per-image loss (on device)."""
         model, accelerator = self.model, self.accelerator
         loss_sum = torch.zeros((), device=accelerator.device)
-        for images, labels in micro_batches:
+        # The step's gradient must be the mean over its real images whatever the topology. DDP averages over
+        # W processes and accelerate/DeepSpeed divide by A micro-steps, so each micro-batch contributes its
+        # weighted loss sum times W*A/step_images: the plain mean for a full step, and the right weight for
+        # the smaller last step, whose micro-batches are padded with weight-0 images.
+        scale = self.world * self.accumulation / step_images
+        for images, labels, weights in micro_batches:
             images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
-            n = len(labels)
-            if n == 0:
-                # A micro-batch left empty by a small last step (fewer images than micro-batches) still
-                # joins the gradient all-reduce: one blank image whose loss is multiplied by 0. Models
-                # such as ViT cannot run a forward pass on zero images.
-                size = self.config.image_size
-                images = torch.zeros(1, 3, size, size, device=accelerator.device, dtype=self.input_dtype)
+            weights = weights.to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
-                logits = model(images).float()
-                if n:
-                    loss = self.criterion(logits, labels)
-                    # The step's gradient must be the mean over its images whatever the topology.
-                    # DDP averages over W processes and accelerate/DeepSpeed divide by A micro-steps, so
-                    # the micro-batch mean is weighted by n*W*A/step_images: exactly 1 for a full step,
-                    # and right for the epoch's smaller last step, whose micro-batches differ in size.
-                    scale = n * self.world * self.accumulation / step_images
-                    accelerator.backward(loss * scale if scale != 1 else loss)
-                    loss_sum += loss.detach() * n
-                else:
-                    accelerator.backward(logits.sum() * 0.0)
+                weighted = (self.per_image_loss(model(images).float(), labels) * weights).sum()
+                accelerator.backward(weighted * scale)
                 if accelerator.sync_gradients and self.config.grad_clip > 0 and not self.deepspeed:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += weighted.detach()
         assert accelerator.sync_gradients, "micro-steps out of step with the accumulation count"
         self.scheduler.step()
         return loss_sum
+
+    def per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # torch's cross-entropy rather than timm's CrossEntropy/LabelSmoothingCrossEntropy classes: those return
+        # the batch mean, and padded micro-batches need per-image losses to give padding weight 0. With
+        # label_smoothing s both compute (1 - s) * NLL + s * mean over classes of -log p.
+        return F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.config.label_smoothing)
 
     def train_epoch(self, epoch: int) -> dict:
         cfg, accelerator, progress = self.config, self.accelerator, self.progress
