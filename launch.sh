@@ -16,20 +16,22 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several nodes (static rendezvous); under SLURM they
 #                   default to SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST, 29500.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Stay in the caller's folder, so relative paths among the trainer's options (--data_dir, --save_dir,
+# --config, --checkpoint) mean what the user typed; the repository's files are named by absolute path.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 if [[ "${1:-}" == "study" ]]; then
   shift
-  exec python -m trainer.study "$@"
+  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec python -m trainer.study "$@"
 fi
 
 strategy=auto dry_run=0 args=()
 while (($#)); do
   case "$1" in
-    --strategy) strategy="${2:?--strategy needs a value}"; shift 2 ;;
+    --strategy) (($# >= 2)) || { echo "error: --strategy needs a value" >&2; exit 2; }; strategy=$2; shift 2 ;;
     --strategy=*) strategy="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -65,12 +67,12 @@ esac
 
 if [[ "$strategy" == single && -z "$config" ]]; then
   what="one process on the CPU (no GPU found)"
-  cmd=(python trainer/main.py)
+  cmd=(python "$repo/trainer/main.py")
 else
   what="$strategy: $NNODES node(s) x $NPROC_PER_NODE process(es), $GPUS GPU(s) per node, config $config"
-  cmd=(accelerate launch --config_file "accelerate_configs/$config" --num_processes $((NNODES * NPROC_PER_NODE))
+  cmd=(accelerate launch --config_file "$repo/accelerate_configs/$config" --num_processes $((NNODES * NPROC_PER_NODE))
        --num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR"
-       --main_process_port "$MASTER_PORT" trainer/main.py)
+       --main_process_port "$MASTER_PORT" "$repo/trainer/main.py")
   # accelerate's --multi_gpu launcher refuses a single process; one process of DDP is plain single.
   if [[ "$strategy" == ddp ]] && ((NNODES * NPROC_PER_NODE == 1)); then
     echo "error: --strategy ddp needs more than one process (set NPROC_PER_NODE or GPUS)" >&2; exit 2
@@ -81,6 +83,8 @@ else
 fi
 
 echo "launch.sh: $what" >&2
-echo "launch.sh: ${cmd[*]} ${args[*]}" >&2
+# Shell-quoted, so the printed line is exactly the command that runs (arguments with spaces included).
+line=$(printf '%q ' "${cmd[@]}" "${args[@]}")
+echo "launch.sh: ${line% }" >&2
 ((dry_run)) && exit 0
 exec "${cmd[@]}" "${args[@]}"
