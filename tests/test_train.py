@@ -112,3 +112,25 @@ def test_checkpoint_weights_load_in_timm(one_vs_two):
     state = model.state_dict()
     assert saved.keys() == state.keys()  # no `module.` or `_orig_mod.` prefixes
     assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_compile_gives_the_eager_losses_and_compiles_training_once(tmp_path):
+    from conftest import child_env
+    from trainer.synthetic import write_fake_cifar100
+    write_fake_cifar100(tmp_path / "data", num_train=288, num_test=200, num_classes=10)
+    # 288 images at 64 per step: the last step holds 32 real images, padded to the same shape.
+    args = TINY + ["--data_dir", tmp_path / "data", "--epochs", "1", "--batch_size", "64", "--micro_batch_size", "32"]
+    run_trainer(args + ["--save_dir", tmp_path / "eager"])
+    compiled = run_trainer(args + ["--save_dir", tmp_path / "compiled", "--compile"],
+                           env=child_env(TORCH_LOGS="recompiles"), timeout=600)
+    eager_steps, compiled_steps = (read_jsonl(tmp_path / d / "steps.jsonl") for d in ("eager", "compiled"))
+    assert len(eager_steps) == len(compiled_steps) == 5
+    for a, b in zip(eager_steps, compiled_steps):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)  # inductor fuses and reorders float ops
+    # One recompile in all: for evaluation (no_grad). The padded last training step reuses the training graph.
+    recompiles = [line for line in compiled.stderr.splitlines() if "Recompiling function" in line]
+    reasons = [line for line in compiled.stderr.splitlines() if "GLOBAL_STATE changed" in line or "size()" in line]
+    assert len(recompiles) == 1 and len(reasons) == 1 and "grad_mode" in reasons[0], compiled.stderr[-3000:]
+    weights = load_weights(tmp_path / "compiled/epoch_1/model.safetensors")
+    assert not any(k.startswith("_orig_mod.") for k in weights)
+    assert weights.keys() == load_weights(tmp_path / "eager/epoch_1/model.safetensors").keys()

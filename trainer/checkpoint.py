@@ -21,6 +21,7 @@ MODEL_FILE = "model.safetensors"
 STATE_DIR = "state"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+COMPILED_PREFIX = "_orig_mod."
 
 
 class CheckpointError(RuntimeError):
@@ -132,8 +133,9 @@ def save(accelerator, model, save_dir: Path, name: str, info: dict) -> Path | No
     # get_state_dict unwraps DDP / torch.compile and, under ZeRO-3, gathers the shards (collective).
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        attempt(lambda: save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
-                                  staging / MODEL_FILE))
+        # accelerate keeps torch.compile's wrapper when unwrapping; timm names the tensors without it.
+        plain = {k.removeprefix(COMPILED_PREFIX): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        attempt(lambda: save_file(plain, staging / MODEL_FILE))
     del state_dict
     # save_state is collective under DeepSpeed, so every process enters it even after a local failure.
     attempt(lambda: accelerator.save_state(str(staging / STATE_DIR)))

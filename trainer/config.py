@@ -33,6 +33,7 @@ SCHEDULERS = ("cosine", "linear_decay")
 AUGMENTS = ("crop_flip", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 DATA_DEVICES = ("auto", "cpu", "accelerator")
 
 
@@ -95,6 +96,10 @@ class TrainConfig:
     # --- hardware ----------------------------------------------------------------------------
     device: str = "auto"
     """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
+    compile: bool = False
+    """torch.compile the model (inductor); every training micro-batch has the same shape, so it compiles once."""
+    compile_mode: str = "default"
+    """torch.compile mode: `default`, `max-autotune-no-cudagraphs`, `reduce-overhead` or `max-autotune`."""
     mixed_precision: str = "auto"
     """`no`, `bf16`, `fp16`, or `auto`: fp32 on CPU; on GPUs the accelerate config's bf16/fp16, else bf16 where supported."""
 
@@ -128,7 +133,8 @@ class TrainConfig:
                 raise ConfigError(message)
 
         for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("augment", AUGMENTS),
-                              ("device", DEVICES), ("mixed_precision", PRECISIONS), ("data_device", DATA_DEVICES)):
+                              ("device", DEVICES), ("mixed_precision", PRECISIONS), ("data_device", DATA_DEVICES),
+                              ("compile_mode", COMPILE_MODES)):
             value = getattr(self, name)
             need(value in choices, f"--{name} {value!r} is not one of: {', '.join(choices)}")
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")

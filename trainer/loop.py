@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint, records
@@ -54,8 +54,10 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     # counts the processes when told (shared notes).
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
     # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
+    # accelerate's own TorchDynamoPlugin compiles the prepared model and strips `_orig_mod.` when saving.
+    dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
     accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=resolve_mixed_precision(config, on_cpu),
-                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
     check_process_group(accelerator, launched=env_world_size())
     if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
@@ -303,6 +305,11 @@ class Trainer:
                 f"processes; resume it with {saved.get('processes')} processes and the same stage (this run: "
                 f"{self.world}, ZeRO-{here['deepspeed_zero_stage']}), or start from its model.safetensors with "
                 f"--pretrained_file")
+        if saved.get("compiled", False) != self.config.compile:
+            # accelerate's training state names the weights with or without torch.compile's wrapper.
+            raise checkpoint.CheckpointError(
+                f"{folder} was saved {'with' if saved.get('compiled') else 'without'} --compile; resume it the same "
+                f"way, or start from its model.safetensors with --pretrained_file")
         checkpoint.load(self.accelerator, folder)
         p = self.progress
         if p.global_step != p.epoch * self.steps_per_epoch + p.step_in_epoch:
@@ -327,6 +334,7 @@ class Trainer:
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
                 "timm_model": resolved["timm_model"], "num_classes": 100, "model_kwargs": self.model_kwargs(),
+                "compiled": self.config.compile,
                 **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
         path = checkpoint.save(self.accelerator, self.model, self.save_dir, name, info)
         if path is None:
