@@ -100,6 +100,8 @@ class TrainConfig:
     """torch.compile the model (inductor); every training micro-batch has the same shape, so it compiles once."""
     compile_mode: str = "default"
     """torch.compile mode: `default`, `max-autotune-no-cudagraphs`, `reduce-overhead` or `max-autotune`."""
+    cuda_graph: bool = False
+    """Capture the whole training step as one CUDA graph (one GPU, one process, no accumulation): no launch overhead."""
     mixed_precision: str = "auto"
     """`no`, `bf16`, `fp16`, or `auto`: fp32 on CPU; on GPUs the accelerate config's bf16/fp16, else bf16 where supported."""
 

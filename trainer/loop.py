@@ -18,7 +18,8 @@ from . import checkpoint, records
 from .config import ConfigError, TrainConfig, env_world_size, resolve_batching, to_dict
 from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100, steps_per_epoch
 from .models import count_parameters, create_model
-from .optim import create_optimizer, create_scheduler
+from .graphs import CudaGraphStep
+from .optim import create_optimizer, create_scheduler, lr_at
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again with --resume auto
@@ -56,7 +57,15 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
     # accelerate's own TorchDynamoPlugin compiles the prepared model and strips `_orig_mod.` when saving.
     dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=resolve_mixed_precision(config, on_cpu),
+    precision = resolve_mixed_precision(config, on_cpu)
+    if config.cuda_graph:
+        if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16":
+            raise ConfigError("--cuda_graph needs one process on a GPU, without DeepSpeed or fp16 "
+                              "(use --compile on other set-ups)")
+        # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
+        # forward wrapper would cache casts.
+        precision = "no"
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
     check_process_group(accelerator, launched=env_world_size())
     if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -115,8 +124,9 @@ class Trainer:
         self.steps_per_epoch = len(self.train_steps)
         self.normalize = normalize
 
+        model.to(accelerator.device)  # before the optimizer, whose fused/capturable state lives beside the weights
         fused = accelerator.device.type == "cuda" and not self.deepspeed
-        optimizer = create_optimizer(config, model, fused=fused)
+        optimizer = create_optimizer(config, model, fused=fused, capturable=config.cuda_graph)
         # The scheduler is not passed to prepare(): accelerate would step it once per process
         # (or, under DeepSpeed, inside the engine); it is stepped here once per optimizer step.
         self.scheduler = create_scheduler(config, optimizer, self.steps_per_epoch)
@@ -131,6 +141,23 @@ class Trainer:
         # apply, so inputs are cast to the engine's dtype (shared notes).
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32) if self.deepspeed else torch.float32
+        self.mixed_precision = resolve_mixed_precision(config, accelerator.device.type == "cpu")
+        self.graph_step = None  # captured at the first step, after any resume has loaded the optimizer state
+        if config.cuda_graph and self.accumulation != 1:
+            raise ConfigError(f"--cuda_graph cannot accumulate gradients: use --micro_batch_size "
+                              f"{config.batch_size} (now {self.micro_batch_size} x {self.accumulation} steps)")
+        if accelerator.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
+
+    def say(self, *args) -> None:
+        """Print on the main process of the whole job (accelerate's print speaks once per node)."""
+        if self.accelerator.is_main_process:
+            print(*args, flush=True)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype that the CUDA-graph step applies itself (accelerate does it on other paths)."""
+        return {"bf16": torch.bfloat16}.get(self.mixed_precision)
 
     def _configure_deepspeed(self) -> None:
         """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone."""
@@ -157,7 +184,9 @@ class Trainer:
             "last_step_images": self.num_train - (self.steps_per_epoch - 1) * self.config.batch_size,
             "train_images": self.num_train,
             "test_images": self.num_test,
-            "mixed_precision": acc.mixed_precision,
+            "mixed_precision": self.mixed_precision,
+            "compile": self.config.compile,
+            "cuda_graph": self.config.cuda_graph,
             "distributed_type": str(acc.distributed_type).split(".")[-1],
             "device": str(acc.device),
             "data_on_accelerator": self.data_on_accelerator,
@@ -168,7 +197,7 @@ class Trainer:
 
     def print_startup(self) -> None:
         r = self.resolved()
-        self.accelerator.print(
+        self.say(
             f"model {self.config.model} ({r['timm_model']}, {r['parameters'] / 1e6:.2f} M parameters) | "
             f"{r['distributed_type']} on {r['processes']} process(es), {r['device']} | "
             f"micro-batch {r['micro_batch_size']} x accumulation {r['accumulation_steps']} x {r['processes']} "
@@ -185,6 +214,16 @@ class Trainer:
         # weighted loss sum times W*A/step_images: the plain mean for a full step, and the right weight for
         # the smaller last step, whose micro-batches are padded with weight-0 images.
         scale = self.world * self.accumulation / step_images
+        if self.config.cuda_graph:
+            if self.graph_step is None:
+                self.graph_step = CudaGraphStep(
+                    accelerator.unwrap_model(self.model), getattr(self.optimizer, "optimizer", self.optimizer),
+                    self.per_image_loss, (self.micro_batch_size, 3, self.config.image_size, self.config.image_size),
+                    self.autocast_dtype, self.config.grad_clip)
+            (images, labels, weights), = micro_batches
+            loss_sum = self.graph_step(images, labels, weights, scale)
+            self.scheduler.step()
+            return loss_sum
         for images, labels, weights in micro_batches:
             images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
@@ -224,7 +263,7 @@ class Trainer:
         pin = accelerator.device.type == "cuda"
         for step, micro_batches in iterate_steps(self.train_steps, start_step, cfg.num_workers, pin):
             step_images = min(cfg.batch_size, self.num_train - step * cfg.batch_size)
-            lr = self.scheduler.get_last_lr()[0]
+            lr = lr_at(progress.global_step, cfg, self.steps_per_epoch)  # what the scheduler set, without a device read
             step_loss = self.train_step(micro_batches, step_images)
             epoch_loss += step_loss
             interval_loss += step_loss
@@ -269,7 +308,9 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
         for images, labels in self.test_loader:
-            logits = self.model(self.normalize(images).to(self.input_dtype)).float()
+            with torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.config.cuda_graph and self.autocast_dtype is not None):
+                logits = self.model(self.normalize(images).to(self.input_dtype)).float()
             losses = F.cross_entropy(logits, labels, reduction="none")
             top5 = logits.topk(5, dim=1).indices
             # gather_for_metrics drops the samples accelerate duplicated to even out the last batch,
@@ -316,16 +357,16 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
                 f"{self.steps_per_epoch} steps per epoch here: the data set or batch_size differ")
-        self.accelerator.print(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}")
+        self.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}")
 
     def resume_point(self) -> Path | None:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
         if self.config.resume == "auto":
             # Every process verifies and picks alone; they agree because they read the same files.
-            found = checkpoint.newest_valid(self.save_dir, say=self.accelerator.print)
+            found = checkpoint.newest_valid(self.save_dir, say=self.say)
             if found is None:
-                self.accelerator.print(f"--resume auto: no valid checkpoint in {self.save_dir}, starting fresh")
+                self.say(f"--resume auto: no valid checkpoint in {self.save_dir}, starting fresh")
             return found
         return None
 
@@ -342,10 +383,10 @@ class Trainer:
                 raise checkpoint.SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
                                            f"earlier checkpoints are intact (--on_save_error continue trains on)")
             return
-        self.accelerator.print(f"saved {path}")
+        self.say(f"saved {path}")
         if self.config.keep_last and self.accelerator.is_main_process:
             for removed in checkpoint.rotate(self.save_dir, self.config.keep_last, self.config.keep_best):
-                self.accelerator.print(f"removed old checkpoint {removed}")
+                self.say(f"removed old checkpoint {removed}")
         self.accelerator.wait_for_everyone()
 
     def should_save(self, epoch: int) -> bool:
@@ -393,7 +434,7 @@ class Trainer:
             history.append(metrics)
             if accelerator.is_main_process:
                 records.append_line(self.save_dir / records.METRICS_FILE, metrics)
-            accelerator.print(
+            self.say(
                 f"epoch {epoch + 1}/{cfg.epochs} step {metrics['step']} | train_loss {metrics['train_loss']:.4f} | "
                 f"val_loss {metrics['val_loss']:.4f} | val_acc1 {metrics['val_acc1']:.2f} % | "
                 f"val_acc5 {metrics['val_acc5']:.2f} % | lr {metrics['lr']:.3e} | "

@@ -14,16 +14,23 @@ import torch
 from .config import TrainConfig
 
 
-def create_optimizer(config: TrainConfig, model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+def create_optimizer(config: TrainConfig, model: torch.nn.Module, fused: bool,
+                     capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW or SGD with momentum through timm's factory (no weight decay on biases and norms, as timm does).
 
-    `fused` asks torch for its fused CUDA kernels (one launch for all parameters).
+    `fused` asks torch for its fused CUDA kernels (one launch for all parameters). `capturable` makes the
+    step runnable inside a CUDA graph: the learning rate becomes a device tensor the scheduler fills in place.
     """
     from timm.optim import create_optimizer_v2
     extra = {"fused": True} if fused else {}
+    lr = config.learning_rate
+    if capturable:
+        lr = torch.tensor(lr, device=next(model.parameters()).device)
+        if config.optimizer == "adamw":  # torch's SGD has no such flag: its fused step is graph-safe as it is
+            extra["capturable"] = True
     if config.optimizer == "adamw":
-        return create_optimizer_v2(model, "adamw", lr=config.learning_rate, weight_decay=config.weight_decay, **extra)
-    return create_optimizer_v2(model, "sgd", lr=config.learning_rate, weight_decay=config.weight_decay,
+        return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay, **extra)
+    return create_optimizer_v2(model, "sgd", lr=lr, weight_decay=config.weight_decay,
                                momentum=config.momentum, nesterov=config.nesterov, **extra)
 
 
