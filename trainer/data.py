@@ -176,8 +176,10 @@ class Normalize:
         self.image_size = image_size
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != images.device:  # moved once, not copied every batch
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         x = images.float().div_(255)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = (x - self.mean) / self.std
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return x

@@ -59,9 +59,9 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
     precision = resolve_mixed_precision(config, on_cpu)
     if config.cuda_graph:
-        if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16":
-            raise ConfigError("--cuda_graph needs one process on a GPU, without DeepSpeed or fp16 "
-                              "(use --compile on other set-ups)")
+        if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
+            raise ConfigError("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile "
+                              "(use --compile alone on other set-ups)")
         # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
         # forward wrapper would cache casts.
         precision = "no"

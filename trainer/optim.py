@@ -54,6 +54,10 @@ def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
 def create_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
                      steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     # torch's LambdaLR multiplies the optimizer's initial lr by the factor; keeping the formula in lr_at
-    # (not in timm's epoch-based schedulers) makes it one readable function of the step.
+    # (not in timm's epoch-based schedulers) makes it one readable function of the step. A float initial_lr
+    # keeps the scheduler in floats when the lr is a device tensor (CUDA graphs): it then fills that tensor
+    # in place without reading it back, which would wait for the GPU every step.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", config.learning_rate)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, config, steps_per_epoch) / config.learning_rate)

@@ -1,0 +1,227 @@
+"""Throughput benchmark: the raw training step against the full trainer, per model and mode, in one process.
+
+    python -m trainer.bench                                   # GPU: nfnet and vit, every mode
+    python -m trainer.bench --models test_vit --steps 5      # CPU: a tiny model, quickly
+
+raw      the model's forward, backward and fused optimizer step on synthetic data already on the device;
+trainer  Trainer.train_epoch on generated CIFAR-format files: data (GPU-resident when on a GPU), augmentation,
+         step, schedule and logging; evaluation excluded.
+Modes: eager, compile (torch.compile), cuda_graph (the whole step as one CUDA graph, GPU only), and the trainer
+under DeepSpeed ZeRO-2 at world size 1 (`zero2`, eager). Each figure is the median of --repeats timings
+after a warm-up that absorbs compilation and capture. This is a measurement, not a test: nothing asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .graphs import CudaGraphStep
+from .models import create_model
+from .optim import create_optimizer
+from .synthetic import write_fake_cifar100
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_flops_per_image(config: TrainConfig, device: torch.device) -> float:
+    """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = create_model(config).to(device)
+    images = torch.randn(2, 3, config.image_size, config.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def time_steps(step, steps: int, repeats: int, device: torch.device) -> float:
+    """Median seconds per step over `repeats` timings of `steps` steps, after one untimed round."""
+    for _ in range(max(3, steps // 2)):
+        step()
+    sync(device)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        timings.append((time.perf_counter() - start) / steps)
+    return statistics.median(timings)
+
+
+def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: int, repeats: int) -> float:
+    model = create_model(config).to(device)
+    optimizer = create_optimizer(config, model, fused=device.type == "cuda", capturable=mode == "cuda_graph")
+    batch = config.batch_size
+    images = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
+    bf16 = device.type == "cuda"
+    if mode == "cuda_graph":
+        graphed = CudaGraphStep(model, optimizer, lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
+                                tuple(images.shape), torch.bfloat16 if bf16 else None, 0.0)
+        weights = torch.ones(batch, device=device)
+        return time_steps(lambda: graphed(images, labels, weights, 1 / batch), steps, repeats, device)
+    forward = torch.compile(model) if mode == "compile" else model
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(images)
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time_steps(step, steps, repeats, device)
+
+
+def zero2_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
+    """The trainer under DeepSpeed ZeRO-2 at world size 1, in a child process of its own.
+
+    DeepSpeed needs the process group and environment its launcher sets up, and keeps global state
+    that a process which already ran other trainers cannot reset; so it runs through the real launcher.
+    """
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(repo / "accelerate_configs" / "zero2.yaml"), "--num_processes", "1", "-m", "trainer.bench",
+                   "--child_config", json.dumps(vars(config)), "--child_result", result.name,
+                   "--steps", str(steps), "--repeats", str(repeats)]
+        subprocess.run(command, check=True, cwd=repo)
+        return json.loads(Path(result.name).read_text())["seconds"]
+
+
+def trainer_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
+    """Median seconds per optimizer step of Trainer.train_epoch (one epoch = `steps` steps)."""
+    from accelerate.state import AcceleratorState
+
+    from .loop import Trainer
+    # Several trainers with different settings in one process: accelerate keeps one global state, so it
+    # is reset between them (as accelerate's own tests do).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(config)
+    device = trainer.accelerator.device
+    timings = []
+    for epoch in range(repeats + 1):  # epoch 0 warms up: compilation, graph capture, cuDNN autotuning
+        trainer.progress.step_in_epoch = 0
+        sync(device)
+        start = time.perf_counter()
+        trainer.train_epoch(epoch)
+        sync(device)
+        timings.append((time.perf_counter() - start) / steps)
+    trainer.accelerator.end_training()
+    return statistics.median(timings[1:])
+
+
+def run(models: list[str], modes: list[str], augments: list[str], batch_size: int, steps: int, repeats: int,
+        zero2: bool, workdir: Path) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data_dir = workdir / "data"
+    write_fake_cifar100(data_dir, num_train=batch_size * steps, num_test=batch_size, num_classes=100)
+    (workdir / "run").mkdir()  # the trainer writes steps.jsonl there
+    rows = []
+    for model in models:
+        base = TrainConfig(model=model, pretrained=False, batch_size=batch_size, data_dir=str(data_dir),
+                           epochs=1000, warmup_epochs=0, progress=False, save_dir=str(workdir / "run"),
+                           log_interval=20, eval_batch_size=batch_size)
+        flops = train_flops_per_image(base, device)
+        runnable = [m for m in modes if m != "cuda_graph" or device.type == "cuda"]
+        raw = {}
+
+        def record(path, mode, augment, measure, raw_mode=None):
+            # A mode that fails (say, a compiler error on one model) is reported in its row; the others still run.
+            try:
+                seconds = measure()
+            except Exception as error:  # noqa: BLE001 - the benchmark reports, it does not stop
+                row = dict(model=model, path=path, mode=mode, augment=augment, error=f"{type(error).__name__}: {error}")
+            else:
+                if path == "raw":
+                    raw[mode] = seconds
+                base_seconds = raw.get(raw_mode or mode) if path == "trainer" else None
+                row = dict(model=model, path=path, mode=mode, augment=augment, seconds=seconds,
+                           images_per_s=batch_size / seconds, ms_per_step=1000 * seconds,
+                           tflops=flops * batch_size / seconds / 1e12,
+                           ratio=base_seconds / seconds if base_seconds else None)
+            rows.append(row)
+            print(table([row], header=False), flush=True)
+
+        for mode in runnable:
+            record("raw", mode, "-", lambda: raw_step_time(base, mode, device, steps, repeats))
+        for mode in runnable:
+            for augment in augments:
+                config = TrainConfig(**{**vars(base), "augment": augment, "compile": mode == "compile",
+                                        "cuda_graph": mode == "cuda_graph"})
+                record("trainer", mode, augment, lambda: trainer_step_time(config, steps, repeats))
+        if zero2:
+            for label, micro in (("zero2", batch_size), ("zero2, 2 micro-steps", batch_size // 2)):
+                config = TrainConfig(**{**vars(base), "micro_batch_size": micro})
+                record("trainer", label, base.augment, lambda: zero2_step_time(config, steps, repeats), "eager")
+    return rows
+
+
+def table(rows: list[dict], header: bool = True) -> str:
+    lines = ["| model | path | mode | augment | images/s | ms/step | TFLOP/s | trainer/raw |",
+             "|---|---|---|---|---|---|---|---|"] if header else []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['path']} | {r['mode']} | {r['augment']} | failed: {r['error'][:200]} |||||")
+            continue
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
+        lines.append(f"| {r['model']} | {r['path']} | {r['mode']} | {r['augment']} | {r['images_per_s']:,.0f} | "
+                     f"{r['ms_per_step']:.1f} | {r['tflops']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--models", default="nfnet,vit" if gpu else "test_vit",
+                        help="comma-separated presets or timm names (default: nfnet,vit on GPU, test_vit on CPU)")
+    parser.add_argument("--modes", default="eager,compile,cuda_graph" if gpu else "eager",
+                        help="comma-separated: eager, compile, cuda_graph")
+    parser.add_argument("--augment", default="crop_flip,none", help="comma-separated trainer augmentations")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per step")
+    parser.add_argument("--steps", type=int, default=50, help="steps per timing (and per trainer epoch)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is reported")
+    parser.add_argument("--zero2", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the trainer under DeepSpeed ZeRO-2 at world size 1 (needs deepspeed)")
+    parser.add_argument("--out", type=Path, help="also write the table and the raw figures (JSON) here")
+    parser.add_argument("--child_config", help=argparse.SUPPRESS)  # the ZeRO-2 child: one trainer timing
+    parser.add_argument("--child_result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_config:
+        seconds = trainer_step_time(TrainConfig(**json.loads(args.child_config)), args.steps, args.repeats)
+        Path(args.child_result).write_text(json.dumps({"seconds": seconds}))
+        return 0
+    split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
+    unknown = set(split(args.modes)) - {"eager", "compile", "cuda_graph"}
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = run(split(args.models), split(args.modes), split(args.augment), args.batch_size, args.steps,
+                   args.repeats, args.zero2, Path(workdir))
+    from .records import hardware, library_versions
+    header = (f"{hardware()}; " + ", ".join(f"{k} {v}" for k, v in library_versions().items())
+              + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps")
+    print(header)
+    print(table(rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.md").write_text(header + "\n\n" + table(rows) + "\n")
+        (args.out / "bench.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
