@@ -31,6 +31,7 @@ from typing import Optional
 import yaml
 
 from .config import MODEL_PRESETS, TrainConfig
+from .records import read_lines
 
 DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
 
@@ -106,17 +107,10 @@ def timm_name(model: str) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     """One JSON value per line; a run killed while appending may leave a partial last line, which is skipped."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    entries = []
-    for i, line in enumerate(lines):
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise ReportError(f"{path}: line {i + 1} is not JSON") from None
-    return entries
+    try:
+        return read_lines(path)
+    except ValueError as error:
+        raise ReportError(str(error)) from None
 
 
 @dataclasses.dataclass
