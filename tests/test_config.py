@@ -72,6 +72,20 @@ def test_batch_sizes_that_do_not_divide_say_which_values_work():
     (["--pretrained_file", "/nonexistent.safetensors"], "--pretrained_file /nonexistent.safetensors does not exist"),
     (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent is not a folder"),
     (["--resume", "latest"], "--resume must be auto"),
+    (["--augment", "randaug", "--randaug", "rand-x9"], "--randaug 'rand-x9' is not a timm RandAugment string.*'x9'"),
+    (["--augment", "randaug", "--randaug", "augmix-m5"], "--randaug 'augmix-m5' is not a timm RandAugment string"),
+    (["--randaug", "rand-m5"], "--randaug 'rand-m5' applies to --augment randaug only"),
+    (["--augment", "randaug", "--data_device", "accelerator"], "--augment randaug runs .* on the CPU: use --data_device"),
+    (["--reprob", "1.5"], r"--reprob must lie in \[0, 1\]"),
+    (["--mixup", "-1"], r"--mixup must be >= 0 \(0 = off\)"),
+    (["--cutmix", "-0.5"], r"--cutmix must be >= 0 \(0 = off\)"),
+    (["--mixup_prob", "2"], r"--mixup_prob must lie in \[0, 1\]"),
+    (["--mixup_switch_prob", "-0.1"], r"--mixup_switch_prob must lie in \[0, 1\]"),
+    (["--cutmix", "1", "--cuda_graph"], "--cuda_graph does not support --mixup/--cutmix"),
+    (["--layer_decay", "0"], r"--layer_decay must lie in \(0, 1\]"),
+    (["--layer_decay", "1.5"], r"--layer_decay must lie in \(0, 1\]"),
+    (["--model_ema_decay", "1"], r"--model_ema_decay must lie in \[0, 1\)"),
+    (["--log_with", "wandb"], "--log_with 'wandb' is not one of: tensorboard"),
 ])
 def test_bad_values_are_refused_with_the_option_named(argv, message):
     with pytest.raises(ConfigError, match=message):

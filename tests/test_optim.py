@@ -56,3 +56,31 @@ def test_optimizers_follow_the_options():
     assert {(g["momentum"], g["nesterov"]) for g in sgd.param_groups} == {(0.8, False)}
     nesterov = create_optimizer(TrainConfig(optimizer="sgdm", nesterov=True), model, fused=False)
     assert all(g["nesterov"] for g in nesterov.param_groups)
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["float_lr", "tensor_lr"])
+def test_layer_decay_scales_each_group_by_its_depth_at_every_step(capturable):
+    c = TrainConfig(epochs=3, warmup_epochs=1, learning_rate=0.1, layer_decay=0.75)
+    model = timm.create_model("test_vit", num_classes=100, img_size=(32, 32))
+    optimizer = create_optimizer(c, model, fused=False, capturable=capturable)
+    scheduler = create_scheduler(c, optimizer, SPE)
+    head = model.get_classifier().weight
+    stem = model.patch_embed.proj.weight
+    depth = len(model.blocks) + 1  # timm's layers: the stem 0, the blocks 1..L, the final norm and head L+1
+    for step in range(3 * SPE):
+        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        assert lrs[id(head)] == pytest.approx(lr_at(step, c, SPE))  # the logged lr is the head's
+        assert lrs[id(stem)] / lrs[id(head)] == pytest.approx(0.75 ** depth)
+        optimizer.step()
+        scheduler.step()
+    assert len({g["lr_scale"] for g in optimizer.param_groups}) == depth + 1
+
+
+def test_without_layer_decay_every_group_follows_the_schedule():
+    c = TrainConfig(epochs=3, warmup_epochs=1, learning_rate=0.1)
+    optimizer = create_optimizer(c, timm.create_model("test_vit", num_classes=100, img_size=(32, 32)), fused=False)
+    scheduler = create_scheduler(c, optimizer, SPE)
+    for _ in range(SPE + 3):
+        optimizer.step()
+        scheduler.step()
+    assert all(g["lr"] == pytest.approx(lr_at(SPE + 3, c, SPE)) for g in optimizer.param_groups)

@@ -1,6 +1,7 @@
-"""Checkpoints: `{save_dir}/epoch_N/` holds `model.safetensors` (the plain model, loadable by timm),
-`state/` (accelerate's `save_state`: optimizer, scheduler, RNG, progress; under DeepSpeed the engine's
-shards) and `manifest.json` (SHA-256 and size of every file).
+"""Checkpoints: `{save_dir}/epoch_N/` holds `model.safetensors` (the plain model, loadable by timm), with
+--model_ema `model_ema.safetensors` (its exponential moving average, the same timm keys), `state/`
+(accelerate's `save_state`: optimizer, scheduler, RNG, progress; under DeepSpeed the engine's shards) and
+`manifest.json` (SHA-256 and size of every file).
 
 A checkpoint appears only when complete: everything is written into a hidden sibling folder, fsynced,
 then renamed into place by one `os.rename`, after which `latest` is updated.
@@ -15,9 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 MODEL_FILE = "model.safetensors"
+MODEL_EMA_FILE = "model_ema.safetensors"
 STATE_DIR = "state"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
@@ -110,8 +112,10 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} does not match its SHA-256 in the manifest (altered)")
 
 
-def save(accelerator, model, save_dir: Path, name: str, info: dict) -> Path | None:
+def save(accelerator, model, save_dir: Path, name: str, info: dict, ema: dict | None = None) -> Path | None:
     """Write checkpoint `save_dir/name` atomically; collective: every process must call it.
+
+    `ema`: the state dict of the model's EMA (the same on every process), written as MODEL_EMA_FILE.
 
     Returns the folder, or None when writing failed on any process (disk full, permissions): then the
     partial folder is removed, earlier checkpoints are untouched, and the error has been printed.
@@ -136,6 +140,9 @@ def save(accelerator, model, save_dir: Path, name: str, info: dict) -> Path | No
         # accelerate keeps torch.compile's wrapper when unwrapping; timm names the tensors without it.
         plain = {k.removeprefix(COMPILED_PREFIX): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         attempt(lambda: save_file(plain, staging / MODEL_FILE))
+        if ema is not None:
+            attempt(lambda: save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()},
+                                      staging / MODEL_EMA_FILE))
     del state_dict
     # save_state is collective under DeepSpeed, so every process enters it even after a local failure.
     attempt(lambda: accelerator.save_state(str(staging / STATE_DIR)))
@@ -210,3 +217,8 @@ def load(accelerator, folder: Path) -> None:
     """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint."""
     verify(folder)
     accelerator.load_state(str(Path(folder) / STATE_DIR))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of the checkpoint (the EMA on resume), exactly as saved."""
+    return load_file(str(path))

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ MODEL_PRESETS = {
 }
 OPTIMIZERS = ("adamw", "sgdm")
 SCHEDULERS = ("cosine", "linear_decay")
-AUGMENTS = ("crop_flip", "none")
+AUGMENTS = ("crop_flip", "randaug", "none")
+TRACKERS = ("tensorboard",)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -55,7 +57,19 @@ class TrainConfig:
     download: bool = True
     """Download CIFAR-100 into data_dir when it is missing."""
     augment: str = "crop_flip"
-    """`crop_flip`: random 32x32 crop of the 4-pixel zero-padded image plus horizontal flip; `none`."""
+    """`crop_flip`: random crop of the 4-pixel zero-padded image + flip; `randaug`: then timm's RandAugment; `none`."""
+    randaug: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment string of `--augment randaug`: m magnitude (0-10), n ops per image, mstd magnitude std."""
+    reprob: float = 0.0
+    """Probability per image of timm's random erasing (a box of 2-33 % of the area, pixel noise); 0: off."""
+    mixup: float = 0.0
+    """Mixup alpha: mixing weight ~ Beta(alpha, alpha), timm's Mixup within each micro-batch; 0: off."""
+    cutmix: float = 0.0
+    """CutMix alpha: pasted box's area share ~ Beta(alpha, alpha), within each micro-batch; 0: off."""
+    mixup_prob: float = 1.0
+    """Probability that a micro-batch is mixed at all, when --mixup or --cutmix is on."""
+    mixup_switch_prob: float = 0.5
+    """Probability of cutmix rather than mixup for a mixed micro-batch, when both are on."""
     num_workers: int = 0
     """Worker processes that prepare micro-batches on the CPU; 0 prepares them in the training process."""
     data_device: str = "auto"
@@ -91,7 +105,13 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off (also under DeepSpeed)."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy (timm's LabelSmoothingCrossEntropy when > 0)."""
+    """Label smoothing of the cross-entropy (timm's LabelSmoothingCrossEntropy); in the targets with mixup/cutmix."""
+    layer_decay: Optional[float] = None
+    """Layer-wise lr decay (timm): a parameter at depth i of L gets learning_rate * layer_decay^(L - i); unset: off."""
+    model_ema: bool = False
+    """Keep an exponential moving average of the weights (timm ModelEmaV3), evaluated and saved beside the model."""
+    model_ema_decay: float = 0.9998
+    """Weight of the old average at each optimizer step: ema = decay * ema + (1 - decay) * weights."""
 
     # --- hardware ----------------------------------------------------------------------------
     device: str = "auto"
@@ -128,6 +148,8 @@ class TrainConfig:
     """Optimizer steps between progress-bar updates (the only host syncs in the training loop)."""
     progress: bool = True
     """Show a progress bar on the main process."""
+    log_with: Optional[str] = None
+    """`tensorboard`: also log each log_interval and epoch to {save_dir}/tensorboard/ (accelerate's tracker)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -157,6 +179,15 @@ class TrainConfig:
         need(self.save_epochs == -1 or self.save_epochs >= 1, f"--save_epochs must be -1 or >= 1, got {self.save_epochs}")
         need(self.log_interval >= 1, f"--log_interval must be at least 1, got {self.log_interval}")
         need(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")
+        self._check_augmentation(need)
+        need(self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"--layer_decay must lie in (0, 1] (1: no decay), got {self.layer_decay}")
+        need(0 <= self.model_ema_decay < 1, f"--model_ema_decay must lie in [0, 1), got {self.model_ema_decay}")
+        need(self.log_with in (None, *TRACKERS), f"--log_with {self.log_with!r} is not one of: {', '.join(TRACKERS)}")
+        if self.log_with == "tensorboard":
+            import importlib.util
+            need(importlib.util.find_spec("tensorboard") is not None,
+                 "--log_with tensorboard needs the tensorboard package: pip install tensorboard")
         if self.pretrained_file is not None:
             need(Path(self.pretrained_file).is_file(), f"--pretrained_file {self.pretrained_file} does not exist")
             need(Path(self.pretrained_file).suffix in (".safetensors", ".pth", ".pt", ".bin"),
@@ -169,6 +200,40 @@ class TrainConfig:
         need(self.on_save_error in ("stop", "continue"), f"--on_save_error must be stop or continue, got {self.on_save_error!r}")
         need(self.preempt_signal in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"),
              f"--preempt_signal must be one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, got {self.preempt_signal!r}")
+
+    def _check_augmentation(self, need) -> None:
+        need(self.augment != "randaug" or self.data_device != "accelerator",
+             "--augment randaug runs timm's RandAugment on PIL images on the CPU: use --data_device cpu or auto "
+             "(and --num_workers N to spread it over CPU cores)")
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "randaug")
+        need(self.augment == "randaug" or self.randaug == default,
+             f"--randaug {self.randaug!r} applies to --augment randaug only (got --augment {self.augment})")
+        if self.augment == "randaug":
+            sections = self.randaug.split("-")
+            known = re.compile(r"(m\d+|n\d+|p\d*\.?\d+|mstd\d*\.?\d+|mmax\d+|inc[01]|tweights|t3aw|t3a)")
+            bad = [s for s in sections[1:] if not known.fullmatch(s)]
+            need(sections[0] == "rand" and not bad,
+                 f"--randaug {self.randaug!r} is not a timm RandAugment string such as rand-m9-mstd0.5-inc1 "
+                 f"(then m<magnitude>, n<ops>, p<prob>, mstd<std>, mmax<max>, inc<0|1>, tweights|t3a|t3aw)"
+                 + (f"; unknown section {bad[0]!r}" if bad else ""))
+            from timm.data import rand_augment_transform
+            try:
+                rand_augment_transform(self.randaug, {})
+            except (AssertionError, ValueError, KeyError) as error:
+                raise ConfigError(f"--randaug {self.randaug!r}: timm refuses it "
+                                  f"({type(error).__name__}: {error})") from None
+        need(0 <= self.reprob <= 1, f"--reprob must lie in [0, 1], got {self.reprob}")
+        need(self.mixup >= 0, f"--mixup must be >= 0 (0 = off), got {self.mixup}")
+        need(self.cutmix >= 0, f"--cutmix must be >= 0 (0 = off), got {self.cutmix}")
+        need(0 <= self.mixup_prob <= 1, f"--mixup_prob must lie in [0, 1], got {self.mixup_prob}")
+        need(0 <= self.mixup_switch_prob <= 1, f"--mixup_switch_prob must lie in [0, 1], got {self.mixup_switch_prob}")
+        need(not (self.mixes and self.cuda_graph),
+             "--cuda_graph does not support --mixup/--cutmix (the captured step takes class labels, not soft targets)")
+
+    @property
+    def mixes(self) -> bool:
+        """Mixup or cutmix is on: labels become soft targets and the loss soft-target cross-entropy."""
+        return self.mixup > 0 or self.cutmix > 0
 
     def timm_name_and_kwargs(self) -> tuple[str, dict]:
         """The timm model name and the keyword arguments the preset (if any) adds."""

@@ -7,15 +7,31 @@ The sampling rule, the same on every topology:
   (W processes, A accumulation steps), so the W*A micro-batches of a step partition it;
 - the last step of an epoch holds the remaining N mod B images (80 for CIFAR-100 at B=256) and is
   trained like any other, its gradient being the mean over those images (see loop.py).
-Augmentation draws (crop offsets, flips) come from the same per-epoch generator, one per image, so an
-image gets the same augmentation whichever process trains it.
+Augmentation randomness, and what it depends on:
+- crop offsets and flips come from the same per-epoch generator, one draw per image: a function of
+  (seed, epoch, image), so an image gets the same crop and flip whichever process trains it;
+- RandAugment (`--augment randaug`) and random erasing (`--reprob`) use timm's classes, which draw from
+  python's `random`, numpy's and torch's global generators. Each image is processed with those generators
+  seeded by its own seed from the epoch plan (and put back afterwards), so these too are functions of
+  (seed, epoch, image) alone: the same on any number of processes or workers, and on a resumed run;
+- mixup / cutmix (`--mixup`, `--cutmix`, timm's Mixup) mix the images of one micro-batch with each other
+  (image i with image n-1-i, one mixing weight per micro-batch), seeded by the plan's seed of the
+  micro-batch's first image. So they depend on (seed, epoch) and on the micro-batch's composition, which
+  the micro-batch size alone sets: micro-batch a of rank r takes every (W*A)-th image from position
+  a*W + r, so any topology with the same micro_batch_size mixes the same pairs with the same weights, and a
+  different micro_batch_size mixes differently. Only the real images of a micro-batch are mixed, never the
+  weight-0 padding of the epoch's last step; with an odd number of real images the last one stays unmixed.
+With mixup or cutmix the labels become soft targets (micro-batch x 100, rows summing to 1, label smoothing
+folded in by Mixup), and the loss is the soft-target cross-entropy (loop.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
+import random
 import shutil
 import socket
 import tempfile
@@ -23,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +71,6 @@ def read_split(path: Path) -> Split:
         data, labels = entry[b"data"], entry[b"fine_labels"]
     except Exception as error:  # truncated, not a pickle, or missing keys: all the same to the user
         raise DataError(f"{path} is not a CIFAR-100 pickle ({type(error).__name__}: {error})") from None
-    import numpy as np
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: data must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
@@ -130,6 +146,8 @@ class EpochPlan:
     order: torch.Tensor    # int64 (N,): the epoch's permutation of image indices
     offsets: torch.Tensor  # int64 (N, 2): crop offsets (row, column) in [0, 2*PAD], indexed by image
     flips: torch.Tensor    # bool (N,): mirror the image, indexed by image
+    seeds: torch.Tensor    # int64 (N, 3), on the CPU: seeds of the image's RandAugment, random erasing, and of
+                           # the mixing of a micro-batch that starts with it; indexed by image
 
     @staticmethod
     def draw(num_images: int, seed: int, epoch: int) -> "EpochPlan":
@@ -137,7 +155,8 @@ class EpochPlan:
         order = torch.randperm(num_images, generator=g)
         offsets = torch.randint(0, 2 * PAD + 1, (num_images, 2), generator=g)
         flips = torch.randint(0, 2, (num_images,), generator=g).bool()
-        return EpochPlan(order, offsets, flips)
+        seeds = torch.randint(0, 2**31, (num_images, 3), generator=g)  # drawn last: the draws above are unchanged
+        return EpochPlan(order, offsets, flips, seeds)
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -167,6 +186,73 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) 
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run timm's augmentations with python's, numpy's and torch's CPU generators seeded by `seed`, then
+    restore them, so a draw depends on its seed alone and leaves the training's own random streams as they were."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed every GPU
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def posterize(image, bits_to_keep: int, **_):
+    """timm's posterize op, keeping 0 bits as Pillow < 13 did (a black image).
+
+    timm 1.0.31's PosterizeIncreasing keeps 4 - int(magnitude * 0.4) bits, so 0 at magnitude 10, which
+    `rand-m9-mstd0.5` reaches; Pillow 13 raises "bits must be between or equal to 1 and 8" there.
+    """
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def rand_augment(images: torch.Tensor, transform, seeds: list[int]) -> torch.Tensor:
+    """timm's RandAugment on each uint8 CPU image (as PIL, the only input it takes), each with its own seed."""
+    from PIL import Image
+    out = torch.empty_like(images)
+    for i, seed in enumerate(seeds):
+        with seeded(seed):
+            image = transform(Image.fromarray(images[i].permute(1, 2, 0).numpy()))
+        out[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return out
+
+
+def random_erase(images: torch.Tensor, eraser, seeds: list[int]) -> None:
+    """timm's RandomErasing on each normalised image in place, each with its own seed.
+
+    The eraser draws its noise on the CPU (seeded here); on GPU-resident data each erased box is then copied
+    to the GPU, a small copy per erased image.
+    """
+    for i, seed in enumerate(seeds):
+        with seeded(seed):
+            eraser(images[i])
+
+
+def mix(mixer, images: torch.Tensor, labels: torch.Tensor, real: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup/CutMix over the first `real` images of a micro-batch: (images, soft targets).
+
+    Padding and, for an odd count, the last real image keep their own image and a (smoothed) one-hot target.
+    """
+    from timm.data.mixup import mixup_target
+    targets = mixup_target(labels, NUM_CLASSES, smoothing=mixer.label_smoothing)
+    paired = real - real % 2  # timm's Mixup pairs image i with image n-1-i: it needs an even count
+    if paired:
+        with seeded(seed):
+            mixed, mixed_targets = mixer(images[:paired], labels[:paired])  # mixes the view in place
+        images[:paired], targets[:paired] = mixed, mixed_targets
+    return images, targets
+
+
 class Normalize:
     """uint8 images -> float32, scaled to [0, 1], normalised with the model's mean/std, resized if asked."""
 
@@ -193,16 +279,41 @@ class TrainSteps(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: Split, normalize: Normalize, augment: str, seed: int, batch_size: int,
-                 rank: int, world: int, accumulation: int):
+                 rank: int, world: int, accumulation: int, *, randaug: str = "rand-m9-mstd0.5-inc1",
+                 reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0,
+                 mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0):
         self.split, self.normalize, self.augment, self.seed = split, normalize, augment, seed
         self.batch_size, self.rank, self.world, self.accumulation = batch_size, rank, world, accumulation
         self.plan: EpochPlan | None = None
         self.num_steps = steps_per_epoch(len(split.labels), batch_size)
+        self.randaug = self.eraser = self.mixer = None
+        if augment == "randaug":
+            if split.images.device.type != "cpu":
+                raise ValueError("RandAugment works on PIL images: the training set must be on the CPU")
+            from timm.data import rand_augment_transform
+            from PIL import Image
+            # What timm's transform factory passes: translations relative to the image side, the data set's
+            # mean colour where ops leave the image, one interpolation.
+            mean = tuple(min(255, round(255 * m)) for m in normalize.mean.flatten().tolist())
+            self.randaug = rand_augment_transform(randaug, dict(
+                translate_const=int(IMAGE_SHAPE[-1] * 0.45), img_mean=mean, interpolation=Image.BILINEAR))
+            for op in self.randaug.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize
+        if reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+            # timm train.py's defaults (--remode pixel, --recount 1); noise drawn on the CPU, see random_erase.
+            self.eraser = RandomErasing(probability=reprob, mode="pixel", max_count=1, device="cpu")
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+            self.mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                               mode="batch", label_smoothing=label_smoothing, num_classes=NUM_CLASSES)
 
     def set_epoch(self, epoch: int) -> None:
         plan = EpochPlan.draw(len(self.split.labels), self.seed, epoch)
         device = self.split.images.device
-        self.plan = EpochPlan(plan.order.to(device), plan.offsets.to(device), plan.flips.to(device))
+        self.plan = EpochPlan(plan.order.to(device), plan.offsets.to(device), plan.flips.to(device), plan.seeds)
+        self.cpu_order = plan.order  # per-image seeds are read on the host, without a device sync
 
     def __len__(self) -> int:
         return self.num_steps
@@ -210,23 +321,34 @@ class TrainSteps(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, weights) per micro-batch, each padded to the full micro-batch size.
 
+        labels are class indices, or with mixup/cutmix soft targets of shape (micro-batch, 100).
+
         Every micro-batch has the same shape, also in the epoch's short last step: its missing places hold
         copies of a real image with weight 0. Static shapes let torch.compile and CUDA graphs run the last
         step with the same graph, and a micro-batch with no real image still joins the all-reduce.
         """
         micro_size = self.batch_size // (self.world * self.accumulation)
-        filler = self.plan.order[step * self.batch_size]
+        indices = [micro_batch_indices(order, step, self.batch_size, self.rank, self.world, self.accumulation)
+                   for order in (self.plan.order, self.cpu_order)]
         micro = []
-        for index in micro_batch_indices(self.plan.order, step, self.batch_size, self.rank, self.world,
-                                         self.accumulation):
+        for index, host_index in zip(*indices):
             real = len(index)
             weights = (torch.arange(micro_size, device=index.device) < real).float()
             if real < micro_size:
-                index = torch.cat([index, filler.expand(micro_size - real)])
+                index = torch.cat([index, self.plan.order[step * self.batch_size].expand(micro_size - real)])
+                host_index = torch.cat([host_index, self.cpu_order[step * self.batch_size].expand(micro_size - real)])
+            seeds = self.plan.seeds[host_index]
             images = self.split.images[index]
-            if self.augment == "crop_flip":
+            if self.augment in ("crop_flip", "randaug"):
                 images = crop_flip(images, self.plan.offsets[index], self.plan.flips[index])
-            micro.append((self.normalize(images), self.split.labels[index], weights))
+            if self.randaug is not None:
+                images = rand_augment(images, self.randaug, seeds[:, 0].tolist())
+            images, labels = self.normalize(images), self.split.labels[index]
+            if self.eraser is not None:
+                random_erase(images, self.eraser, seeds[:, 1].tolist())
+            if self.mixer is not None:
+                images, labels = mix(self.mixer, images, labels, real, int(seeds[0, 2]))
+            micro.append((images, labels, weights))
         return micro
 
 

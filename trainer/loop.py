@@ -1,4 +1,12 @@
-"""The training loop: one Trainer whose methods each do one job (setup, train_epoch, evaluate, save, run)."""
+"""The training loop: one Trainer whose methods each do one job (setup, train_epoch, evaluate, save, run).
+
+With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
+evaluated beside the model (`val_*_ema` in metrics.jsonl) and saved as `epoch_N/model_ema.safetensors`.
+With --log_with tensorboard, accelerate's tracker writes `{save_dir}/tensorboard/` (the run's options as
+hparams in a timestamped subfolder on a fresh start): `step/train_loss`, `step/lr` and `step/images_per_s`
+every log_interval steps, and `epoch/*` (the metrics.jsonl values) after each epoch, all against the
+optimizer step. A resumed run purges the events logged after its checkpoint, as it truncates the JSONL files.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +74,8 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
         # forward wrapper would cache casts.
         precision = "no"
     accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
-                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
+                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
+                              log_with=config.log_with, project_dir=config.save_dir)
     check_process_group(accelerator, launched=env_world_size())
     if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
@@ -100,6 +109,9 @@ class Trainer:
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             self._configure_deepspeed()
+            if config.model_ema and accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise ConfigError("--model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
+                                  "of the weights); use ZeRO-1/2 or DDP")
 
         with accelerator.local_main_process_first():  # one download per node; the others wait
             folder = ensure_downloaded(config.data_dir, config.download) if accelerator.is_local_main_process \
@@ -116,15 +128,28 @@ class Trainer:
 
         if config.data_device == "accelerator" and accelerator.device.type == "cpu":
             raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
-        self.data_on_accelerator = accelerator.device.type != "cpu" and config.data_device != "cpu"
+        # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
+        self.data_on_accelerator = (accelerator.device.type != "cpu" and config.data_device != "cpu"
+                                    and config.augment != "randaug")
         if self.data_on_accelerator:
             train.images, train.labels = train.images.to(accelerator.device), train.labels.to(accelerator.device)
-        self.train_steps = TrainSteps(train, normalize, config.augment, config.seed, config.batch_size,
-                                      self.rank, self.world, self.accumulation)
+        if config.mixes and self.micro_batch_size % 2:
+            raise ConfigError(f"--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
+                              f"got {self.micro_batch_size} (set --micro_batch_size or --batch_size)")
+        self.train_steps = TrainSteps(
+            train, normalize, config.augment, config.seed, config.batch_size, self.rank, self.world, self.accumulation,
+            randaug=config.randaug, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
+            mixup_prob=config.mixup_prob, mixup_switch_prob=config.mixup_switch_prob,
+            label_smoothing=config.label_smoothing)
         self.steps_per_epoch = len(self.train_steps)
         self.normalize = normalize
 
         model.to(accelerator.device)  # before the optimizer, whose fused/capturable state lives beside the weights
+        self.ema = None
+        if config.model_ema:
+            from timm.utils import ModelEmaV3
+            # A float32 copy made before prepare(): DeepSpeed's bf16/fp16 engine converts the model, not its EMA.
+            self.ema = ModelEmaV3(model, decay=config.model_ema_decay)
         fused = accelerator.device.type == "cuda" and not self.deepspeed
         optimizer = create_optimizer(config, model, fused=fused, capturable=config.cuda_graph)
         # The scheduler is not passed to prepare(): accelerate would step it once per process
@@ -133,6 +158,8 @@ class Trainer:
         test_loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(test.images, test.labels), batch_size=config.eval_batch_size)
         self.model, self.optimizer, self.test_loader = accelerator.prepare(model, optimizer, test_loader)
+        unwrapped = accelerator.unwrap_model(self.model)
+        self.plain_model = getattr(unwrapped, "_orig_mod", unwrapped)  # without torch.compile's wrapper
         self.num_test = len(test.labels)
         self.progress = checkpoint.Progress()
         self.stop_signal = None  # set by the preemption signal handler
@@ -222,7 +249,7 @@ class Trainer:
                     self.autocast_dtype, self.config.grad_clip)
             (images, labels, weights), = micro_batches
             loss_sum = self.graph_step(images, labels, weights, scale)
-            self.scheduler.step()
+            self.after_optimizer_step()
             return loss_sum
         for images, labels, weights in micro_batches:
             images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
@@ -237,13 +264,20 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum += weighted.detach()
         assert accelerator.sync_gradients, "micro-steps out of step with the accumulation count"
-        self.scheduler.step()
+        self.after_optimizer_step()
         return loss_sum
 
+    def after_optimizer_step(self) -> None:
+        self.scheduler.step()
+        if self.ema is not None:  # once per optimizer step, from the weights it just wrote
+            self.ema.update(self.plain_model)
+
     def per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # torch's cross-entropy rather than timm's CrossEntropy/LabelSmoothingCrossEntropy classes: those return
-        # the batch mean, and padded micro-batches need per-image losses to give padding weight 0. With
-        # label_smoothing s both compute (1 - s) * NLL + s * mean over classes of -log p.
+        # torch's cross-entropy rather than timm's CrossEntropy/LabelSmoothingCrossEntropy/SoftTargetCrossEntropy
+        # classes: those return the batch mean, and padded micro-batches need per-image losses to give padding
+        # weight 0. With label_smoothing s both compute (1 - s) * NLL + s * mean over classes of -log p.
+        if labels.dim() == 2:  # mixup/cutmix soft targets (smoothing already folded in): SoftTargetCrossEntropy
+            return -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1)
         return F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.config.label_smoothing)
 
     def train_epoch(self, epoch: int) -> dict:
@@ -302,15 +336,24 @@ class Trainer:
     def log_step(self, entry: dict) -> None:
         if self.accelerator.is_main_process:
             records.append_line(self.save_dir / records.STEPS_FILE, entry)
+        # accelerate logs on the main process only (and not at all without --log_with).
+        self.accelerator.log({f"step/{k}": entry[k] for k in ("train_loss", "lr", "images_per_s")}, step=entry["step"])
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        self.model.eval()
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict:
+        """Loss, top-1 and top-5 on the test set of the trained model, or of `model` (its EMA)."""
+        ema = model is not None
+        model = model if ema else self.model
+        model.eval()
+        # The EMA copy is not prepared by accelerate: it stays float32 and gets autocast here, where the
+        # prepared model gets it from accelerate (or, with CUDA graphs, here too).
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+        autocast_dtype = half if ema else (self.autocast_dtype if self.config.cuda_graph else None)
         totals = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
         for images, labels in self.test_loader:
-            with torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.config.cuda_graph and self.autocast_dtype is not None):
-                logits = self.model(self.normalize(images).to(self.input_dtype)).float()
+            with torch.autocast(self.accelerator.device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                logits = model(self.normalize(images).to(torch.float32 if ema else self.input_dtype)).float()
             losses = F.cross_entropy(logits, labels, reduction="none")
             top5 = logits.topk(5, dim=1).indices
             # gather_for_metrics drops the samples accelerate duplicated to even out the last batch,
@@ -321,6 +364,9 @@ class Trainer:
                                    hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=hits.device,
                                                                                 dtype=torch.float64)])
         loss, correct1, correct5, count = totals.tolist()
+        if ema:
+            return {"val_loss_ema": loss / count, "val_acc1_ema": 100 * correct1 / count,
+                    "val_acc5_ema": 100 * correct5 / count}
         return {"val_loss": loss / count, "val_acc1": 100 * correct1 / count, "val_acc5": 100 * correct5 / count,
                 "val_images": int(count)}
 
@@ -352,6 +398,12 @@ class Trainer:
                 f"{folder} was saved {'with' if saved.get('compiled') else 'without'} --compile; resume it the same "
                 f"way, or start from its model.safetensors with --pretrained_file")
         checkpoint.load(self.accelerator, folder)
+        if self.ema is not None:
+            if not (folder / checkpoint.MODEL_EMA_FILE).is_file():
+                raise checkpoint.CheckpointError(
+                    f"{folder} holds no {checkpoint.MODEL_EMA_FILE} (saved without --model_ema); resume it without "
+                    f"--model_ema, or start from its model.safetensors with --pretrained_file")
+            self.ema.module.load_state_dict(checkpoint.load_weights(folder / checkpoint.MODEL_EMA_FILE))
         p = self.progress
         if p.global_step != p.epoch * self.steps_per_epoch + p.step_in_epoch:
             raise checkpoint.CheckpointError(
@@ -375,9 +427,10 @@ class Trainer:
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
                 "timm_model": resolved["timm_model"], "num_classes": 100, "model_kwargs": self.model_kwargs(),
-                "compiled": self.config.compile,
+                "compiled": self.config.compile, "model_ema": self.ema is not None,
                 **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
-        path = checkpoint.save(self.accelerator, self.model, self.save_dir, name, info)
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        path = checkpoint.save(self.accelerator, self.model, self.save_dir, name, info, ema=ema)
         if path is None:
             if self.config.on_save_error == "stop":
                 raise checkpoint.SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
@@ -414,6 +467,22 @@ class Trainer:
         self.print_startup()
         for name in {cfg.preempt_signal, "SIGUSR1"}:
             signal.signal(getattr(signal, name), self._request_stop)
+        if cfg.log_with == "tensorboard":
+            # Events after the checkpoint are purged, as truncate_records does for the JSONL files; the options
+            # are written once, on a fresh start.
+            accelerator.init_trackers("tensorboard", config=to_dict(cfg) if self.progress.global_step == 0 else None,
+                                      init_kwargs={"tensorboard": {"purge_step": self.progress.global_step + 1}})
+        try:
+            history = self.train_epochs()
+        except BaseException:
+            for tracker in accelerator.trackers:  # flush what was logged; the error goes on
+                tracker.finish()
+            raise
+        accelerator.end_training()
+        return history
+
+    def train_epochs(self) -> list[dict]:
+        cfg, accelerator = self.config, self.accelerator
         history = []
         while self.progress.epoch < cfg.epochs:
             epoch = self.progress.epoch
@@ -424,6 +493,8 @@ class Trainer:
                 raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} at step "
                                 f"{self.progress.global_step}; resume with --resume auto")
             val = self.evaluate()
+            if self.ema is not None:
+                val.update(self.evaluate(self.ema.module))
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.progress.epoch_loss_sum = self.progress.epoch_train_time = 0.0
             metrics = {"epoch": epoch + 1, "step": self.progress.global_step, **train, **val,
@@ -434,15 +505,17 @@ class Trainer:
             history.append(metrics)
             if accelerator.is_main_process:
                 records.append_line(self.save_dir / records.METRICS_FILE, metrics)
+            accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
+                            step=metrics["step"])
+            ema = f"val_acc1_ema {metrics['val_acc1_ema']:.2f} % | " if self.ema is not None else ""
             self.say(
                 f"epoch {epoch + 1}/{cfg.epochs} step {metrics['step']} | train_loss {metrics['train_loss']:.4f} | "
                 f"val_loss {metrics['val_loss']:.4f} | val_acc1 {metrics['val_acc1']:.2f} % | "
-                f"val_acc5 {metrics['val_acc5']:.2f} % | lr {metrics['lr']:.3e} | "
+                f"val_acc5 {metrics['val_acc5']:.2f} % | {ema}lr {metrics['lr']:.3e} | "
                 f"{metrics['images_per_s']:.0f} img/s | {metrics['epoch_time_s']:.1f} s")
             if self.should_save(epoch + 1):
                 self.save(f"epoch_{epoch + 1}", val_acc1=metrics["val_acc1"])
             if self.stop_signal is not None:
                 raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {epoch + 1}"
                                 + ("" if self.should_save(epoch + 1) else " (no checkpoint: not a save epoch)"))
-        accelerator.end_training()
         return history

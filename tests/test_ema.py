@@ -1,0 +1,118 @@
+"""The EMA of the weights (--model_ema): updated once per optimizer step, evaluated, saved, resumed exactly.
+
+The end-to-end run also turns on every timm augmentation and layer decay, so the resume check covers
+their randomness too (RandAugment and random erasing in DataLoader workers on the resumed run).
+"""
+
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+
+from conftest import REPO, TINY, load_weights, read_jsonl, relative_l2, run_trainer
+from trainer import checkpoint
+
+EPOCHS = 3
+
+
+def args_for(cifar_dir, save_dir, *extra):
+    return TINY + ["--data_dir", cifar_dir, "--epochs", EPOCHS, "--batch_size", 32, "--micro_batch_size", 16,
+                   "--save_epochs", 1, "--save_dir", save_dir, "--model_ema", "--model_ema_decay", "0.9",
+                   "--augment", "randaug", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+                   "--label_smoothing", "0.1", "--layer_decay", "0.75", *extra]
+
+
+@pytest.fixture(scope="module")
+def ema_run(cifar_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ema")
+    run_trainer(args_for(cifar_dir, root))
+    return root
+
+
+def test_ema_weights_differ_from_the_model_and_are_evaluated(ema_run):
+    for epoch in range(1, EPOCHS + 1):
+        model = load_weights(ema_run / f"epoch_{epoch}/model.safetensors")
+        ema = load_weights(ema_run / f"epoch_{epoch}/model_ema.safetensors")
+        assert ema.keys() == model.keys()
+        assert relative_l2(model, ema) > 1e-3
+    options = json.loads((ema_run / "config.json").read_text())["options"]
+    assert (options["model_ema"], options["model_ema_decay"], options["mixup"]) == (True, 0.9, 0.8)
+    metrics = read_jsonl(ema_run / "metrics.jsonl")
+    assert len(metrics) == EPOCHS
+    for m in metrics:
+        assert 0 <= m["val_acc1_ema"] <= m["val_acc5_ema"] <= 100 and m["val_loss_ema"] > 0
+        assert (m["val_loss_ema"], m["val_acc1_ema"]) != (m["val_loss"], m["val_acc1"])
+
+
+def test_ema_checkpoint_is_in_the_manifest_and_loads_in_timm(ema_run):
+    folder = ema_run / f"epoch_{EPOCHS}"
+    checkpoint.verify(folder)
+    manifest = checkpoint.read_manifest(folder)
+    assert manifest["model_ema"] is True and checkpoint.MODEL_EMA_FILE in manifest["files"]
+    path = folder / checkpoint.MODEL_EMA_FILE
+    model = timm.create_model("test_vit", pretrained=True, num_classes=100, img_size=(32, 32),
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=100))
+    saved = load_weights(path)
+    assert saved.keys() == model.state_dict().keys()  # plain timm keys
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_resumed_run_ends_with_bit_identical_model_and_ema(cifar_dir, ema_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(ema_run, run_dir)
+    for epoch in range(2, EPOCHS + 1):
+        shutil.rmtree(run_dir / f"epoch_{epoch}")
+    resumed = run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", run_dir / "epoch_1", "--num_workers", 2))
+    assert "resumed from" in resumed.stdout
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        final, expected = (load_weights(d / f"epoch_{EPOCHS}" / name) for d in (run_dir, ema_run))
+        assert all(torch.equal(final[k], expected[k]) for k in expected), name
+
+    def stable(lines):
+        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
+    assert stable(read_jsonl(run_dir / "metrics.jsonl")) == stable(read_jsonl(ema_run / "metrics.jsonl"))
+
+
+def test_resume_with_model_ema_from_a_checkpoint_without_one_is_refused(cifar_dir, ema_run, tmp_path):
+    folder = tmp_path / "epoch_1"
+    shutil.copytree(ema_run / "epoch_1", folder)
+    (folder / checkpoint.MODEL_EMA_FILE).unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"][checkpoint.MODEL_EMA_FILE]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = run_trainer(args_for(cifar_dir, tmp_path / "run", "--checkpoint", folder), check=False)
+    assert result.returncode == 2
+    assert "holds no model_ema.safetensors (saved without --model_ema)" in result.stderr
+
+
+def test_ema_is_updated_once_per_optimizer_step(cifar_dir, tmp_path):
+    # In this process, as trainer.bench does: 9 steps of 2 micro-batches each; decay 0 makes the EMA the model.
+    from accelerate.state import AcceleratorState
+
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), download=False, device="cpu",
+                         mixed_precision="no", epochs=1, warmup_epochs=0, batch_size=32, micro_batch_size=16,
+                         model_ema=True, model_ema_decay=0.0, progress=False, save_dir=str(tmp_path))
+    trainer = Trainer(config)
+    updates = []
+    update = trainer.ema.update
+    trainer.ema.update = lambda model: (updates.append(trainer.progress.global_step), update(model))
+    trainer.train_epoch(0)
+    trainer.accelerator.end_training()
+    assert trainer.accumulation == 2 and updates == list(range(9))
+    model, ema = trainer.plain_model.state_dict(), trainer.ema.module.state_dict()
+    assert all(torch.equal(model[k], ema[k]) for k in model)
+    plain, averaged = trainer.evaluate(), trainer.evaluate(trainer.ema.module)
+    assert averaged == {f"{k}_ema": plain[k] for k in ("val_loss", "val_acc1", "val_acc5")}
+
+
+def test_model_ema_is_refused_under_zero3(cifar_dir, tmp_path):
+    result = run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", 1, "--batch_size", 32, "--model_ema",
+                                 "--save_dir", tmp_path],
+                         config_file=str(REPO / "accelerate_configs" / "zero3.yaml"), check=False)
+    assert result.returncode != 0
+    assert "error: --model_ema is not supported under DeepSpeed ZeRO-3" in result.stderr
