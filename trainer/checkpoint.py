@@ -213,10 +213,52 @@ def rotate(save_dir: Path, keep_last: int, keep_best: bool) -> list[Path]:
     return removed
 
 
-def load(accelerator, folder: Path) -> None:
-    """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint."""
+def load(accelerator, folder: Path, reshard_deepspeed: bool = False) -> None:
+    """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint.
+
+    `reshard_deepspeed`: the checkpoint's ZeRO state was partitioned over another number of processes.
+    DeepSpeed's loader refuses that; its universal checkpoint format does not, so the state is converted
+    (DeepSpeed's own ds_to_universal, once, by the main process) into a hidden sibling folder, loaded from
+    there with the engine's load_universal switch, and the converted copy is removed.
+    """
+    folder = Path(folder)
     verify(folder)
-    accelerator.load_state(str(Path(folder) / STATE_DIR))
+    if not reshard_deepspeed:
+        accelerator.load_state(str(folder / STATE_DIR))
+        return
+    universal = folder.parent / f".universal-{folder.name}"
+    failure = None
+    if accelerator.is_main_process:
+        failure = _convert_to_universal(folder / STATE_DIR, universal)
+    if not _all_ok(accelerator, failure is None):
+        raise CheckpointError(f"could not convert the ZeRO state of {folder} for another number of processes: "
+                              f"{failure or 'failed on the main process'}")
+    engine = accelerator._models[0]
+    engine._config.load_universal_checkpoint = True
+    try:
+        accelerator.load_state(str(universal))
+    finally:
+        engine._config.load_universal_checkpoint = False
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(universal, ignore_errors=True)
+
+
+def _convert_to_universal(state: Path, universal: Path) -> str | None:
+    import subprocess
+    import sys
+    shutil.rmtree(universal, ignore_errors=True)
+    universal.mkdir(parents=True)
+    for small in state.glob("*.pkl"):  # scheduler, progress and RNG states, as accelerate saved them
+        shutil.copy(small, universal / small.name)
+    # --inject_missing_state: the universal_checkpoint_info that Megatron-style clients write; plain
+    # (no tensor or pipeline parallelism) defaults describe this trainer's data-parallel state.
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(state / "pytorch_model"), "--output_folder", str(universal / "pytorch_model"),
+                             "--inject_missing_state"], capture_output=True, text=True)
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
+    return None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
