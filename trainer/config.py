@@ -105,7 +105,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off (also under DeepSpeed)."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy (timm's LabelSmoothingCrossEntropy); in the targets with mixup/cutmix."""
+    """Label smoothing of the cross-entropy (as timm's LabelSmoothingCrossEntropy); folded into the targets with mixup/cutmix."""
     layer_decay: Optional[float] = None
     """Layer-wise lr decay (timm): a parameter at depth i of L gets learning_rate * layer_decay^(L - i); unset: off."""
     model_ema: bool = False
@@ -145,7 +145,7 @@ class TrainConfig:
     save_dir: str = "checkpoint"
     """Folder for config.json, metrics.jsonl and checkpoints."""
     log_interval: int = 20
-    """Optimizer steps between progress-bar updates (the only host syncs in the training loop)."""
+    """Optimizer steps between steps.jsonl lines, progress updates and preemption checks (the loop's only host syncs)."""
     progress: bool = True
     """Show a progress bar on the main process."""
     log_with: Optional[str] = None
