@@ -1,7 +1,6 @@
 """Checkpoints that survive kills, signals, corruption, full disks and a changed process count."""
 
 import json
-import os
 import random
 import shutil
 import signal

@@ -1,6 +1,5 @@
 """Bad input: one clear line naming what to fix, a non-zero exit, and no training."""
 
-import os
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from accelerate import Accelerator
 
 from conftest import MAIN, REPO, TINY, child_env
 from trainer.config import ConfigError
-from trainer.loop import check_process_group
+from trainer.distributed import check_process_group
 from trainer.main import main
 from trainer.synthetic import write_fake_cifar100
 

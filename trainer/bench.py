@@ -98,7 +98,9 @@ def zero2_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
                    str(repo / "accelerate_configs" / "zero2.yaml"), "--num_processes", "1", "-m", "trainer.bench",
                    "--child_config", json.dumps(vars(config)), "--child_result", result.name,
                    "--steps", str(steps), "--repeats", str(repeats)]
-        subprocess.run(command, check=True, cwd=repo)
+        # The same number of CPU threads as this process (torchrun would set 1), so the rows compare.
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        subprocess.run(command, check=True, cwd=repo, env=env)
         return json.loads(Path(result.name).read_text())["seconds"]
 
 

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from accelerate import DistributedType
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint, records
-from .config import ConfigError, TrainConfig, env_world_size, resolve_batching, to_dict
-from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100, steps_per_epoch
-from .models import count_parameters, create_model
+from .config import ConfigError, TrainConfig, resolve_batching, to_dict
+from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
+from .distributed import create_accelerator, resolve_mixed_precision
 from .graphs import CudaGraphStep
+from .models import count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, lr_at
 
 
@@ -35,66 +36,6 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run a
 
 class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint."""
-
-
-def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
-    """`auto`: fp32 on CPU; on a GPU, the half precision an accelerate config asks for, else bf16 where supported.
-
-    A bare `accelerate launch` sets ACCELERATE_MIXED_PRECISION=no whether or not anyone asked, so "no" there
-    cannot be told from the default; fp32 on a GPU takes an explicit --mixed_precision no.
-    """
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    if on_cpu:
-        return "no"
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launched != "no":
-        return launched
-    return "bf16" if torch.cuda.is_bf16_supported() else "no"
-
-
-def create_accelerator(config: TrainConfig) -> Accelerator:
-    has_cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not has_cuda:
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    on_cpu = config.device == "cpu" or not has_cuda
-    deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # On CPU the process group must be gloo; accelerate picks it for DDP, but under DeepSpeed it only
-    # counts the processes when told (shared notes).
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
-    # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
-    # accelerate's own TorchDynamoPlugin compiles the prepared model and strips `_orig_mod.` when saving.
-    dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
-    precision = resolve_mixed_precision(config, on_cpu)
-    if config.cuda_graph:
-        if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
-            raise ConfigError("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile "
-                              "(use --compile alone on other set-ups)")
-        # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
-        # forward wrapper would cache casts.
-        precision = "no"
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
-                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
-                              log_with=config.log_with, project_dir=config.save_dir)
-    check_process_group(accelerator, launched=env_world_size())
-    if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
-                          "install it with: pip install -e '.[deepspeed]'")
-    if deepspeed_asked and config.device == "cpu" and has_cuda:
-        raise ConfigError("--device cpu is not supported under DeepSpeed on a machine with GPUs")
-    return accelerator
-
-
-def check_process_group(accelerator: Accelerator, launched: int) -> None:
-    """Refuse processes that each believe they are alone: each would train on all the data, silently.
-
-    This is what `accelerate launch --multi_gpu` gives on a machine without GPUs when the Accelerator is
-    not built with cpu=True (shared notes), and what a launcher whose group failed to form looks like.
-    """
-    if launched > 1 and accelerator.num_processes != launched:
-        raise ConfigError(f"the launcher started {launched} processes but accelerate sees "
-                          f"{accelerator.num_processes}: they did not join one process group; on CPU use "
-                          f"`accelerate launch --multi_gpu --num_processes N` (or torchrun) with --device cpu/auto")
 
 
 class Trainer:

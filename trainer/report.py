@@ -310,7 +310,7 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
             plot(members, title, out / f"compare_{name}.png")
             figures.append((title, f"compare_{name}.png"))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lines = [f"# Report", "",
+    lines = ["# Report", "",
              f"{len(runs)} run(s), reference results from `{study.path.name}`; written {now} by "
              f"`python -m trainer.report`. Top-1 and top-5 are percent of the test images; wall time sums "
              f"the epochs' times (training and evaluation).", "",
