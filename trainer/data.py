@@ -328,16 +328,20 @@ class TrainSteps(torch.utils.data.Dataset):
         step with the same graph, and a micro-batch with no real image still joins the all-reduce.
         """
         micro_size = self.batch_size // (self.world * self.accumulation)
+        seeded_augments = self.randaug is not None or self.eraser is not None or self.mixer is not None
+        # Per-image seeds are read on the host (no device sync); the plain crop+flip path needs none.
+        orders = (self.plan.order, self.cpu_order) if seeded_augments else (self.plan.order,)
         indices = [micro_batch_indices(order, step, self.batch_size, self.rank, self.world, self.accumulation)
-                   for order in (self.plan.order, self.cpu_order)]
+                   for order in orders]
         micro = []
-        for index, host_index in zip(*indices):
+        for index, *host_index in zip(*indices):
             real = len(index)
             weights = (torch.arange(micro_size, device=index.device) < real).float()
             if real < micro_size:
                 index = torch.cat([index, self.plan.order[step * self.batch_size].expand(micro_size - real)])
-                host_index = torch.cat([host_index, self.cpu_order[step * self.batch_size].expand(micro_size - real)])
-            seeds = self.plan.seeds[host_index]
+            if seeded_augments:
+                host_index = torch.cat([host_index[0], self.cpu_order[step * self.batch_size].expand(micro_size - real)])
+                seeds = self.plan.seeds[host_index]
             images = self.split.images[index]
             if self.augment in ("crop_flip", "randaug"):
                 images = crop_flip(images, self.plan.offsets[index], self.plan.flips[index])

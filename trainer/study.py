@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
         check_overrides(overrides)
         study = load_study(args.study)
-        # Absolute, because launch.sh (--processes) starts the trainer from the repository's folder.
+        # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
         return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides)
     except (StudyError, ReportError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
