@@ -47,8 +47,9 @@ def train_flops_per_image(config: TrainConfig, device: torch.device) -> float:
 
 
 def time_steps(step, steps: int, repeats: int, device: torch.device) -> float:
-    """Median seconds per step over `repeats` timings of `steps` steps, after one untimed round."""
-    for _ in range(max(3, steps // 2)):
+    """Median seconds per step over `repeats` timings of `steps` steps, after as many untimed warm-up steps
+    (the trainer's warm-up is one epoch of `steps` steps too)."""
+    for _ in range(steps):
         step()
     sync(device)
     timings = []
