@@ -72,6 +72,7 @@ def test_batch_sizes_that_do_not_divide_say_which_values_work():
     (["--pretrained_file", "/nonexistent.safetensors"], "--pretrained_file /nonexistent.safetensors does not exist"),
     (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent is not a folder"),
     (["--resume", "latest"], "--resume must be auto"),
+    (["--compile_mode", "reduce-overhead"], "--compile_mode 'reduce-overhead' is not one of: default, max-autotune-no-cudagraphs"),
     (["--augment", "randaug", "--randaug", "rand-x9"], "--randaug 'rand-x9' is not a timm RandAugment string.*'x9'"),
     (["--augment", "randaug", "--randaug", "augmix-m5"], "--randaug 'augmix-m5' is not a timm RandAugment string"),
     (["--randaug", "rand-m5"], "--randaug 'rand-m5' applies to --augment randaug only"),

@@ -167,7 +167,9 @@ def _all_ok(accelerator, ok: bool) -> bool:
 def _publish(staging: Path, final: Path, save_dir: Path, name: str, info: dict) -> None:
     write_manifest(staging, info)
     previous = save_dir / f".old-{name}"
-    if final.exists():  # a re-run of the same step: swap, never leave neither
+    if final.exists():
+        # The same name again: a run resumed from an earlier checkpoint redoes this step. The superseded copy is
+        # moved aside first; a kill between the two renames leaves the earlier checkpoints, which resume uses.
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(final, previous)
     os.rename(staging, final)
