@@ -63,11 +63,13 @@ def wait_for_step(run_dir, step, process, timeout=120):
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(cifar_dir, tmp_path, uninterrupted):
-    args = args_for(cifar_dir, tmp_path, "--resume", "auto")
+@pytest.mark.parametrize("sent, option", [(signal.SIGTERM, []), (signal.SIGUSR2, ["--preempt_signal", "SIGUSR2"])])
+def test_preemption_signal_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(cifar_dir, tmp_path, uninterrupted,
+                                                                               sent, option):
+    args = args_for(cifar_dir, tmp_path, "--resume", "auto", *option)
     process = start(args)
     wait_for_step(tmp_path, STEPS_PER_EPOCH + 4, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 75, output
     (saved,) = [p for p in checkpoint.list_checkpoints(tmp_path) if p.name.startswith("step_")]

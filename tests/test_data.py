@@ -97,6 +97,13 @@ def test_micro_batches_keep_a_static_shape_with_zero_weight_padding():
     assert all(w.sum() == 8 for s in pair for step in (0, 1) for _, _, w in s[step])
 
 
+def test_normalize_resizes_to_image_size():
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    out = Normalize((0.5,) * 3, (0.5,) * 3, 48)(images)
+    assert out.shape == (2, 3, 48, 48) and out.dtype == torch.float32
+    assert Normalize((0.5,) * 3, (0.5,) * 3, 32)(images).shape == (2, 3, 32, 32)
+
+
 def test_generated_files_read_back(tmp_path):
     folder = write_fake_cifar100(tmp_path, num_train=30, num_test=20, num_classes=5)
     train, test, names = load_cifar100(folder)

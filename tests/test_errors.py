@@ -29,6 +29,8 @@ def data(tmp_path):
     (["--model", "no_such_model"], "--model 'no_such_model' is neither a preset (nfnet, vit) nor a timm model name"),
     (["--batch_size", "64", "--micro_batch_size", "24"], "--micro_batch_size 24 does not divide"),
     (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is visible"),
+    (["--cuda_graph"], "--cuda_graph needs one process on a GPU"),
+    (["--data_device", "accelerator"], "--data_device accelerator needs a GPU"),
 ])
 def test_bad_options_stop_before_training(data, tmp_path, capsys, extra, message):
     code, err = run_main(TINY + ["--data_dir", data, "--save_dir", tmp_path / "run", "--epochs", "1"] + extra, capsys)
