@@ -198,6 +198,24 @@ def newest_valid(save_dir: Path, say=print) -> Path | None:
     return None
 
 
+def on_main(accelerator, work):
+    """Run `work` (reading and hashing checkpoint files) on the main process only and hand every process its
+    result; a CheckpointError raised there is raised on every process, which would otherwise wait for the
+    main one in the next collective."""
+    from accelerate.utils import broadcast_object_list
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = (None, work())
+        except CheckpointError as error:
+            outcome[0] = (str(error), None)
+    broadcast_object_list(outcome)
+    error, result = outcome[0]
+    if error is not None:
+        raise CheckpointError(error)
+    return result
+
+
 def rotate(save_dir: Path, keep_last: int, keep_best: bool) -> list[Path]:
     """Delete all but the `keep_last` newest checkpoints (and the best by val_acc1); main process only.
 
@@ -224,17 +242,12 @@ def load(accelerator, folder: Path, reshard_deepspeed: bool = False) -> None:
     there with the engine's load_universal switch, and the converted copy is removed.
     """
     folder = Path(folder)
-    verify(folder)
+    on_main(accelerator, lambda: verify(folder))
     if not reshard_deepspeed:
         accelerator.load_state(str(folder / STATE_DIR))
         return
     universal = folder.parent / f".universal-{folder.name}"
-    failure = None
-    if accelerator.is_main_process:
-        failure = _convert_to_universal(folder / STATE_DIR, universal)
-    if not _all_ok(accelerator, failure is None):
-        raise CheckpointError(f"could not convert the ZeRO state of {folder} for another number of processes: "
-                              f"{failure or 'failed on the main process'}")
+    on_main(accelerator, lambda: _convert_to_universal(folder, universal))
     engine = accelerator._models[0]
     engine._config.load_universal_checkpoint = True
     try:
@@ -246,9 +259,10 @@ def load(accelerator, folder: Path, reshard_deepspeed: bool = False) -> None:
             shutil.rmtree(universal, ignore_errors=True)
 
 
-def _convert_to_universal(state: Path, universal: Path) -> str | None:
+def _convert_to_universal(folder: Path, universal: Path) -> None:
     import subprocess
     import sys
+    state = folder / STATE_DIR
     shutil.rmtree(universal, ignore_errors=True)
     universal.mkdir(parents=True)
     for small in state.glob("*.pkl"):  # scheduler, progress and RNG states, as accelerate saved them
@@ -259,8 +273,8 @@ def _convert_to_universal(state: Path, universal: Path) -> str | None:
                              str(state / "pytorch_model"), "--output_folder", str(universal / "pytorch_model"),
                              "--inject_missing_state"], capture_output=True, text=True)
     if result.returncode != 0:
-        return (result.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
-    return None
+        reason = (result.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
+        raise CheckpointError(f"could not convert the ZeRO state of {folder} for another number of processes: {reason}")
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

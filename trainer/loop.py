@@ -366,8 +366,7 @@ class Trainer:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
         if self.config.resume == "auto":
-            # Every process verifies and picks alone; they agree because they read the same files.
-            found = checkpoint.newest_valid(self.save_dir, say=self.say)
+            found = checkpoint.on_main(self.accelerator, lambda: checkpoint.newest_valid(self.save_dir, say=self.say))
             if found is None:
                 self.say(f"--resume auto: no valid checkpoint in {self.save_dir}, starting fresh")
             return found
