@@ -4,7 +4,12 @@
 #   2. python -m trainer.bench: raw step vs trainer, eager and CUDA graph, augmentation on/off, ZeRO-2 at
 #      world size 1, for both study models; 3. the same for torch.compile, last, as it takes longest.
 # Usage (GPU machine, repository root): OUT=results bash benchmarks/gpu_check.sh
-# Wheels for packages the machine lacks (deepspeed and its needs) are installed from .whl/ when present.
+# Wheels for packages the machine lacks (deepspeed and its needs) are installed from .whl/ when present; make
+# them on the development machine (Python 3.12 on the GPU image), with .whl/ in .git/info/exclude, and carry .whl:
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl hjson pydantic pydantic-core annotated-types typing-inspection \
+#     typing_extensions==4.16.0
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
