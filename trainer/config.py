@@ -20,6 +20,11 @@ from typing import Optional
 import yaml
 
 
+# Exit status of a run stopped by the preemption signal after saving (EX_TEMPFAIL: run again with --resume auto).
+# Here, in a module without torch, so that the study runner can read it cheaply.
+PREEMPTED_EXIT_CODE = 75
+
+
 class ConfigError(ValueError):
     """A user-facing configuration error: printed as one line, exit status 2."""
 

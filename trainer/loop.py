@@ -23,15 +23,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint, records
-from .config import ConfigError, TrainConfig, resolve_batching, to_dict
+from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, resolve_batching, to_dict
 from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
 from .distributed import create_accelerator, resolve_mixed_precision
 from .graphs import CudaGraphStep
 from .models import count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, lr_at
-
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again with --resume auto
 
 
 class Preempted(Exception):
@@ -57,7 +54,7 @@ class Trainer:
         with accelerator.local_main_process_first():  # one download per node; the others wait
             folder = ensure_downloaded(config.data_dir, config.download) if accelerator.is_local_main_process \
                 else Path(config.data_dir) / "cifar-100-python"
-        train, test, self.class_names = load_cifar100(folder)
+        train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
         self.num_train = len(train.labels)
 
         set_seed(config.seed)  # the same initial head on every process and topology
@@ -144,7 +141,8 @@ class Trainer:
             "timm_model": self.config.timm_name_and_kwargs()[0],
             "parameters": self.num_parameters,
             "processes": self.world,
-            "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", 1))),
+            # torchrun / accelerate launch give each process LOCAL_WORLD_SIZE, its node's process count.
+            "num_machines": self.world // int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
             "micro_batch_size": self.micro_batch_size,
             "accumulation_steps": self.accumulation,
             "global_batch_size": self.micro_batch_size * self.accumulation * self.world,

@@ -21,9 +21,9 @@ if __package__ in (None, ""):
 
 def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointError, SaveError
-    from trainer.config import ConfigError, parse_config
+    from trainer.config import PREEMPTED_EXIT_CODE, ConfigError, parse_config
     from trainer.data import DataError
-    from trainer.loop import PREEMPTED_EXIT_CODE, Preempted, Trainer
+    from trainer.loop import Preempted, Trainer
 
     try:
         config = parse_config(argv)

@@ -81,10 +81,6 @@ def read_lines(path: Path) -> list[dict]:
     return entries
 
 
-def read_metrics(save_dir: Path) -> list[dict]:
-    return read_lines(Path(save_dir) / METRICS_FILE)
-
-
 def truncate_records(save_dir: Path, epochs_done: int, global_step: int) -> None:
     """Keep what a resumed run will not write again: epochs up to `epochs_done`, steps up to `global_step`."""
     for name, keep in ((METRICS_FILE, lambda m: m["epoch"] <= epochs_done),

@@ -32,10 +32,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, parse_config
+from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, parse_config
 from .report import DEFAULT_STUDY, ReportError, Study, load_study, read_jsonl, write_report
 
-PREEMPTED_EXIT_CODE = 75  # trainer/loop.py's status after saving on a preemption signal (not imported: it loads torch)
 LOG_FILE = "train.log"
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
