@@ -134,3 +134,11 @@ def test_compile_gives_the_eager_losses_and_compiles_training_once(tmp_path):
     weights = load_weights(tmp_path / "compiled/epoch_1/model.safetensors")
     assert not any(k.startswith("_orig_mod.") for k in weights)
     assert weights.keys() == load_weights(tmp_path / "eager/epoch_1/model.safetensors").keys()
+
+
+def test_progress_bar_shows_only_when_asked(cifar_dir, tmp_path):
+    args = TINY + ["--data_dir", cifar_dir, "--epochs", "1", "--batch_size", "64"]
+    shown = run_trainer([a for a in args if a != "--no-progress"] + ["--progress", "--save_dir", tmp_path / "on"])
+    hidden = run_trainer(args + ["--save_dir", tmp_path / "off"])
+    assert "epoch 1/1: 100%" in shown.stderr and "loss=" in shown.stderr  # tqdm with the interval's loss
+    assert "epoch 1/1: " not in hidden.stderr
