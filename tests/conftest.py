@@ -74,3 +74,36 @@ def cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10)
     return root
+
+
+def record_lines(run_dir) -> dict[str, list[str]]:
+    """The raw lines of a run's steps.jsonl and metrics.jsonl, as they are now (before a resume)."""
+    files = {name: Path(run_dir) / name for name in ("steps.jsonl", "metrics.jsonl")}
+    return {name: path.read_text().splitlines() if path.is_file() else [] for name, path in files.items()}
+
+
+def assert_resumed(run_dir, folder, before: dict[str, list[str]], output: str) -> None:
+    """The run in `run_dir` resumed from checkpoint `folder` and trained only what was left after it.
+
+    `before`: record_lines(run_dir) taken before the resumed run; `output`: that run's stdout.
+    - its own startup line names the checkpoint's epoch and step, and the step it trains first;
+    - the steps.jsonl lines up to the checkpoint's step and the metrics.jsonl lines up to its epoch are
+      byte-for-byte those written before: they hold `images_per_s`, a timing that a run restarted from scratch
+      (same seed, same weights) cannot reproduce, so a resume that restored nothing rewrites them;
+    - the run's steps.jsonl continues with later steps only, and there was something to keep (steps written
+      before the checkpoint), so the check cannot pass vacuously.
+    """
+    from trainer import checkpoint
+    info = checkpoint.read_manifest(folder)
+    step, epoch = info["global_step"], info["epoch"]
+    assert step > 0, f"{folder} holds no trained step: nothing to prove"
+    line = f"resumed from {folder}: epoch {epoch}, step {step}; training from step {step + 1}"
+    assert line in output, f"expected {line!r} in the resumed run's output:\n{output[-3000:]}"
+    after = record_lines(run_dir)
+    kept = {"steps.jsonl": [s for s in before["steps.jsonl"] if json.loads(s)["step"] <= step],
+            "metrics.jsonl": [m for m in before["metrics.jsonl"] if json.loads(m)["epoch"] <= epoch]}
+    assert kept["steps.jsonl"], f"no steps.jsonl line up to step {step} before the resume: nothing to compare"
+    for name, lines in kept.items():
+        assert after[name][:len(lines)] == lines, f"{name}: the lines written before {folder} were rewritten"
+    later = [json.loads(s)["step"] for s in after["steps.jsonl"][len(kept["steps.jsonl"]):]]
+    assert later and later[0] > step, f"steps.jsonl after the kept lines: {later}"

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY, load_weights, read_jsonl, relative_l2, run_trainer
+from conftest import TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer
 
 # Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
 # of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (shared notes). 1e-5 sits between.
@@ -90,8 +90,9 @@ def test_resume_from_epoch_checkpoint_continues_to_the_same_weights(cifar_dir, t
                    "--augment", "crop_flip", "--save_dir", tmp_path / "run"]
     run_trainer(args)
     shutil.copytree(tmp_path / "run", tmp_path / "uninterrupted")
+    before = record_lines(tmp_path / "run")
     resumed = run_trainer(args + ["--checkpoint", tmp_path / "run" / "epoch_1"])
-    assert "resumed from" in resumed.stdout
+    assert_resumed(tmp_path / "run", tmp_path / "run" / "epoch_1", before, resumed.stdout)
     final = load_weights(tmp_path / "run/epoch_3/model.safetensors")
     expected = load_weights(tmp_path / "uninterrupted/epoch_3/model.safetensors")
     assert all(torch.equal(final[k], expected[k]) for k in expected)  # bit-identical on CPU in fp32

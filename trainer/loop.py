@@ -28,7 +28,7 @@ from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_
 from .distributed import create_accelerator, resolve_mixed_precision
 from .graphs import CudaGraphStep
 from .models import count_parameters, create_model
-from .optim import create_optimizer, create_scheduler, lr_at
+from .optim import create_optimizer, create_scheduler
 
 
 class Preempted(Exception):
@@ -211,6 +211,19 @@ class Trainer:
         if self.ema is not None:  # once per optimizer step, from the weights it just wrote
             self.ema.update(self.plain_model)
 
+    def lr_in_use(self) -> float:
+        """The learning rate the next optimizer step uses: the head group's (lr_scale 1 under --layer_decay),
+        as the scheduler set it after the previous step. Read from the prepared optimizer, so a scheduler that
+        stepped twice or per micro-batch shows in what is logged."""
+        groups = self.optimizer.param_groups
+        head = max(range(len(groups)), key=lambda i: groups[i].get("lr_scale", 1.0))
+        if not isinstance(groups[head]["lr"], torch.Tensor):
+            return groups[head]["lr"]
+        # Capturable optimizers (CUDA graphs) hold the lr in a device tensor, and reading it waits for the device.
+        # The scheduler filled it with a host float: LambdaLR's get_lr, base_lr * lambda(last_epoch), recomputed
+        # here (calling get_lr outside step() warns).
+        return self.scheduler.base_lrs[head] * self.scheduler.lr_lambdas[head](self.scheduler.last_epoch)
+
     def per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # torch's cross-entropy rather than timm's CrossEntropy/LabelSmoothingCrossEntropy/SoftTargetCrossEntropy
         # classes: those return the batch mean, and padded micro-batches need per-image losses to give padding
@@ -236,7 +249,7 @@ class Trainer:
         pin = accelerator.device.type == "cuda"
         for step, micro_batches in iterate_steps(self.train_steps, start_step, cfg.num_workers, pin):
             step_images = min(cfg.batch_size, self.num_train - step * cfg.batch_size)
-            lr = lr_at(progress.global_step, cfg, self.steps_per_epoch)  # what the scheduler set, without a device read
+            lr = self.lr_in_use()
             step_loss = self.train_step(micro_batches, step_images)
             epoch_loss += step_loss
             interval_loss += step_loss
@@ -358,7 +371,8 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
                 f"{self.steps_per_epoch} steps per epoch here: the data set or batch_size differ")
-        self.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}")
+        self.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
+                 f"training from step {p.global_step + 1}")
 
     def resume_point(self) -> Path | None:
         if self.config.checkpoint:
