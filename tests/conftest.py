@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -74,6 +75,28 @@ def cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10)
     return root
+
+
+def warmup_cosine_lr(step: int, warmup_steps: int, total_steps: int, peak: float) -> float:
+    """The documented schedule, written out apart from trainer.optim: linear warm-up reaching `peak` at its last
+    step, then cosine to 0 one step after the last."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+
+def assert_lrs_follow_the_schedule(steps: list[dict], warmup_steps: int, total_steps: int, peak: float) -> None:
+    """steps.jsonl logged at every step: the lr each step used matches the schedule at the end of warm-up,
+    mid-cosine and the last step (and everywhere). A scheduler stepped twice per optimizer step, or once per
+    micro-batch of an accumulating run, runs ahead of it."""
+    assert [s["step"] for s in steps] == list(range(1, total_steps + 1))  # line s holds step s-1's (0-based) lr
+    lrs = [s["lr"] for s in steps]
+    middle = (warmup_steps + total_steps) // 2
+    for index, what in ((warmup_steps - 1, "warm-up end"), (middle, "mid-cosine"), (total_steps - 1, "last step")):
+        expected = warmup_cosine_lr(index, warmup_steps, total_steps, peak)
+        assert lrs[index] == pytest.approx(expected, rel=1e-12), (what, index, lrs)
+    assert lrs == pytest.approx([warmup_cosine_lr(s, warmup_steps, total_steps, peak) for s in range(total_steps)],
+                                rel=1e-12)
 
 
 def record_lines(run_dir) -> dict[str, list[str]]:

@@ -6,13 +6,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 import timm
 import torch
 
-from conftest import MAIN, REPO, TINY, child_env, load_weights, read_jsonl, relative_l2, run_trainer
+from conftest import (MAIN, REPO, TINY, assert_resumed, child_env, load_weights, read_jsonl, record_lines,
+                      relative_l2, run_trainer)
 from trainer import checkpoint
 from trainer.export import main as export_main
 
@@ -47,20 +48,35 @@ def same_run(run_dir, reference):
             assert all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a)
 
 
+TIMEOUT = 300  # seconds a trainer process may run, as conftest.run_trainer's
+
+
 def start(args):
-    return subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The process's timeout, as subprocess.run's: a hung trainer is killed, and whatever waits for it then fails
+    # with its output. The waits below have no bound of their own.
+    timer = threading.Timer(TIMEOUT, process.kill)
+    timer.daemon = True
+    timer.start()
+    return process
 
 
-def wait_for_step(run_dir, step, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_until(process, condition, what: str) -> None:
+    """Wait while `process` runs until `condition()` holds; fail with its output if it exits first."""
+    while not condition():
+        try:
+            process.wait(timeout=0.01)  # sleeps between checks, and notices an exit at once
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"the trainer exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+
+
+def wait_for_step(run_dir, step, process):
+    def reached():
         lines = read_jsonl(run_dir / "steps.jsonl") if (run_dir / "steps.jsonl").exists() else []
-        if lines and lines[-1]["step"] >= step:
-            return
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.01)
-    raise TimeoutError(f"step {step} not reached")
+        return bool(lines) and lines[-1]["step"] >= step
+    wait_until(process, reached, f"step {step}")
 
 
 @pytest.mark.parametrize("sent, option", [(signal.SIGTERM, []), (signal.SIGUSR2, ["--preempt_signal", "SIGUSR2"])])
@@ -86,12 +102,12 @@ def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint
     rng = random.Random(7)
     kills = 0
     for target in sorted(rng.sample(range(2, EPOCHS * STEPS_PER_EPOCH - 2), 2)) + ["save"]:
+        resume_from, before = checkpoint.newest_valid(tmp_path), record_lines(tmp_path)
         process = start(args)
         if target == "save":
             # Kill while a checkpoint is being written: the moment its hidden staging folder exists.
-            deadline = time.monotonic() + 120
-            while not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()):
-                assert time.monotonic() < deadline and process.poll() is None
+            wait_until(process, lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()),
+                       "a checkpoint was being written")
         else:
             wait_for_step(tmp_path, target, process)
         process.kill()
@@ -99,8 +115,14 @@ def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint
         kills += 1
         for folder in checkpoint.list_checkpoints(tmp_path):
             checkpoint.verify(folder)  # whatever is visible is complete
+        if resume_from is not None:  # what came before the checkpoint it resumed from was not trained again
+            step = checkpoint.read_manifest(resume_from)["global_step"]
+            kept = [line for line in before["steps.jsonl"] if json.loads(line)["step"] <= step]
+            assert record_lines(tmp_path)["steps.jsonl"][:len(kept)] == kept
     assert kills == 3
-    run_trainer(args)
+    resume_from, before = checkpoint.newest_valid(tmp_path), record_lines(tmp_path)
+    resumed = run_trainer(args)
+    assert_resumed(tmp_path, resume_from, before, resumed.stdout)
     same_run(tmp_path, uninterrupted)
 
 
@@ -124,6 +146,7 @@ def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(cifar_dir, tmp
         manifest = json.loads((newest / "manifest.json").read_text())
         del manifest["files"]["state/optimizer.bin"]
         (newest / "manifest.json").write_text(json.dumps(manifest))
+    before = record_lines(run_dir)
     refused = run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", newest), check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
@@ -131,7 +154,7 @@ def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(cifar_dir, tmp
     assert re.search(message, refused.stderr)
     resumed = run_trainer(args_for(cifar_dir, run_dir, "--resume", "auto"))
     assert f"skipping checkpoint {newest}" in resumed.stdout
-    assert f"resumed from {run_dir / f'epoch_{EPOCHS - 1}'}" in resumed.stdout
+    assert_resumed(run_dir, run_dir / f"epoch_{EPOCHS - 1}", before, resumed.stdout)
     same_run(run_dir, uninterrupted)
 
 
@@ -191,8 +214,10 @@ def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, un
     # A micro-batch of 16 makes the accumulation differ too: 2 steps on 1 process, 1 step on 2.
     run_dir = tmp_path / "run"
     run_trainer(args_for(cifar_dir, run_dir, "--micro_batch_size", 16), processes=before)
-    run_trainer(args_for(cifar_dir, run_dir, "--micro_batch_size", 16, "--checkpoint", run_dir / "epoch_1"),
-                processes=after)
+    lines = record_lines(run_dir)
+    resumed = run_trainer(args_for(cifar_dir, run_dir, "--micro_batch_size", 16, "--checkpoint", run_dir / "epoch_1"),
+                          processes=after)
+    assert_resumed(run_dir, run_dir / "epoch_1", lines, resumed.stdout)
     # Float re-association across process counts only (see test_train.py).
     assert relative_l2(load_weights(run_dir / f"epoch_{EPOCHS}/model.safetensors"),
                        load_weights(uninterrupted / f"epoch_{EPOCHS}/model.safetensors")) < 1e-5

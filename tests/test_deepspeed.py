@@ -20,7 +20,8 @@ import pytest
 import timm
 import torch
 
-from conftest import REPO, TINY, load_weights, read_jsonl, relative_l2, run_trainer
+from conftest import (REPO, TINY, assert_lrs_follow_the_schedule, assert_resumed, load_weights, read_jsonl,
+                      record_lines, relative_l2, run_trainer)
 from trainer.synthetic import write_fake_cifar100
 
 # Why 1e-5: DeepSpeed reduces the gradients in its own flat buckets (reduce-scatter under ZeRO-2/3) and
@@ -103,6 +104,9 @@ def test_zero_trains_the_same_model_as_ddp(launch, config):
     assert json.loads((ddp / "config.json").read_text())["resolved"]["distributed_type"] == "MULTI_CPU"
     assert_deepspeed_really_ran(ds, STAGES[config])
     assert_same_training(ddp, ds, config)
+    # The lr each step used, read from the optimizer DeepSpeed steps (2 micro-batches per step: a scheduler
+    # stepped per micro-batch or twice would run ahead): 5 steps per epoch, 1 epoch of warm-up, 2 in all.
+    assert_lrs_follow_the_schedule(read_jsonl(ds / "steps.jsonl"), warmup_steps=5, total_steps=10, peak=2e-3)
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
@@ -132,14 +136,16 @@ def test_zero3_checkpoint_loads_in_timm_with_full_weights(launch):
     assert relative_l2(weights(ddp, 2), {k: v.float() for k, v in state.items()}) < DEEPSPEED_TOLERANCE
 
 
-def test_zero2_resumed_from_epoch_1_ends_bit_identical(launch, data_dir, tmp_path):
-    uninterrupted = launch("zero2")
+@pytest.mark.parametrize("config", list(STAGES))
+def test_zero_resumed_from_epoch_1_ends_bit_identical(launch, data_dir, tmp_path, config):
+    uninterrupted = launch(config)
     resumed = tmp_path / "resumed"
     shutil.copytree(uninterrupted, resumed)  # the same save_dir layout, as after a crash in epoch 2
     shutil.rmtree(resumed / "epoch_2")
-    result = run("zero2", data_dir, resumed, "--checkpoint", resumed / "epoch_1")
-    assert "resumed from" in result.stdout
-    assert_deepspeed_really_ran(resumed, 2)
+    before = record_lines(resumed)
+    result = run(config, data_dir, resumed, "--checkpoint", resumed / "epoch_1")
+    assert_resumed(resumed, resumed / "epoch_1", before, result.stdout)
+    assert_deepspeed_really_ran(resumed, STAGES[config])
     final, expected = weights(resumed, 2), weights(uninterrupted, 2)
     # Measured bit-identical: the engine restores its fp32 partitions, Adam moments and step counts exactly,
     # and the data order and schedule are functions of (seed, epoch, step).
@@ -161,12 +167,19 @@ def test_zero2_checkpoint_resumes_with_another_process_count(launch, data_dir, t
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(first / "epoch_1", resumed / "epoch_1")
+    for name in ("steps.jsonl", "metrics.jsonl"):  # the records beside it, as after a crash in epoch 2
+        shutil.copy(first / name, resumed / name)
+    before = record_lines(resumed)
     result = run("zero2", data_dir, resumed, "--checkpoint", resumed / "epoch_1", processes=after)
+    assert_resumed(resumed, resumed / "epoch_1", before, result.stdout)
     assert f"re-partitioned the ZeRO state of {resumed / 'epoch_1'} from {before} to {after} processes" in result.stdout
     assert not list(resumed.glob(".universal-*"))  # the converted copy is removed
     resolved = json.loads((resumed / "config.json").read_text())["resolved"]
     assert (resolved["distributed_type"], resolved["deepspeed_zero_stage"], resolved["processes"]) == ("DEEPSPEED", 2, after)
     assert relative_l2(weights(resumed, 2), weights(launch("zero2"), 2)) < DEEPSPEED_TOLERANCE
+    # The re-partitioned optimizer steps with the schedule's lr (read from it), as the uninterrupted run did.
+    assert [s["lr"] for s in read_jsonl(resumed / "steps.jsonl")] == \
+        [s["lr"] for s in read_jsonl(launch("zero2") / "steps.jsonl")]
     assert read_jsonl(resumed / "metrics.jsonl")[-1]["val_acc1"] == read_jsonl(launch("zero2") / "metrics.jsonl")[-1]["val_acc1"]
 
 

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from conftest import REPO, TINY, load_weights, read_jsonl, relative_l2, run_trainer
+from conftest import REPO, TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer
 from trainer import checkpoint
 
 EPOCHS = 3
@@ -64,8 +64,9 @@ def test_resumed_run_ends_with_bit_identical_model_and_ema(cifar_dir, ema_run, t
     shutil.copytree(ema_run, run_dir)
     for epoch in range(2, EPOCHS + 1):
         shutil.rmtree(run_dir / f"epoch_{epoch}")
+    before = record_lines(run_dir)
     resumed = run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", run_dir / "epoch_1", "--num_workers", 2))
-    assert "resumed from" in resumed.stdout
+    assert_resumed(run_dir, run_dir / "epoch_1", before, resumed.stdout)
     for name in ("model.safetensors", "model_ema.safetensors"):
         final, expected = (load_weights(d / f"epoch_{EPOCHS}" / name) for d in (run_dir, ema_run))
         assert all(torch.equal(final[k], expected[k]) for k in expected), name

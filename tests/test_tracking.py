@@ -5,7 +5,7 @@ import shutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, read_jsonl, run_trainer
+from conftest import TINY, assert_resumed, read_jsonl, record_lines, run_trainer
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -31,9 +31,16 @@ def test_tensorboard_holds_the_logged_losses_and_a_resume_replaces_the_steps_aft
     assert {"step/lr", "epoch/train_loss", "epoch/val_loss", "epoch/val_acc5"} <= first.keys()
     assert len(list((tmp_path / "tensorboard").glob("*/hparams.yml"))) == 1  # the options, once
 
+    # step/lr is the lr logged in steps.jsonl (read from the optimizer; test_train checks it against the formula).
+    assert [value for _, value in first["step/lr"]] == pytest.approx([s["lr"] for s in steps], rel=1e-6)
+
     shutil.rmtree(tmp_path / "epoch_2")
-    run_trainer(args + ["--checkpoint", tmp_path / "epoch_1"])
+    before = record_lines(tmp_path)
+    resumed = run_trainer(args + ["--checkpoint", tmp_path / "epoch_1"])
+    assert_resumed(tmp_path, tmp_path / "epoch_1", before, resumed.stdout)
     again = scalars(tmp_path)
+    # The events up to the checkpoint (step 5) are the first run's: their images_per_s, a timing, is unchanged.
+    assert again["step/images_per_s"][:3] == first["step/images_per_s"][:3]
     # Steps 6-10 were logged twice; the resumed run's purge leaves one point per step, with the same values.
     assert [step for step, _ in again["step/train_loss"]] == [2, 4, 5, 6, 8, 10]
     assert [value for _, value in again["step/train_loss"]] == pytest.approx(
