@@ -14,7 +14,7 @@ import torch
 
 from conftest import (MAIN, REPO, TINY, assert_resumed, child_env, load_weights, read_jsonl, record_lines,
                       relative_l2, run_trainer)
-from trainer import checkpoint
+from trainer import checkpoint, records
 from trainer.export import main as export_main
 
 EPOCHS = 3
@@ -74,7 +74,7 @@ def wait_until(process, condition, what: str) -> None:
 
 def wait_for_step(run_dir, step, process):
     def reached():
-        lines = read_jsonl(run_dir / "steps.jsonl") if (run_dir / "steps.jsonl").exists() else []
+        lines = records.read_lines(run_dir / "steps.jsonl")  # skips a last line caught half-written
         return bool(lines) and lines[-1]["step"] >= step
     wait_until(process, reached, f"step {step}")
 

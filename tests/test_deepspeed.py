@@ -169,9 +169,9 @@ def test_zero2_checkpoint_resumes_with_another_process_count(launch, data_dir, t
     shutil.copytree(first / "epoch_1", resumed / "epoch_1")
     for name in ("steps.jsonl", "metrics.jsonl"):  # the records beside it, as after a crash in epoch 2
         shutil.copy(first / name, resumed / name)
-    before = record_lines(resumed)
+    lines = record_lines(resumed)
     result = run("zero2", data_dir, resumed, "--checkpoint", resumed / "epoch_1", processes=after)
-    assert_resumed(resumed, resumed / "epoch_1", before, result.stdout)
+    assert_resumed(resumed, resumed / "epoch_1", lines, result.stdout)
     assert f"re-partitioned the ZeRO state of {resumed / 'epoch_1'} from {before} to {after} processes" in result.stdout
     assert not list(resumed.glob(".universal-*"))  # the converted copy is removed
     resolved = json.loads((resumed / "config.json").read_text())["resolved"]
