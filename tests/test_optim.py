@@ -76,6 +76,28 @@ def test_layer_decay_scales_each_group_by_its_depth_at_every_step(capturable):
     assert len({g["lr_scale"] for g in optimizer.param_groups}) == depth + 1
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["float_lr", "tensor_lr"])
+def test_the_logged_lr_is_the_one_the_head_group_holds_at_every_step(capturable):
+    # Trainer.lr_in_use reads only the trainer's optimizer and scheduler: a bare Trainer with those two suffices.
+    from trainer.loop import Trainer
+    c = TrainConfig(epochs=3, warmup_epochs=1, learning_rate=0.1, layer_decay=0.75)
+    model = timm.create_model("test_vit", num_classes=100, img_size=(32, 32))
+    trainer = Trainer.__new__(Trainer)
+    trainer.optimizer = create_optimizer(c, model, fused=False, capturable=capturable)
+    trainer.scheduler = create_scheduler(c, trainer.optimizer, SPE)
+    head = model.get_classifier().weight
+    (group,) = [g for g in trainer.optimizer.param_groups if any(p is head for p in g["params"])]
+    for _ in range(3 * SPE):
+        logged = trainer.lr_in_use()
+        assert isinstance(logged, float)
+        if capturable:  # a float32 device tensor, filled by the scheduler with the host value logged here
+            assert torch.is_tensor(group["lr"]) and logged == pytest.approx(group["lr"].item(), rel=1e-7)
+        else:
+            assert logged == group["lr"]
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+
+
 def test_without_layer_decay_every_group_follows_the_schedule():
     c = TrainConfig(epochs=3, warmup_epochs=1, learning_rate=0.1)
     optimizer = create_optimizer(c, timm.create_model("test_vit", num_classes=100, img_size=(32, 32)), fused=False)
