@@ -157,8 +157,11 @@ def test_one_and_two_processes_train_the_same_with_every_augmentation(cifar_dir,
     assert relative_l2(one, two) < 1e-5  # float re-association only (test_train.py); a different mix: ~1e-2
 
 
-def test_mixup_refuses_an_odd_micro_batch(cifar_dir, tmp_path):
-    result = run_trainer(TINY + ["--data_dir", cifar_dir, "--batch_size", "30", "--micro_batch_size", "15",
-                                 "--mixup", "0.8", "--save_dir", tmp_path], check=False)
-    assert result.returncode == 2
-    assert "--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, got 15" in result.stderr
+def test_mixup_refuses_an_odd_micro_batch(cifar_dir, tmp_path, capsys):
+    from trainer.main import main
+    # In this process: a setup error needs no subprocess.
+    assert main([str(a) for a in TINY + ["--data_dir", cifar_dir, "--batch_size", "30", "--micro_batch_size", "15",
+                                         "--mixup", "0.8", "--save_dir", tmp_path]]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
+                           "got 15"), line

@@ -1,6 +1,7 @@
 """The configuration: command line spellings, config files, batching arithmetic and validation."""
 
 import json
+import re
 
 import pytest
 
@@ -69,8 +70,8 @@ def test_batch_sizes_that_do_not_divide_say_which_values_work():
     (["--epochs", "2"], r"--warmup_epochs must lie in \[0, epochs=2\]"),
     (["--learning_rate", "-1"], "--learning_rate must be positive"),
     (["--save_epochs", "0"], "--save_epochs must be -1 or >= 1"),
-    (["--pretrained_file", "/nonexistent.safetensors"], "--pretrained_file /nonexistent.safetensors does not exist"),
-    (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent is not a folder"),
+    (["--pretrained_file", "{tmp}/missing.safetensors"], "--pretrained_file {tmp}/missing.safetensors does not exist"),
+    (["--checkpoint", "{tmp}/missing"], "--checkpoint {tmp}/missing is not a folder"),
     (["--resume", "latest"], "--resume must be auto"),
     (["--compile_mode", "reduce-overhead"], "--compile_mode 'reduce-overhead' is not one of: default, max-autotune-no-cudagraphs"),
     (["--augment", "randaug", "--randaug", "rand-x9"], "--randaug 'rand-x9' is not a timm RandAugment string.*'x9'"),
@@ -88,6 +89,8 @@ def test_batch_sizes_that_do_not_divide_say_which_values_work():
     (["--model_ema_decay", "1"], r"--model_ema_decay must lie in \[0, 1\)"),
     (["--log_with", "wandb"], "--log_with 'wandb' is not one of: tensorboard"),
 ])
-def test_bad_values_are_refused_with_the_option_named(argv, message):
+def test_bad_values_are_refused_with_the_option_named(tmp_path, argv, message):
+    # Paths that are missing are made missing here, under tmp_path, not assumed missing on the machine.
+    argv, message = [a.format(tmp=tmp_path) for a in argv], message.format(tmp=re.escape(str(tmp_path)))
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, TINY, assert_resumed, child_env, read_jsonl, record_lines
 from test_report import FIGURE_PIXELS, markdown_tables
+from trainer.study import main as study_main
 
 EXPERIMENTS = ["nfnet_adamw_cosine", "vit_adamw_cosine", "nfnet_sgdm_cosine", "nfnet_adamw_linear_decay"]
 
@@ -82,12 +83,13 @@ def test_run_without_its_last_checkpoint_resumes(tiny_study):
     assert [s["step"] for s in read_jsonl(run / "steps.jsonl")] == list(range(1, 19))  # 2 x 9 steps, none twice
 
 
-def test_changed_settings_stop_before_any_run(tiny_study):
+def test_changed_settings_stop_before_any_run(tiny_study, capsys):
     save_dir, args, _ = tiny_study
-    result = study(*args, "--epochs", "3", check=False)
-    assert result.returncode == 2 and "starting" not in result.stdout
-    assert result.stderr.startswith(f"error: {save_dir / 'nfnet_adamw_cosine'} holds a run started with other "
-                                    f"settings (epochs 2 -> 3)")
+    assert study_main([*map(str, args), "--epochs", "3"]) == 2  # in this process: nothing is launched
+    out, err = capsys.readouterr()
+    assert "starting" not in out and err.count("\n") == 1
+    assert err.startswith(f"error: {save_dir / 'nfnet_adamw_cosine'} holds a run started with other "
+                          f"settings (epochs 2 -> 3)")
 
 
 def test_failing_run_stops_the_study_naming_run_and_log(tmp_path):
@@ -120,9 +122,13 @@ def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epoch", "1"], "--epoch is neither a study option"),
     (["--resume", "auto"], "--resume cannot be given to a study"),
-    (["--study", "/nonexistent.yaml"], "study file /nonexistent.yaml"),
+    (["--study", "{tmp}/missing.yaml"], "study file {tmp}/missing.yaml"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = study("--save_dir", tmp_path, *args, check=False)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
-    assert not any(tmp_path.iterdir())
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    # In this process: a setup error needs no subprocess (the exit status is main's return value).
+    save_dir = tmp_path / "study"
+    args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
+    assert study_main(["--save_dir", str(save_dir), *args]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not save_dir.exists()
