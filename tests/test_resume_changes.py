@@ -121,7 +121,7 @@ def test_changed_learning_rate_weight_decay_and_epochs_are_applied_as_logged(cif
 
     from trainer.config import parse_config
     from trainer.loop import Trainer
-    for stale in (".tmp-epoch_2", ".old-epoch_1", ".universal-epoch_1"):  # left by killed saves
+    for stale in (".tmp-step_5", ".old-epoch_1", ".universal-epoch_1"):  # left by killed saves
         (used / stale / "state").mkdir(parents=True)
         (used / stale / "state" / "x.bin").write_bytes(b"partial")
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -118,6 +118,7 @@ def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epoch", "1"], "--epoch is neither a study option"),
     (["--resume", "auto"], "--resume cannot be given to a study"),
+    (["--overwrite"], "--overwrite cannot be given to a study"),
     (["--study", "/nonexistent.yaml"], "study file /nonexistent.yaml"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

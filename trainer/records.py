@@ -88,9 +88,13 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def run_entries(save_dir: Path) -> list[Path]:
-    """What `save_dir` holds of a run (RUN_ENTRIES), sorted; empty when the folder does not exist."""
+    """What `save_dir` holds of a run (RUN_ENTRIES), sorted; empty files record nothing and are left out (a run
+    killed at its start leaves empty metrics.jsonl and steps.jsonl)."""
     save_dir = Path(save_dir)
-    return sorted({p for pattern in RUN_ENTRIES for p in save_dir.glob(pattern)}) if save_dir.is_dir() else []
+    if not save_dir.is_dir():
+        return []
+    found = {p for pattern in RUN_ENTRIES for p in save_dir.glob(pattern)}
+    return sorted(p for p in found if not (p.is_file() and p.stat().st_size == 0))
 
 
 def clear_run(save_dir: Path) -> list[Path]:
