@@ -104,6 +104,23 @@ def test_a_change_a_resume_cannot_make_is_refused_before_anything_is_written(cif
     assert snapshot(used) == before
 
 
+def test_epochs_that_end_before_the_checkpoint_are_refused(cifar_dir, used, capsys):
+    before = snapshot(used)
+    code, err = run_main(args_for(cifar_dir, used, "--checkpoint", used / "epoch_2", "--epochs", 1), capsys)
+    assert code == 2 and err == [f"error: {used / 'epoch_2'} holds 18 steps (2 epochs): --epochs 1 would end before "
+                                 f"it; give --epochs 2 or more"]
+    assert snapshot(used) == before
+
+
+def test_a_checkpoint_from_elsewhere_is_not_resumed_into_a_used_folder(cifar_dir, first_run, used, capsys):
+    before = snapshot(used)
+    code, err = run_main(args_for(cifar_dir, used, "--checkpoint", first_run / "epoch_1"), capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: --save_dir {used} holds a run (config.json, epoch_1, epoch_2, latest, ")
+    assert f"--checkpoint {first_run / 'epoch_1'} lies outside it" in err[0]
+    assert snapshot(used) == before
+
+
 def test_a_corrupt_metrics_file_on_resume_is_one_line(cifar_dir, used, capsys):
     lines = (used / "metrics.jsonl").read_text().splitlines()
     (used / "metrics.jsonl").write_text(lines[0][:20] + "\n" + lines[1] + "\n")

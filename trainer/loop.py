@@ -434,7 +434,8 @@ class Trainer:
         if folder is not None:
             if held and Path(folder).resolve().parent != save_dir.resolve():
                 raise checkpoint.CheckpointError(
-                    f"--save_dir {save_dir} holds another run ({what}) than {folder}'s: resume into another --save_dir")
+                    f"--save_dir {save_dir} holds a run ({what}) and --checkpoint {folder} lies outside it: resume "
+                    f"into the folder that holds the checkpoint, or into another --save_dir")
             records_readable()
             return None
         if not held:
