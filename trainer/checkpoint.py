@@ -27,7 +27,8 @@ COMPILED_PREFIX = "_orig_mod."
 
 
 # Options that a resume cannot change, each refused in one line before anything is written: the weights and
-# the optimizer's moments have the model's shapes (model, image_size) and belong to one optimizer type; the
+# the optimizer's moments belong to one model trained at one image size (a ViT's position embeddings have its
+# shape) and to one optimizer type; the
 # checkpoint's step count and the data plan (which images each step holds, their order and augmentation, a
 # function of seed and epoch) are counted in steps of batch_size, so a changed batch_size or seed would continue
 # neither the saved run nor one that config.json describes; layer_decay shapes timm's parameter groups, which
