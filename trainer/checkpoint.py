@@ -28,12 +28,12 @@ COMPILED_PREFIX = "_orig_mod."
 
 # Options that a resume cannot change, each refused in one line before anything is written: the weights and
 # the optimizer's moments belong to one model trained at one image size (a ViT's position embeddings have its
-# shape) and to one optimizer type; the
-# checkpoint's step count and the data plan (which images each step holds, their order and augmentation, a
-# function of seed and epoch) are counted in steps of batch_size, so a changed batch_size or seed would continue
-# neither the saved run nor one that config.json describes; layer_decay shapes timm's parameter groups, which
-# the saved optimizer state is matched to (so does weight_decay 0 against > 0, checked apart). Every other
-# option takes effect from the resumed step (see Trainer.resume).
+# shape) and to one optimizer type; the checkpoint's step count and the data plan (which images each step
+# holds, their order and augmentation, a function of seed and epoch) are counted in steps of batch_size, so a
+# changed batch_size or seed would continue neither the saved run nor one that config.json describes;
+# layer_decay shapes timm's parameter groups, which the saved optimizer state is matched to (so does
+# weight_decay 0 against > 0, checked apart). Every other option takes effect from the resumed step (see
+# Trainer.resume).
 FIXED_ON_RESUME = ("model", "image_size", "optimizer", "batch_size", "seed", "layer_decay")
 # Options about one session rather than the run (how it is started, where its folder is, how it is shown and
 # fed): they may differ between the sessions of one run without being a change.
