@@ -123,6 +123,7 @@ def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
     (["--epoch", "1"], "--epoch is neither a study option"),
     (["--resume", "auto"], "--resume cannot be given to a study"),
     (["--study", "{tmp}/missing.yaml"], "study file {tmp}/missing.yaml"),
+    (["--overwrite"], "--overwrite cannot be given to a study"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     # In this process: a setup error needs no subprocess (the exit status is main's return value).

@@ -26,6 +26,26 @@ LATEST_FILE = "latest"
 COMPILED_PREFIX = "_orig_mod."
 
 
+# Options that a resume cannot change, each refused in one line before anything is written: the weights and
+# the optimizer's moments belong to one model trained at one image size (a ViT's position embeddings have its
+# shape) and to one optimizer type; the checkpoint's step count and the data plan (which images each step
+# holds, their order and augmentation, a function of seed and epoch) are counted in steps of batch_size, so a
+# changed batch_size or seed would continue neither the saved run nor one that config.json describes;
+# layer_decay shapes timm's parameter groups, which the saved optimizer state is matched to (so does
+# weight_decay 0 against > 0, checked apart). Every other option takes effect from the resumed step (see
+# Trainer.resume).
+FIXED_ON_RESUME = ("model", "image_size", "optimizer", "batch_size", "seed", "layer_decay")
+# Options about one session rather than the run (how it is started, where its folder is, how it is shown and
+# fed): they may differ between the sessions of one run without being a change.
+SESSION_OPTIONS = ("resume", "checkpoint", "overwrite", "progress", "save_dir", "num_workers")
+
+
+def changed_options(before: dict, now: dict) -> dict[str, list]:
+    """{option: [before, now]} for every option of the run that differs (SESSION_OPTIONS aside; an option that
+    `before` does not know, from an older version of the trainer, is not compared)."""
+    return {k: [before[k], v] for k, v in now.items() if k not in SESSION_OPTIONS and k in before and before[k] != v}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: printed as one line, exit status 2."""
 
@@ -178,6 +198,21 @@ def _publish(staging: Path, final: Path, save_dir: Path, name: str, info: dict) 
     tmp = save_dir / (LATEST_FILE + ".tmp")
     tmp.write_text(name + "\n")
     os.replace(tmp, save_dir / LATEST_FILE)
+
+
+# Left by a save or a resharding killed midway (see save, _publish and load); nothing reads them.
+STALE_PATTERNS = (".tmp-*", ".old-*", ".universal-*", LATEST_FILE + ".tmp")
+
+
+def remove_stale(save_dir: Path) -> list[Path]:
+    """Delete the leftovers of killed saves in `save_dir`; main process only, at the start of a run."""
+    stale = sorted({p for pattern in STALE_PATTERNS for p in Path(save_dir).glob(pattern)})
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def list_checkpoints(save_dir: Path) -> list[Path]:

@@ -138,7 +138,9 @@ class TrainConfig:
     checkpoint: Optional[str] = None
     """Checkpoint folder (`{save_dir}/epoch_N` or `step_N`) to resume from."""
     resume: Optional[str] = None
-    """`auto`: resume from the newest checkpoint in save_dir that verifies, or start fresh when there is none."""
+    """`auto`: resume from the newest checkpoint in save_dir that verifies; with none, start fresh unless save_dir holds another run."""
+    overwrite: bool = False
+    """Start a fresh run in a save_dir that holds another one: its checkpoints, records and tensorboard/ are deleted first."""
     keep_last: int = 0
     """Keep only the newest K checkpoints (deleted after a newer one is complete); 0 keeps all."""
     keep_best: bool = False
@@ -203,6 +205,9 @@ class TrainConfig:
             need(Path(self.checkpoint).is_dir(), f"--checkpoint {self.checkpoint} is not a folder")
             need(self.resume is None, "give either --checkpoint DIR or --resume auto, not both")
         need(self.resume in (None, "auto"), f"--resume must be auto, got {self.resume!r}")
+        need(not (self.overwrite and (self.resume or self.checkpoint)),
+             "--overwrite starts a new run (deleting the one in save_dir); it cannot be combined with --resume or "
+             "--checkpoint")
         need(self.keep_last >= 0, f"--keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
         need(self.on_save_error in ("stop", "continue"), f"--on_save_error must be stop or continue, got {self.on_save_error!r}")
         need(self.preempt_signal in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"),

@@ -10,6 +10,7 @@ optimizer step. A resumed run purges the events logged after its checkpoint, as 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -329,9 +330,11 @@ class Trainer:
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         return {"img_size": list(img_size)} if img_size is not None else {}
 
-    def resume(self, folder: Path) -> None:
+    def resume(self, folder: Path) -> dict:
+        """Continue from checkpoint `folder`; returns where from and the options changed since (for config.json)."""
         saved = checkpoint.read_manifest(folder)
         here = self.resolved()
+        changed = self.check_resume_options(folder, saved)
         if (saved.get("distributed_type") == "DEEPSPEED") != self.deepspeed:
             raise checkpoint.CheckpointError(
                 f"{folder} was saved by a {saved.get('distributed_type')} run and cannot resume a "
@@ -354,7 +357,25 @@ class Trainer:
                 f"{folder} holds ZeRO-3 state sharded over {saved.get('processes')} processes; resume it with "
                 f"{saved.get('processes')} processes (ZeRO-1/2 checkpoints resume with any count), or start from "
                 f"its model.safetensors with --pretrained_file")
+        # torch's Optimizer.load_state_dict brings back the saved param_groups (lr, initial_lr, weight_decay, betas,
+        # momentum, ...) and LambdaLR.load_state_dict the saved base_lrs: a changed option would be logged (lr_at
+        # reads this run's options) but not applied. So each group gets back the hyperparameters this run's
+        # options built (its per-parameter state, moments and step counts, stays the checkpoint's; a tensor lr
+        # stays the device tensor the optimizer was built with), and the schedule continues at the checkpoint's
+        # step with this run's formula.
+        optimizer = self.scheduler.optimizer
+        built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         checkpoint.load(self.accelerator, folder, reshard_deepspeed=reshard)
+        for group, options in zip(optimizer.param_groups, built):
+            group.update(options)
+        scheduler = self.scheduler
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            lr = base * factor(scheduler.last_epoch)  # what LambdaLR computes at each step
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         # accelerate restores its micro-step counter, which decides when gradients synchronise; checkpoints lie
         # on optimizer-step boundaries, and the accumulation count may differ from the saving run's.
         self.accelerator.step = 0
@@ -371,18 +392,98 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
                 f"{self.steps_per_epoch} steps per epoch here: the data set or batch_size differ")
+        changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         self.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
-                 f"training from step {p.global_step + 1}")
+                 f"training from step {p.global_step + 1}"
+                 + (f"; from here on with changed options: {changes}" if changed else ""))
+        return {"checkpoint": str(folder), "epoch": p.epoch, "global_step": p.global_step, "changed_options": changed}
+
+    def check_resume_options(self, folder: Path, saved: dict) -> dict:
+        """Refuse what a resume cannot change (checkpoint.FIXED_ON_RESUME); return the options that changed."""
+        before = saved.get("options")
+        if before is None:  # saved before checkpoints recorded their options: nothing to compare
+            return {}
+        changed = checkpoint.changed_options(before, to_dict(self.config))
+        fixed = [f"{k} {a} -> {b}" for k, (a, b) in changed.items() if k in checkpoint.FIXED_ON_RESUME]
+        if "weight_decay" in changed and (before["weight_decay"] > 0) != (self.config.weight_decay > 0):
+            fixed.append(f"weight_decay {before['weight_decay']} -> {self.config.weight_decay} (to or from 0 "
+                         f"changes the optimizer's parameter groups)")
+        if saved.get("train_images", self.num_train) != self.num_train:
+            fixed.append(f"training images {saved['train_images']} -> {self.num_train}")
+        if fixed:
+            raise checkpoint.CheckpointError(
+                f"{folder} cannot be resumed with {', '.join(fixed)}: resume with the checkpoint's values, or start "
+                f"a new run in another --save_dir (from its model.safetensors with --pretrained_file)")
+        needed = saved.get("epoch", 0) + (1 if saved.get("step_in_epoch") else 0)
+        if self.config.epochs < needed:
+            raise checkpoint.CheckpointError(
+                f"{folder} holds {saved.get('global_step')} steps ({saved.get('epoch')} epochs"
+                f"{' and part of the next' if saved.get('step_in_epoch') else ''}): --epochs {self.config.epochs} "
+                f"would end before it; give --epochs {needed} or more")
+        return changed
 
     def resume_point(self) -> Path | None:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
-        if self.config.resume == "auto":
-            found = checkpoint.on_main(self.accelerator, lambda: checkpoint.newest_valid(self.save_dir, say=self.say))
-            if found is None:
-                self.say(f"--resume auto: no valid checkpoint in {self.save_dir}, starting fresh")
-            return found
+        if self.config.resume == "auto":  # with none found, prepare_save_dir decides whether to start fresh
+            return checkpoint.on_main(self.accelerator, lambda: checkpoint.newest_valid(self.save_dir, say=self.say))
         return None
+
+    def prepare_save_dir(self, folder: Path | None) -> str | None:
+        """Main process, before anything is written (run it through checkpoint.on_main): remove what killed saves
+        left, then refuse (CheckpointError) a start that would overwrite, wipe or mix up the run in save_dir, or
+        with --overwrite delete it. `folder`: the checkpoint to resume from. Returns a line to show, if any."""
+        cfg, save_dir = self.config, self.save_dir
+        if save_dir.is_dir():
+            checkpoint.remove_stale(save_dir)
+        held = records.run_entries(save_dir)
+        what = ", ".join(p.name for p in held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+
+        def records_readable() -> None:  # a resume rewrites them after its step: read them before writing anything
+            try:
+                records.read_records(save_dir)
+            except ValueError as error:
+                raise checkpoint.CheckpointError(f"{error}: repair or delete that file, then resume again") from None
+
+        if folder is not None:
+            if held and Path(folder).resolve().parent != save_dir.resolve():
+                raise checkpoint.CheckpointError(
+                    f"--save_dir {save_dir} holds a run ({what}) and --checkpoint {folder} lies outside it: resume "
+                    f"into the folder that holds the checkpoint, or into another --save_dir")
+            records_readable()
+            return None
+        if not held:
+            return f"--resume auto: no valid checkpoint in {save_dir}, starting fresh" if cfg.resume else None
+        if cfg.overwrite:
+            records.clear_run(save_dir)
+            return f"--overwrite: deleted the previous run in {save_dir} ({what})"
+        if cfg.resume != "auto":
+            raise checkpoint.CheckpointError(
+                f"--save_dir {save_dir} holds a run ({what}): continue it with --resume auto, start a new one there "
+                f"with --overwrite (deletes it), or choose another --save_dir")
+        # --resume auto, and no checkpoint verifies. Starting again from step 0 is a resume from the run's start
+        # only when the folder holds no checkpoint at all and its records were written with these same options
+        # (a run killed before its first save): anything else would wipe a history that cannot be written again.
+        checkpoints = [p.name for p in held if p.is_dir() and p.name.startswith(("epoch_", "step_"))]
+        try:
+            before = json.loads((save_dir / records.CONFIG_FILE).read_text())["options"]
+        except (OSError, ValueError, KeyError, TypeError):
+            before = None
+        changed = checkpoint.changed_options(before, to_dict(cfg)) if isinstance(before, dict) else None
+        if checkpoints:
+            reason = f"holds checkpoints ({', '.join(checkpoints)}) but none that verifies (see the warnings above)"
+        elif changed is None:
+            reason = f"holds records of a run ({what}) whose {records.CONFIG_FILE} is missing or unreadable"
+        elif changed:
+            reason = (f"holds records of a run ({what}) started with other options "
+                      f"({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}) and no checkpoint")
+        else:
+            records_readable()
+            return (f"--resume auto: no checkpoint in {save_dir} yet; starting its run again from the beginning "
+                    f"(same options)")
+        raise checkpoint.CheckpointError(
+            f"--resume auto: {save_dir} {reason}; start a new run there with --overwrite (deletes it, without "
+            f"--resume), or choose another --save_dir")
 
     def save(self, name: str, val_acc1: float | None = None) -> None:
         resolved = self.resolved()
@@ -390,6 +491,7 @@ class Trainer:
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
                 "timm_model": resolved["timm_model"], "num_classes": 100, "model_kwargs": self.model_kwargs(),
                 "compiled": self.config.compile, "model_ema": self.ema is not None,
+                "options": to_dict(self.config), "train_images": self.num_train,  # compared on resume
                 **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
         ema = self.ema.module.state_dict() if self.ema is not None else None
         path = checkpoint.save(self.accelerator, self.model, self.save_dir, name, info, ema=ema)
@@ -420,12 +522,14 @@ class Trainer:
     def run(self) -> list[dict]:
         cfg, accelerator = self.config, self.accelerator
         folder = self.resume_point()
-        if folder is not None:
-            self.resume(folder)
+        note = checkpoint.on_main(accelerator, lambda: self.prepare_save_dir(folder))
+        if note:
+            self.say(note)
+        resumed = self.resume(folder) if folder is not None else None
         if accelerator.is_main_process:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            records.write_run_config(self.save_dir, to_dict(cfg), self.resolved())
             records.truncate_records(self.save_dir, self.progress.epoch, self.progress.global_step)
+            records.write_run_config(self.save_dir, to_dict(cfg), self.resolved(), resumed)
         self.print_startup()
         for name in {cfg.preempt_signal, "SIGUSR1"}:
             signal.signal(getattr(signal, name), self._request_stop)

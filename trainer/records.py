@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
+# Everything a run leaves in its save_dir (the checkpoint folders and `latest` are checkpoint.py's, tensorboard/
+# accelerate's tracker): a fresh start refuses a folder that holds any of them, and --overwrite deletes them.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, "latest", "tensorboard", "epoch_*", "step_*")
 
 
 def library_versions() -> dict[str, str]:
@@ -54,10 +58,12 @@ def write_json_atomic(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_run_config(save_dir: Path, options: dict, resolved: dict) -> None:
+def write_run_config(save_dir: Path, options: dict, resolved: dict, resumed: dict | None = None) -> None:
+    """`resumed`: the checkpoint this session continues from, its step and the options changed since."""
     write_json_atomic(save_dir / CONFIG_FILE, {
         "options": options,
         "resolved": resolved,
+        **({"resumed_from": resumed} if resumed is not None else {}),
         "versions": library_versions(),
         "git_commit": git_commit(),
         "hardware": hardware(),
@@ -81,12 +87,49 @@ def read_lines(path: Path) -> list[dict]:
     return entries
 
 
+def run_entries(save_dir: Path) -> list[Path]:
+    """What `save_dir` holds of a run (RUN_ENTRIES), sorted; empty files record nothing and are left out (a run
+    killed at its start leaves empty metrics.jsonl and steps.jsonl)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = {p for pattern in RUN_ENTRIES for p in save_dir.glob(pattern)}
+    return sorted(p for p in found if not (p.is_file() and p.stat().st_size == 0))
+
+
+def clear_run(save_dir: Path) -> list[Path]:
+    """Delete what `save_dir` holds of a run (--overwrite); other files in it stay."""
+    entries = run_entries(save_dir)
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return entries
+
+
+def read_records(save_dir: Path) -> dict[str, list[dict]]:
+    """metrics.jsonl and steps.jsonl, each line an object with its `epoch` / `step`; ValueError naming the
+    file and line otherwise (a resume reads them before it writes anything)."""
+    found = {}
+    for name, key in ((METRICS_FILE, "epoch"), (STEPS_FILE, "step")):
+        path = Path(save_dir) / name
+        lines = read_lines(path)
+        for number, entry in enumerate(lines, 1):
+            if not isinstance(entry, dict) or not isinstance(entry.get(key), int):
+                raise ValueError(f"{path}: line {number} has no integer {key!r}")
+        found[name] = lines
+    return found
+
+
 def truncate_records(save_dir: Path, epochs_done: int, global_step: int) -> None:
-    """Keep what a resumed run will not write again: epochs up to `epochs_done`, steps up to `global_step`."""
+    """Keep what a resumed run will not write again: epochs up to `epochs_done`, steps up to `global_step`.
+    Both files are read (and checked) before either is written."""
+    found = read_records(save_dir)
     for name, keep in ((METRICS_FILE, lambda m: m["epoch"] <= epochs_done),
                        (STEPS_FILE, lambda m: m["step"] <= global_step)):
         path = Path(save_dir) / name
-        kept = [m for m in read_lines(path) if keep(m)]
+        kept = [m for m in found[name] if keep(m)]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, path)

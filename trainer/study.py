@@ -39,6 +39,7 @@ LOG_FILE = "train.log"
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--resume": "the runner resumes with --resume auto itself",
+            "--overwrite": "delete a run's folder to start that run again",
             "--config": "put shared options in the study file's `defaults` instead"}
 
 
