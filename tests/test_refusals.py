@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_trainer
 from trainer.config import ConfigError, TrainConfig, parse_config
 from trainer.data import DataError, ensure_downloaded, read_split
 from trainer.main import main
@@ -226,6 +226,18 @@ def test_weights_that_do_not_fit_beyond_the_head_are_refused(tmp_path, change, m
     save_file(weights, str(tmp_path / "w.safetensors"))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         create_model(TrainConfig(model="test_vit", pretrained_file=str(tmp_path / "w.safetensors")))
+
+
+def test_another_architectures_weights_are_refused_in_one_line(data, tmp_path):
+    # A real process: in pytest's own process, timm's logged "Unexpected keys" warning would not reach stderr.
+    nfnet = weights_file(tmp_path / "nfnet.safetensors", "test_nfnet")
+    result = run_trainer(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run",
+                                 "--pretrained_file", nfnet], check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --pretrained_file {nfnet} does not fit test_vit: 78 of the model's 80 tensors are not in the file "
+        f"(cls_token, ...) and 93 of the file's are not in the model (final_conv.bias, ...); are they another "
+        f"model's weights?"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_weights_of_other_shapes_are_refused(tmp_path):
