@@ -3,6 +3,7 @@
 import os
 import pickle
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY, run_trainer
-from trainer.config import ConfigError, TrainConfig, parse_config
+from conftest import REPO, TINY, child_env, run_trainer
+from trainer.config import ConfigError, TrainConfig, check_writable_folder, parse_config
 from trainer.data import DataError, ensure_downloaded, read_split
 from trainer.main import main
 from trainer.models import create_model
@@ -161,6 +162,25 @@ def test_read_only_save_dir_is_refused(data, tmp_path, capsys):
         assert not (parent / "run").exists()
     finally:
         parent.chmod(0o700)
+
+
+def test_unwritable_save_dir_is_refused_without_creating_it(tmp_path, monkeypatch):
+    # As root every folder is writable; os.access is what the check asks, so here it stands in for a read-only folder.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=f"--save_dir {tmp_path / 'run'} cannot be created: {tmp_path} is not writable"):
+        check_writable_folder(str(tmp_path / "run"), "--save_dir")
+    with pytest.raises(ConfigError, match=f"--save_dir {tmp_path} is not writable"):
+        check_writable_folder(str(tmp_path), "--save_dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_study_save_dir_that_is_a_file_is_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "trainer.study", "--save_dir", str(a_file)], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"error: --save_dir {a_file} is a file, not a folder"]
+    assert a_file.read_text() == "mine"
 
 
 def test_fp16_that_accelerate_would_not_apply_on_the_cpu_is_refused(data, tmp_path, capsys):
