@@ -117,7 +117,11 @@ def ensure_downloaded(data_dir: str, download: bool) -> Path:
         raise DataError(f"--data_dir {root} is a file, not a folder")
     # The folders made here are removed again if the download fails (those still empty: another node may be
     # downloading into the same ones).
-    created = [root, *root.parents][:[p.exists() for p in (root, *root.parents)].index(True)]
+    created = []  # innermost first
+    for made in (root, *root.parents):
+        if made.exists():
+            break
+        created.append(made)
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".download-{socket.gethostname()}-", dir=root))

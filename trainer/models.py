@@ -115,7 +115,7 @@ def _recorded_loads():
 
 def _check_weights_fit(model: torch.nn.Module, loads: list, path: str, name: str) -> None:
     """Refuse weights that leave more than the classifier head unloaded, or bring tensors the model lacks."""
-    if not loads:  # a model with its own loader (timm's custom_load, e.g. .npz): timm checks it there
+    if not loads:  # a model with its own loader (timm's custom_load, e.g. .npz): no load result to read
         return
     classifiers = model.pretrained_cfg.get("classifier") or ()
     head = {f"{c}.{p}" for c in ((classifiers,) if isinstance(classifiers, str) else classifiers)
