@@ -52,8 +52,15 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   fi
 fi
+# Bash arithmetic reads a word such as "abc" as a variable name ("unbound variable" under set -u): check first.
+need_count() {  # NAME MIN: the variable must be a whole number >= MIN
+  [[ "${!1}" =~ ^(0|[1-9][0-9]*)$ ]] && ((${!1} >= $2)) && return 0
+  echo "error: $1 must be a whole number >= $2, got '${!1}'" >&2; exit 2
+}
+need_count GPUS 0
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS > 0 ? GPUS : 1))}
+need_count NNODES 1; need_count NODE_RANK 0; need_count MASTER_PORT 1; need_count NPROC_PER_NODE 1
 
 if [[ "$strategy" == auto ]]; then
   if ((NNODES > 1 || NPROC_PER_NODE > 1)); then strategy=ddp; else strategy=single; fi

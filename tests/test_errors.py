@@ -27,7 +27,7 @@ def user_error(argv, capsys) -> str:
 
 @pytest.fixture()
 def data(tmp_path):
-    write_fake_cifar100(tmp_path / "data", num_train=16, num_test=8)
+    write_fake_cifar100(tmp_path / "data", num_train=256, num_test=8)  # the default --batch_size 256 fits
     return tmp_path / "data"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
@@ -44,6 +45,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # step (shared notes); --cuda_graph captures the whole step instead.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DATA_DEVICES = ("auto", "cpu", "accelerator")
+PATH_FIELDS = ("pretrained_file", "data_dir", "checkpoint", "save_dir")
 
 
 @dataclass(kw_only=True)
@@ -165,12 +167,20 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
+        for name in PATH_FIELDS:  # `~` from config files, or `--save_dir=~/x` that the shell leaves alone
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
+        for f in dataclasses.fields(self):  # argparse's float() and YAML's .inf take inf and nan
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number, got {value}")
         for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("augment", AUGMENTS),
                               ("device", DEVICES), ("mixed_precision", PRECISIONS), ("data_device", DATA_DEVICES),
                               ("compile_mode", COMPILE_MODES)):
             value = getattr(self, name)
             need(value in choices, f"--{name} {value!r} is not one of: {', '.join(choices)}")
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        # accelerate's set_seed also seeds numpy, whose seeds lie in [0, 2**32 - 1].
+        need(0 <= self.seed < 2**32, f"--seed must lie in [0, 2**32 - 1], got {self.seed}")
         need(0 <= self.warmup_epochs <= self.epochs,
              f"--warmup_epochs must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         need(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
@@ -279,8 +289,16 @@ def _field_type(f: dataclasses.Field) -> type:
     return args[0] if args else hint
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints its whole usage (some 30 lines here) before the line that names the mistake: print that
+    line alone, `error: ...`, with exit status 2 like every other bad input. --help still prints everything."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="trainer", description="Fine-tune a timm model on CIFAR-100 with Hugging Face Accelerate.",
         argument_default=argparse.SUPPRESS, allow_abbrev=False)  # a typo must not silently match another option
     parser.add_argument("--config", help="YAML or JSON file of options; the command line overrides it.")
@@ -312,7 +330,7 @@ def _field_docs() -> dict[str, str]:
 
 
 def load_config_file(path: str) -> dict:
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"--config {path} does not exist")
     try:
@@ -327,28 +345,61 @@ def load_config_file(path: str) -> dict:
     unknown = sorted(set(k.replace("-", "_") for k in values) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     coerced = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        kind = _field_type(fields[name])
-        ok = value is None or (isinstance(value, bool) if kind is bool else not isinstance(value, bool))
         try:
-            coerced[name] = value if value is None or kind is bool else kind(value)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"--config {path}: {name} must be a {kind.__name__}, got {value!r}")
+            coerced[key.replace("-", "_")] = typed_value(key.replace("-", "_"), value)
+        except ConfigError as error:
+            raise ConfigError(f"--config {path}: {error}") from None
     return coerced
+
+
+def typed_value(name: str, value):
+    """A config or study file's value of option `name`, with the option's type exactly, else ConfigError.
+
+    An int is taken for a float, and a string that spells a number for a number (PyYAML reads `5e-4`, with
+    no dot, as a string); never a bool for a number, a float for an int (1.9 must not become 1), or null
+    for an option that has no null.
+    """
+    hint = typing.get_type_hints(TrainConfig)[name]
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ConfigError(f"{name} must be a {kind.__name__}, got null (it has no null value)")
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            value = kind(value)
+        except ValueError:
+            pass
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
+    return value
 
 
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     parser = build_parser()
-    # argparse prints usage and exits 2 on an unknown option: already one clear line and a non-zero exit.
     cli = vars(parser.parse_args(argv))
     values = load_config_file(cli.pop("config")) if "config" in cli else {}
     values.update(cli)
     return TrainConfig(**values)
+
+
+def check_writable_folder(path: str, option: str) -> None:
+    """Refuse, creating nothing, a folder that is a file, lies under a file, or cannot be written or created.
+
+    As root every folder is writable (os.access says so too), except on a read-only file system.
+    """
+    p = Path(path).absolute()
+    existing = p if p.exists() else next(a for a in p.parents if a.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a folder" if existing == p
+                          else f"{option} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path} is not writable" if existing == p
+                          else f"{option} {path} cannot be created: {existing} is not writable")
 
 
 def to_dict(config: TrainConfig) -> dict:

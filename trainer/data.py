@@ -74,7 +74,10 @@ def read_split(path: Path) -> Split:
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: data must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):  # int64 would truncate 3.7 to 3 silently
+        raise DataError(f"{path}: fine_labels must be integers, got {labels.dtype} values such as {labels.flat[0]}")
+    labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
     if data.shape[0] == 0:
@@ -110,8 +113,21 @@ def ensure_downloaded(data_dir: str, download: bool) -> Path:
     expected = f"expected {folder}/{{train,test,meta}}"
     if not download:
         raise DataError(f"CIFAR-100 not found: {expected} under --data_dir, or drop --no-download")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".download-{socket.gethostname()}-", dir=root))
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data_dir {root} is a file, not a folder")
+    # The folders made here are removed again if the download fails (those still empty: another node may be
+    # downloading into the same ones).
+    created = []  # innermost first
+    for made in (root, *root.parents):
+        if made.exists():
+            break
+        created.append(made)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".download-{socket.gethostname()}-", dir=root))
+    except OSError as error:
+        raise DataError(f"CIFAR-100 is not in --data_dir {root}, which cannot be written to download it "
+                        f"({error.strerror}: {error.filename})") from None
     try:
         from torchvision.datasets import CIFAR100
         CIFAR100(root=str(staging), train=True, download=True)
@@ -121,6 +137,10 @@ def ensure_downloaded(data_dir: str, download: bool) -> Path:
             if not folder.is_dir():  # another node's rename won the race: theirs is as good as ours
                 raise
     except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        for made in created:  # innermost first
+            with contextlib.suppress(OSError):
+                made.rmdir()
         raise DataError(f"CIFAR-100 is not in --data_dir {root} and could not be downloaded "
                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                         f"{expected}") from None
@@ -131,6 +151,9 @@ def ensure_downloaded(data_dir: str, download: bool) -> Path:
 
 def load_cifar100(folder: Path) -> tuple[Split, Split, list[str]]:
     train, test = read_split(folder / "train"), read_split(folder / "test")
+    if len(test.labels) > len(train.labels):  # CIFAR-100 holds 50,000 train and 10,000 test images
+        raise DataError(f"{folder / 'test'} holds more images ({len(test.labels)}) than {folder / 'train'} "
+                        f"({len(train.labels)}): are the two files swapped?")
     return train, test, read_class_names(folder / "meta")
 
 

@@ -52,6 +52,13 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
                               log_with=config.log_with, project_dir=config.save_dir)
     check_process_group(accelerator, launched=env_world_size())
+    # accelerate 1.15 autocasts fp16 only on accelerators: on the CPU it keeps mixed_precision "fp16" but sets
+    # native_amp False and trains in fp32 (measured: a Linear layer's output stays float32). bf16 it does autocast on
+    # the CPU (the same layer's output is bfloat16).
+    # Under DeepSpeed the engine itself holds the weights in the half precision.
+    if precision != "no" and not accelerator.native_amp and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"--mixed_precision {precision} is not applied on {accelerator.device.type} by accelerate "
+                          f"(it would train in fp32); use --mixed_precision bf16 or no")
     if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
                           "install it with: pip install -e '.[deepspeed]'")

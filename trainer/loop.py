@@ -57,6 +57,9 @@ class Trainer:
                 else Path(config.data_dir) / "cifar-100-python"
         train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
         self.num_train = len(train.labels)
+        if config.batch_size > self.num_train:  # every step would be mostly weight-0 padding
+            raise ConfigError(f"--batch_size {config.batch_size} is larger than the training set "
+                              f"({self.num_train} images in {folder / 'train'})")
 
         set_seed(config.seed)  # the same initial head on every process and topology
         with accelerator.main_process_first():  # pretrained weights: download once, then read the cache

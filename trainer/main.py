@@ -21,12 +21,13 @@ if __package__ in (None, ""):
 
 def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointError, SaveError
-    from trainer.config import PREEMPTED_EXIT_CODE, ConfigError, parse_config
+    from trainer.config import PREEMPTED_EXIT_CODE, ConfigError, check_writable_folder, parse_config
     from trainer.data import DataError
     from trainer.loop import Preempted, Trainer
 
     try:
         config = parse_config(argv)
+        check_writable_folder(config.save_dir, "--save_dir")  # before anything is downloaded, built or written
         Trainer(config).run()
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

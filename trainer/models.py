@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import unittest.mock
 from urllib.parse import urlparse
 
 import timm
@@ -58,13 +61,88 @@ def create_model(config: TrainConfig) -> torch.nn.Module:
     pretrained = config.pretrained or config.pretrained_file is not None
     kwargs["img_size"] = (config.image_size, config.image_size)  # the vit preset's (32, 32) at the default
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as error:
-        # timm has no registry of which architectures take img_size (ViTs do, CNNs do not): ask the model.
-        if "img_size" not in str(error):
+        with _recorded_loads() as loads:
+            try:
+                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            except TypeError as error:
+                # timm has no registry of which architectures take img_size (ViTs do, CNNs do not): ask the model.
+                if "img_size" not in str(error):
+                    raise
+                del kwargs["img_size"]
+                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as error:  # not a weights file, or tensors of other shapes than the model's
+        if config.pretrained_file is None:
             raise
-        del kwargs["img_size"]
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        raise ConfigError(f"--pretrained_file {config.pretrained_file} cannot be loaded into {name} by timm "
+                          f"({type(error).__name__}: {_summary(error)})") from None
+    if config.pretrained_file is not None:
+        _check_weights_fit(model, loads, config.pretrained_file, name)
+    _check_image_size(model, config)
+    return model
+
+
+def _summary(error: Exception) -> str:
+    """The first two lines of an error (torch's size mismatch puts the tensor on the second)."""
+    return " ".join(line.strip() for line in str(error).splitlines()[:2] if line.strip())
+
+
+@contextlib.contextmanager
+def _recorded_loads():
+    """Record the result of every load_state_dict call made inside.
+
+    timm's load_pretrained drops the pretrained classifier, loads with strict=False whenever the class count
+    differs (always here: 100 classes), logs the missing and unexpected keys, and returns nothing. Its loading
+    is kept (file formats, checkpoint filters, position-embedding resampling); only its result is read here.
+    Its warnings are held back: with 3 input channels the only one it can give is "Unexpected keys", which
+    _check_weights_fit turns into the run's one error line.
+    """
+    results, original = [], torch.nn.Module.load_state_dict
+
+    def recording(module, *args, **kwargs):
+        result = original(module, *args, **kwargs)
+        results.append(result)
+        return result
+
+    builder_log = logging.getLogger("timm.models._builder")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        with unittest.mock.patch.object(torch.nn.Module, "load_state_dict", recording):
+            yield results
+    finally:
+        builder_log.setLevel(level)
+
+
+def _check_weights_fit(model: torch.nn.Module, loads: list, path: str, name: str) -> None:
+    """Refuse weights that leave more than the classifier head unloaded, or bring tensors the model lacks."""
+    if not loads:  # a model with its own loader (timm's custom_load, e.g. .npz): no load result to read
+        return
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    head = {f"{c}.{p}" for c in ((classifiers,) if isinstance(classifiers, str) else classifiers)
+            for p in ("weight", "bias")}
+    missing = [k for k in loads[-1].missing_keys if k not in head]
+    unexpected = list(loads[-1].unexpected_keys)
+    if missing or unexpected:
+        total = len(model.state_dict())
+        raise ConfigError(
+            f"--pretrained_file {path} does not fit {name}: {len(missing)} of the model's {total} tensors are "
+            f"not in the file{f' ({missing[0]}, ...)' if missing else ''} and {len(unexpected)} of the file's are "
+            f"not in the model{f' ({unexpected[0]}, ...)' if unexpected else ''}; are they another model's weights?")
+
+
+def _check_image_size(model: torch.nn.Module, config: TrainConfig) -> None:
+    """One image through the model: timm checks the input size only in forward (a ViT's patch embedding
+    asserts it there), which would be the first training step, after the run folder was written."""
+    was_training = model.training
+    model.eval()  # no dropout draws, no BatchNorm statistics updated
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, config.image_size, config.image_size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ConfigError(f"--image_size {config.image_size} does not fit --model {config.model} "
+                          f"({type(error).__name__}: {_summary(error)})") from None
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -30,7 +30,7 @@ from typing import Optional
 
 import yaml
 
-from .config import MODEL_PRESETS, TrainConfig
+from .config import MODEL_PRESETS, ConfigError, TrainConfig, typed_value
 from .records import read_lines
 
 DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
@@ -85,13 +85,12 @@ def load_study(path) -> Study:
         for key, value in options.items():
             # Values become command-line arguments, which have no spelling for null or for lists.
             need(isinstance(value, (str, int, float, bool)), f"{where}: {key} must be a string, number or boolean")
-            kind = next((a for a in typing.get_args(hints[key]) if a is not type(None)), hints[key])
-            if kind in (int, float) and not isinstance(value, bool):
-                # YAML reads `5e-4` (no dot) as a string; the report compares numbers with the runs' numbers.
-                try:
-                    options[key] = kind(value)
-                except ValueError:
-                    need(False, f"{where}: {key} must be a number, got {value!r}")
+            # The type the trainer's --config files must have too (`epochs: 1.9` must not become 1); YAML's
+            # `5e-4` string becomes the number, which the report compares with the runs' numbers.
+            try:
+                options[key] = typed_value(key, value)
+            except ConfigError as error:
+                need(False, f"{where}: {error}")
     for name, comparison in comparisons.items():
         names = (comparison or {}).get("experiments")
         need(isinstance(names, list) and set(names) <= set(experiments),
@@ -295,7 +294,10 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
     study = load_study(study_path)
     runs = load_runs(paths, study)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file, under a file, or not writable
+        raise ReportError(f"--out {out} cannot be a folder of the report ({error.strerror}: {error.filename})") from None
     figures = []
     for run in runs:
         s = summarize(run)

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, parse_config
+from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, check_writable_folder, parse_config
 from .report import DEFAULT_STUDY, ReportError, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
         if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
             raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
         check_overrides(overrides)
+        check_writable_folder(args.save_dir, "--save_dir")
         study = load_study(args.study)
         # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
         return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides)

@@ -1,0 +1,296 @@
+"""What the user asked for, or a refusal: one line `error: ...`, exit status 2, before training, nothing left behind."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import REPO, TINY, child_env, run_trainer
+from trainer.config import ConfigError, TrainConfig, check_writable_folder, parse_config
+from trainer.data import DataError, ensure_downloaded, read_split
+from trainer.main import main
+from trainer.models import create_model
+from trainer.report import ReportError, load_study
+from trainer.synthetic import write_fake_cifar100
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refusals")
+    write_fake_cifar100(root, num_train=16, num_test=8)
+    return root
+
+
+def refused(argv, capsys) -> str:
+    """Run the trainer in this process; it must exit 2 with exactly one line on stderr, returned."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    return err[0]
+
+
+def weights_file(path, model_name, **kwargs):
+    save_file(timm.create_model(model_name, **kwargs).state_dict(), str(path))
+    return path
+
+
+# --- command line and config files ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 1.9", "epochs must be a int, got 1.9"),
+    ("epochs: null", "epochs must be a int, got null"),
+    ("epochs: true", "epochs must be a int, got True"),
+    ("batch_size: 64.0", "batch_size must be a int, got 64.0"),
+    ("learning_rate: false", "learning_rate must be a float, got False"),
+    ("pretrained: 1", "pretrained must be a bool, got 1"),
+    ("model: 3", "model must be a str, got 3"),
+    ("learning_rate: .inf", "--learning_rate must be a finite number, got inf"),
+])
+def test_config_file_values_need_the_options_type_exactly(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_config(["--config", str(path)])
+
+
+def test_config_file_ints_are_floats_and_nulls_where_the_option_has_one(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1\nwarmup_epochs: 0\nmin_lr: 5e-5\nmicro_batch_size: null\n")
+    c = parse_config(["--config", str(path)])
+    assert (c.learning_rate, c.warmup_epochs, c.min_lr, c.micro_batch_size) == (1.0, 0.0, 5e-5, None)
+    assert type(c.learning_rate) is float and type(c.min_lr) is float  # YAML reads 5e-5 as a string
+
+
+def test_study_file_values_need_the_options_type_exactly(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("defaults: {epochs: 1.9}\nexperiments: {a: {options: {model: test_vit}}}\n")
+    with pytest.raises(ReportError, match=r"defaults: epochs must be a int, got 1\.9"):
+        load_study(path)
+
+
+def test_config_and_its_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "run.yaml").write_text("save_dir: ~/runs\ndata_dir: ~/data\npretrained_file: ~/w.safetensors\n"
+                                       "checkpoint: ~/ck\n")
+    c = parse_config(["--config", "~/run.yaml"])
+    assert (c.save_dir, c.data_dir) == (str(tmp_path / "runs"), str(tmp_path / "data"))
+    assert (c.pretrained_file, c.checkpoint) == (str(tmp_path / "w.safetensors"), str(tmp_path / "ck"))
+
+
+@pytest.mark.parametrize("argv", [["--learning_rate", "inf"], ["--learning_rate", "nan"], ["--weight_decay", "inf"],
+                                  ["--mixup", "inf"], ["--grad_clip", "nan"], ["--warmup_epochs=-inf"]])
+def test_non_finite_numbers_are_refused(argv):
+    name, value = "=".join(argv).split("=")
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number, got {value}"):
+        parse_config(argv)
+
+
+@pytest.mark.parametrize("seed, ok", [(-5, False), (2**32, False), (2**70, False), (0, True), (2**32 - 1, True)])
+def test_seed_must_be_one_numpy_takes(seed, ok):
+    if ok:
+        assert parse_config(["--seed", str(seed)]).seed == seed
+    else:
+        with pytest.raises(ConfigError, match=r"--seed must lie in \[0, 2\*\*32 - 1\]"):
+            parse_config(["--seed", str(seed)])
+
+
+def test_argparse_errors_are_one_line_and_help_is_whole(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--epochs", "1.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err == ["error: argument --epochs: invalid int value: '1.5' (see --help)"]
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage: trainer") and "--learning_rate" in out
+
+
+# --- the trainer stops before training and leaves nothing behind --------------------------------------
+
+def test_refusals_before_training_leave_nothing_behind(data, tmp_path, capsys):
+    base = TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8"]
+    run = tmp_path / "run"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not weights")
+    not_pickle = tmp_path / "notes.pth"
+    not_pickle.write_text("not weights")
+    nfnet = weights_file(tmp_path / "nfnet.safetensors", "test_nfnet")
+    config = tmp_path / "nulls.yaml"
+    config.write_text("epochs: null\n")
+    cases = [
+        (["--save_dir", a_file], f"--save_dir {a_file} is a file, not a folder"),
+        (["--save_dir", a_file / "run"], f"--save_dir {a_file / 'run'} cannot be created: {a_file} is a file"),
+        (["--save_dir", run, "--data_dir", a_file], f"--data_dir {a_file} is a file, not a folder"),
+        (["--save_dir", run, "--image_size", "33"],
+         "--image_size 33 does not fit --model test_vit (AssertionError: Input height (33) should be divisible by "
+         "patch size (16).)"),
+        (["--save_dir", run, "--pretrained_file", not_weights],
+         f"--pretrained_file {not_weights} cannot be loaded into test_vit by timm (SafetensorError"),
+        (["--save_dir", run, "--pretrained_file", not_pickle], f"--pretrained_file {not_pickle} cannot be loaded"),
+        (["--save_dir", run, "--pretrained_file", nfnet],
+         f"--pretrained_file {nfnet} does not fit test_vit: 78 of the model's 80 tensors are not in the file"),
+        (["--save_dir", run, "--batch_size", "32"],
+         f"--batch_size 32 is larger than the training set (16 images in {data / 'cifar-100-python' / 'train'})"),
+        (["--save_dir", run, "--config", config], f"--config {config}: epochs must be a int, got null"),
+    ]
+    for extra, message in cases:
+        assert message in refused(base + extra, capsys)
+        assert not run.exists(), extra
+        assert a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a_file", "notes.safetensors", "notes.pth", "nfnet.safetensors", "nulls.yaml"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root every folder is writable: a read-only one cannot be made")
+def test_read_only_save_dir_is_refused(data, tmp_path, capsys):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        message = refused(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", parent / "run"], capsys)
+        assert f"--save_dir {parent / 'run'} cannot be created: {parent} is not writable" in message
+        assert not (parent / "run").exists()
+    finally:
+        parent.chmod(0o700)
+
+
+def test_unwritable_save_dir_is_refused_without_creating_it(tmp_path, monkeypatch):
+    # As root every folder is writable; os.access is what the check asks, so here it stands in for a read-only folder.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=f"--save_dir {tmp_path / 'run'} cannot be created: {tmp_path} is not writable"):
+        check_writable_folder(str(tmp_path / "run"), "--save_dir")
+    with pytest.raises(ConfigError, match=f"--save_dir {tmp_path} is not writable"):
+        check_writable_folder(str(tmp_path), "--save_dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_study_save_dir_that_is_a_file_is_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "trainer.study", "--save_dir", str(a_file)], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"error: --save_dir {a_file} is a file, not a folder"]
+    assert a_file.read_text() == "mine"
+
+
+def test_fp16_that_accelerate_would_not_apply_on_the_cpu_is_refused(data, tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+    args = TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run", "--device", "cpu"]
+    args[args.index("--mixed_precision") + 1] = "fp16"
+    # accelerate keeps one mixed precision per process: start afresh, and leave none behind for other tests.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert ("--mixed_precision fp16 is not applied on cpu by accelerate (it would train in fp32)"
+                in refused(args, capsys))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "run").exists()
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+def test_swapped_train_and_test_files_are_refused(tmp_path, capsys):
+    write_fake_cifar100(tmp_path / "data", num_train=8, num_test=16)
+    folder = tmp_path / "data" / "cifar-100-python"
+    message = refused(TINY + ["--data_dir", tmp_path / "data", "--batch_size", "8", "--save_dir", tmp_path / "run"],
+                      capsys)
+    assert f"{folder / 'test'} holds more images (16) than {folder / 'train'} (8): are the two files swapped?" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_float_labels_are_refused_naming_the_file(tmp_path):
+    path = tmp_path / "train"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [3.7, 1.0]}, f)
+    with pytest.raises(DataError, match=f"{path}: fine_labels must be integers, got float64 values such as 3.7"):
+        read_split(path)
+
+
+def test_failed_download_removes_the_folders_it_made(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        raise RuntimeError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        ensure_downloaded(str(tmp_path / "new" / "data"), download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="cannot be written to download it"):
+        ensure_downloaded(str(tmp_path / "a_file" / "data"), download=True)
+
+
+# --- pretrained weights -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop("blocks.0.norm1.weight"), "1 of the model's 80 tensors are not in the file (blocks.0.norm1.weight"),
+    (lambda w: w.update(extra=torch.zeros(1)), "0 of the model's 80 tensors are not in the file and 1 of the file's "
+                                               "are not in the model (extra"),
+])
+def test_weights_that_do_not_fit_beyond_the_head_are_refused(tmp_path, change, message):
+    weights = timm.create_model("test_vit").state_dict()
+    change(weights)
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        create_model(TrainConfig(model="test_vit", pretrained_file=str(tmp_path / "w.safetensors")))
+
+
+def test_another_architectures_weights_are_refused_in_one_line(data, tmp_path):
+    # A real process: in pytest's own process, timm's logged "Unexpected keys" warning would not reach stderr.
+    nfnet = weights_file(tmp_path / "nfnet.safetensors", "test_nfnet")
+    result = run_trainer(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run",
+                                 "--pretrained_file", nfnet], check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --pretrained_file {nfnet} does not fit test_vit: 78 of the model's 80 tensors are not in the file "
+        f"(cls_token, ...) and 93 of the file's are not in the model (final_conv.bias, ...); are they another "
+        f"model's weights?"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_of_other_shapes_are_refused(tmp_path):
+    path = weights_file(tmp_path / "wide.safetensors", "test_vit", embed_dim=128)
+    with pytest.raises(ConfigError, match=r"cannot be loaded into test_vit by timm \(RuntimeError: .* size mismatch"):
+        create_model(TrainConfig(model="test_vit", pretrained_file=str(path)))
+
+
+# --- report and launch.sh -----------------------------------------------------------------------------
+
+def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    from test_report import write_run
+    from trainer.report import main as report_main
+    run = write_run(tmp_path / "run")
+    out = tmp_path / "out"
+    out.write_text("mine")
+    assert report_main([str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out} cannot be a folder of the report")
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"GPUS": "abc"}, "GPUS must be a whole number >= 0, got 'abc'"),
+    ({"GPUS": "0", "NPROC_PER_NODE": "two"}, "NPROC_PER_NODE must be a whole number >= 1, got 'two'"),
+    ({"GPUS": "0", "NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be a whole number >= 1, got '0'"),
+    ({"GPUS": "0", "NNODES": "1.5"}, "NNODES must be a whole number >= 1, got '1.5'"),
+    ({"GPUS": "0", "NODE_RANK": "-1"}, "NODE_RANK must be a whole number >= 0, got '-1'"),
+    ({"GPUS": "0", "MASTER_PORT": "http"}, "MASTER_PORT must be a whole number >= 1, got 'http'"),
+])
+def test_launch_sh_numeric_variables_are_checked(env, message):
+    steering = ("GPUS", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in steering and not k.startswith("SLURM_")}
+    result = subprocess.run([str(REPO / "launch.sh"), "--dry-run"], env={**base, **env}, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"error: {message}"]
