@@ -50,7 +50,7 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
         precision = "no"
     accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
-                              log_with=config.log_with, project_dir=config.save_dir)
+                              log_with=config.trackers or None, project_dir=config.save_dir)
     check_process_group(accelerator, launched=env_world_size())
     if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
