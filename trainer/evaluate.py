@@ -126,6 +126,9 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     from trainer.config import env_world_size
 
     check_out(out, overwrite=OUT_FILES)
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # the confusion figure, written after the evaluation
+        raise ConfigError("trainer.evaluate draws its confusion figure with matplotlib: pip install -e '.[report]'")
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
