@@ -84,3 +84,15 @@ def test_an_unknown_or_missing_tracker_stops_before_anything_is_written(log_with
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_does_not_start_is_one_line_before_training(cifar_dir, tmp_path):
+    # MLflow 3.17 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: an error of the tracker's own set-up.
+    env = child_env(MLFLOW_TRACKING_URI=f"file:{tmp_path / 'mlruns'}")
+    env.pop("MLFLOW_ALLOW_FILE_STORE", None)
+    result = run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", 1, "--log_with", "mlflow",
+                                 "--save_dir", tmp_path / "run"], env=env, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --log_with mlflow: the tracker did not start"), err
+    assert not (tmp_path / "run" / "steps.jsonl").read_text()
