@@ -23,12 +23,12 @@ def run(cifar_dir, tmp_path_factory):
     return root
 
 
-def evaluate(*args, processes=1):
+def evaluate(*args, processes=1, env=None):
     launch = [sys.executable, EVALUATE] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(REPO / "accelerate_configs" / "cpu_multi.yaml"), "--num_processes", str(processes),
         "--main_process_port", str(free_port()), EVALUATE, "--device", "cpu"]
-    return subprocess.run(launch + [str(a) for a in args], cwd=REPO, env=child_env(), capture_output=True,
+    return subprocess.run(launch + [str(a) for a in args], cwd=REPO, env=env or child_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -74,8 +74,11 @@ def test_an_exported_folder_and_its_local_dir_name_give_the_same_numbers(run, tm
         assert got["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 
 
-def test_a_source_that_is_no_model_is_one_line(tmp_path):
-    result = evaluate(tmp_path / "nothing_here", "--out", tmp_path / "eval")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "nothing_here" in lines[0], result.stderr
+def test_a_source_that_is_no_model_or_cannot_be_downloaded_is_one_line(tmp_path):
+    for source, says, env in ((tmp_path / "nothing_here", "nothing_here", {}),
+                              ("hf-hub:someone/cifar100-nothing", "cannot be reached",
+                               {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})):  # nothing listens there
+        result = evaluate(source, "--out", tmp_path / "eval", env=child_env(**env))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr

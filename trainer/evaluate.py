@@ -50,6 +50,15 @@ def load_model(source: str, ema: bool):
     if ema:
         raise ExportError("--ema applies to a checkpoint folder only")
     name = f"local-dir:{path}" if (path / "config.json").is_file() else source
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        # Fail in seconds, not after the hub client's retries, when the model is neither cached nor reachable.
+        from huggingface_hub import constants, try_to_load_from_cache
+        from trainer.models import _hub_reachable
+        repo = name.split(":", 1)[1].split("@")[0]
+        if not isinstance(try_to_load_from_cache(repo, "config.json"), str) and (
+                constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT)):
+            raise ExportError(f"{source} is not in the Hugging Face cache and {constants.ENDPOINT} cannot be reached "
+                              f"(or HF_HUB_OFFLINE is set)")
     try:
         model = timm.create_model(name, pretrained=True)  # pretrained=True: the folder's or the hub's weights
     except Exception as error:  # unknown name, no network, a folder timm cannot read: all one line to the user
