@@ -10,13 +10,11 @@ import sys
 import threading
 
 import pytest
-import timm
 import torch
 
 from conftest import (MAIN, REPO, TINY, assert_resumed, child_env, load_weights, read_jsonl, record_lines,
                       relative_l2, run_trainer)
 from trainer import checkpoint, records
-from trainer.export import main as export_main
 
 EPOCHS = 3
 STEPS_PER_EPOCH = 9  # 288 images, batch 32
@@ -234,14 +232,3 @@ def test_a_nan_loss_stops_with_the_step_and_writes_no_checkpoint(cifar_dir, tmp_
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training loss is nan at step") or "not finite" in last, last
     assert not checkpoint.list_checkpoints(tmp_path)
-
-
-def test_export_writes_weights_that_timm_loads(uninterrupted, tmp_path):
-    assert export_main([str(uninterrupted / f"epoch_{EPOCHS}"), "--out", str(tmp_path)]) == 0
-    info = json.loads((tmp_path / "model.json").read_text())
-    assert info == {"timm_model": "test_vit", "num_classes": 100, "model_kwargs": {"img_size": [32, 32]}}
-    model = timm.create_model(info["timm_model"], pretrained=True, num_classes=info["num_classes"],
-                              **info["model_kwargs"], pretrained_cfg_overlay=dict(
-                                  file=str(tmp_path / "model.safetensors"), num_classes=info["num_classes"]))
-    saved = load_weights(tmp_path / "model.safetensors")
-    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)

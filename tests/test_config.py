@@ -87,7 +87,7 @@ def test_batch_sizes_that_do_not_divide_say_which_values_work():
     (["--layer_decay", "0"], r"--layer_decay must lie in \(0, 1\]"),
     (["--layer_decay", "1.5"], r"--layer_decay must lie in \(0, 1\]"),
     (["--model_ema_decay", "1"], r"--model_ema_decay must lie in \[0, 1\)"),
-    (["--log_with", "wandb"], "--log_with 'wandb' is not one of: tensorboard"),
+    (["--log_with", "tensorboard,tensorbored"], "--log_with 'tensorbored' is not one of accelerate's trackers: tensorboard, "),
 ])
 def test_bad_values_are_refused_with_the_option_named(tmp_path, argv, message):
     # Paths that are missing are made missing here, under tmp_path, not assumed missing on the machine.

@@ -50,7 +50,7 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
         precision = "no"
     accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
-                              log_with=config.log_with, project_dir=config.save_dir)
+                              log_with=config.trackers or None, project_dir=config.save_dir)
     check_process_group(accelerator, launched=env_world_size())
     # accelerate 1.15 autocasts fp16 only on accelerators: on the CPU it keeps mixed_precision "fp16" but sets
     # native_amp False and trains in fp32 (measured: a Linear layer's output stays float32). bf16 it does autocast on

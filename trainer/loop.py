@@ -2,10 +2,11 @@
 
 With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
 evaluated beside the model (`val_*_ema` in metrics.jsonl) and saved as `epoch_N/model_ema.safetensors`.
-With --log_with tensorboard, accelerate's tracker writes `{save_dir}/tensorboard/` (the run's options as
-hparams in a timestamped subfolder on a fresh start): `step/train_loss`, `step/lr` and `step/images_per_s`
-every log_interval steps, and `epoch/*` (the metrics.jsonl values) after each epoch, all against the
-optimizer step. A resumed run purges the events logged after its checkpoint, as it truncates the JSONL files.
+With --log_with (accelerate's trackers, e.g. tensorboard,mlflow) each tracker gets the run's options on a fresh
+start, `step/train_loss`, `step/lr` and `step/images_per_s` every log_interval steps, and `epoch/*` (the
+metrics.jsonl values) after each epoch, all against the optimizer step, under the project name `cifar-trainer`.
+TensorBoard writes `{save_dir}/cifar-trainer/` (the options as hparams in a timestamped subfolder), and a resumed
+run purges the events logged after its checkpoint, as it truncates the JSONL files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, records
 from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, resolve_batching, to_dict
-from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
+from .data import NUM_CLASSES, Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
 from .distributed import create_accelerator, resolve_mixed_precision
 from .graphs import CudaGraphStep
 from .models import count_parameters, create_model
@@ -305,21 +306,9 @@ class Trainer:
         # prepared model gets it from accelerate (or, with CUDA graphs, here too).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
         autocast_dtype = half if ema else (self.autocast_dtype if self.config.cuda_graph else None)
-        totals = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
-        for images, labels in self.test_loader:
-            with torch.autocast(self.accelerator.device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                logits = model(self.normalize(images).to(torch.float32 if ema else self.input_dtype)).float()
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            top5 = logits.topk(5, dim=1).indices
-            # gather_for_metrics drops the samples accelerate duplicated to even out the last batch,
-            # so each test image counts exactly once.
-            losses, top5, labels = self.accelerator.gather_for_metrics((losses, top5, labels))
-            hits = top5 == labels[:, None]
-            totals += torch.stack([losses.sum().double(), hits[:, 0].sum().double(),
-                                   hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=hits.device,
-                                                                                dtype=torch.float64)])
-        loss, correct1, correct5, count = totals.tolist()
+        loss, correct1, correct5, count = evaluate_model(
+            self.accelerator, model, self.test_loader, self.normalize, torch.float32 if ema else self.input_dtype,
+            autocast_dtype)[0].tolist()
         if ema:
             return {"val_loss_ema": loss / count, "val_acc1_ema": 100 * correct1 / count,
                     "val_acc5_ema": 100 * correct5 / count}
@@ -536,11 +525,20 @@ class Trainer:
         self.print_startup()
         for name in {cfg.preempt_signal, "SIGUSR1"}:
             signal.signal(getattr(signal, name), self._request_stop)
-        if cfg.log_with == "tensorboard":
-            # Events after the checkpoint are purged, as truncate_records does for the JSONL files; the options
-            # are written once, on a fresh start.
-            accelerator.init_trackers("tensorboard", config=to_dict(cfg) if self.progress.global_step == 0 else None,
-                                      init_kwargs={"tensorboard": {"purge_step": self.progress.global_step + 1}})
+        if cfg.log_with:
+            # TensorBoard purges the events after the checkpoint, as truncate_records does for the JSONL files;
+            # the options are written once, on a fresh start. Trackers that would write into the working folder
+            # write into save_dir.
+            init_kwargs = {"tensorboard": {"purge_step": self.progress.global_step + 1},
+                           "mlflow": {"run_name": self.save_dir.resolve().name},
+                           "wandb": {"dir": str(self.save_dir), "name": self.save_dir.resolve().name},
+                           "dvclive": {"dir": str(self.save_dir / "dvclive")}}
+            try:
+                accelerator.init_trackers("cifar-trainer", config=to_dict(cfg) if self.progress.global_step == 0 else None,
+                                          init_kwargs=init_kwargs)
+            except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
+                raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''})") from None
         try:
             history = self.train_epochs()
         except BaseException:
@@ -588,3 +586,28 @@ class Trainer:
                 raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {epoch + 1}"
                                 + ("" if self.should_save(epoch + 1) else " (no checkpoint: not a save epoch)"))
         return history
+
+
+@torch.no_grad()
+def evaluate_model(accelerator, model: torch.nn.Module, loader, normalize: Normalize,
+                   input_dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None):
+    """(summed loss, top-1 hits, top-5 hits, images) and the confusion matrix (true x predicted class) over
+    `loader` (prepared by accelerate): the trainer's evaluation, shared with trainer/evaluate.py."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    for images, labels in loader:
+        with torch.autocast(accelerator.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = model(normalize(images).to(input_dtype)).float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        top5 = logits.topk(5, dim=1).indices
+        # gather_for_metrics drops the samples accelerate duplicated to even out the last batch,
+        # so each test image counts exactly once.
+        losses, top5, labels = accelerator.gather_for_metrics((losses, top5, labels))
+        hits = top5 == labels[:, None]
+        totals += torch.stack([losses.sum().double(), hits[:, 0].sum().double(),
+                               hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=hits.device,
+                                                                            dtype=torch.float64)])
+        confusion += torch.bincount(labels * NUM_CLASSES + top5[:, 0], minlength=NUM_CLASSES * NUM_CLASSES)
+    return totals.cpu(), confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()

@@ -1,0 +1,84 @@
+"""python -m trainer.evaluate: a checkpoint's or an exported folder's numbers on the test set, per class too."""
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, child_env, free_port, read_jsonl, run_trainer
+from trainer.data import read_split
+from trainer.export import main as export_main
+
+EVALUATE = str(REPO / "trainer" / "evaluate.py")
+
+
+@pytest.fixture(scope="module")
+def run(cifar_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate_run")
+    run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", 2, "--batch_size", 64, "--save_dir", root])
+    return root
+
+
+def evaluate(*args, processes=1, env=None):
+    launch = [sys.executable, EVALUATE] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_multi.yaml"), "--num_processes", str(processes),
+        "--main_process_port", str(free_port()), EVALUATE, "--device", "cpu"]
+    return subprocess.run(launch + [str(a) for a in args], cwd=REPO, env=env or child_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])  # IHDR width, height
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_checkpoint_gives_its_runs_final_metrics_per_class_csv_and_confusion_png(run, cifar_dir, tmp_path,
+                                                                                    processes):
+    out = tmp_path / "eval"
+    result = evaluate(run / "epoch_2", "--out", out, processes=processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read_jsonl(run / "metrics.jsonl")[-1]
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["processes"] == processes
+    assert got["val_images"] == final["val_images"] == 201  # each test image once, also when sharded
+    assert got["val_acc1"] == final["val_acc1"] and got["val_acc5"] == final["val_acc5"]
+    assert got["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)  # summed in another order on 2 processes
+
+    test = read_split(cifar_dir / "cifar-100-python" / "test")
+    rows = list(csv.DictReader(open(out / "per_class.csv")))
+    assert [int(r["class"]) for r in rows] == list(range(100))
+    assert [int(r["images"]) for r in rows] == torch.bincount(test.labels, minlength=100).tolist()
+    assert sum(int(r["correct"]) for r in rows) == round(final["val_acc1"] * 201 / 100)
+    # The generated data's superclass of fine class c is c // 5 (its test pickle's coarse_labels).
+    assert [r["superclass"] for r in rows[:10]] == [str(c // 5) for c in range(10)]
+    width, height = png_size(out / "confusion.png")
+    assert 600 <= width <= 2000 and 600 <= height <= 2000
+
+
+def test_an_exported_folder_and_its_local_dir_name_give_the_same_numbers(run, tmp_path):
+    assert export_main([str(run / "epoch_2"), "--out", str(tmp_path / "exported")]) == 0
+    final = read_jsonl(run / "metrics.jsonl")[-1]
+    for source in (tmp_path / "exported", f"local-dir:{tmp_path / 'exported'}"):
+        result = evaluate(source, "--data_dir", json.loads((run / "config.json").read_text())["options"]["data_dir"],
+                          "--eval_batch_size", 50, "--out", tmp_path / "eval")
+        assert result.returncode == 0, result.stderr[-3000:]
+        got = json.loads(result.stdout.strip().splitlines()[-1])
+        assert got["val_acc1"] == final["val_acc1"] and got["val_acc5"] == final["val_acc5"]
+        assert got["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+
+
+def test_a_source_that_is_no_model_or_cannot_be_downloaded_is_one_line(tmp_path):
+    for source, says, env in ((tmp_path / "nothing_here", "nothing_here", {}),
+                              ("hf-hub:someone/cifar100-nothing", "cannot be reached",
+                               {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})):  # nothing listens there
+        result = evaluate(source, "--out", tmp_path / "eval", env=child_env(**env))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr

@@ -1,0 +1,206 @@
+"""Evaluate a checkpoint, an exported folder or any timm model on the CIFAR-100 test set.
+
+    python -m trainer.evaluate checkpoint/epoch_25 --out eval/      # a checkpoint folder (its run's normalisation)
+    python -m trainer.evaluate exported/ --data_dir ./data          # a folder written by trainer.export
+    python -m trainer.evaluate hf-hub:user/cifar100-vit             # any timm name with 100 classes (local-dir: too)
+    accelerate launch --multi_gpu --num_processes 2 -m trainer.evaluate checkpoint/epoch_25 --device cpu
+
+Prints top-1, top-5 and loss (the trainer's own evaluation code, so a checkpoint gives the numbers of its run's
+metrics.jsonl line) and writes into --out: `metrics.json`, `per_class.csv` (images, correct and accuracy of each
+of the 100 classes, with its superclass) and `confusion.png` (the confusion matrix, classes grouped by CIFAR-100's
+20 superclasses, read from the test pickle's `coarse_labels`). Under `accelerate launch` the test set is sharded
+over the processes and each image is counted once.
+
+Exit status: 0 done; 2 a bad model, folder or data (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pickle
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from trainer.checkpoint import MANIFEST_FILE, CheckpointError  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
+from trainer.data import NUM_CLASSES, DataError  # noqa: E402
+from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
+
+OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png"}
+
+
+def load_model(source: str, ema: bool):
+    """(model, normalisation {mean, std, image_size}, run options or {}) for a checkpoint, a folder or a timm name."""
+    import timm
+    from timm.data import resolve_data_config
+    path = Path(source).expanduser()
+    if (path / MANIFEST_FILE).is_file():  # a checkpoint: its run's normalisation and image size
+        model, _ = load_checkpoint_model(path, ema=ema)
+        config, _ = run_records(path)
+        options, resolved = config.get("options", {}), config.get("resolved", {})
+        norm = {"mean": resolved.get("normalize_mean", model.pretrained_cfg.get("mean")),
+                "std": resolved.get("normalize_std", model.pretrained_cfg.get("std")),
+                "image_size": options.get("image_size", 32)}
+        return model, norm, options
+    if ema:
+        raise ExportError("--ema applies to a checkpoint folder only")
+    name = f"local-dir:{path}" if (path / "config.json").is_file() else source
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        # Fail in seconds, not after the hub client's retries, when the model is neither cached nor reachable.
+        from huggingface_hub import constants, try_to_load_from_cache
+        from trainer.models import _hub_reachable
+        repo = name.split(":", 1)[1].split("@")[0]
+        if not isinstance(try_to_load_from_cache(repo, "config.json"), str) and (
+                constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT)):
+            raise ExportError(f"{source} is not in the Hugging Face cache and {constants.ENDPOINT} cannot be reached "
+                              f"(or HF_HUB_OFFLINE is set)")
+    try:
+        model = timm.create_model(name, pretrained=True)  # pretrained=True: the folder's or the hub's weights
+    except Exception as error:  # unknown name, no network, a folder timm cannot read: all one line to the user
+        raise ExportError(f"{source} is neither a checkpoint folder, an exported folder nor a timm model that "
+                          f"loads ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if model.num_classes != NUM_CLASSES:
+        raise ExportError(f"{source} has {model.num_classes} classes, not CIFAR-100's {NUM_CLASSES}")
+    data_config = resolve_data_config({}, model=model)
+    return model.eval(), {"mean": data_config["mean"], "std": data_config["std"],
+                          "image_size": data_config["input_size"][-1]}, {}
+
+
+def superclasses(folder: Path) -> tuple[list[int], list[str]]:
+    """Each fine class's superclass (from the test pickle's `coarse_labels`; -1 for a class absent from the test
+    set) and the superclass names (the `meta` pickle's `coarse_label_names`, else their numbers)."""
+    with open(folder / "test", "rb") as f:
+        test = pickle.load(f, encoding="bytes")
+    coarse = [-1] * NUM_CLASSES
+    for fine, superclass in zip(test[b"fine_labels"], test.get(b"coarse_labels", [])):
+        coarse[fine] = int(superclass)
+    with open(folder / "meta", "rb") as f:
+        names = pickle.load(f, encoding="bytes").get(b"coarse_label_names") or range(20)
+    return coarse, [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def write_per_class(path: Path, confusion, class_names: list[str], coarse: list[int], coarse_names: list[str]) -> None:
+    images, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "name", "superclass", "superclass_name", "images", "correct", "accuracy"])
+        for c in range(NUM_CLASSES):
+            writer.writerow([c, class_names[c], coarse[c], coarse_names[coarse[c]] if coarse[c] >= 0 else "",
+                             images[c], correct[c], f"{100 * correct[c] / images[c]:.2f}" if images[c] else ""])
+
+
+def plot_confusion(path: Path, confusion, coarse: list[int], coarse_names: list[str], title: str) -> None:
+    """Row-normalised confusion matrix (percent of each true class), classes ordered by superclass."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = sorted(range(NUM_CLASSES), key=lambda c: (coarse[c] if coarse[c] >= 0 else len(coarse_names), c))
+    matrix = confusion[order][:, order].double()
+    matrix = 100 * matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(10, 9.5))
+    image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.04, label="% of the true class")
+    # One tick per superclass, at the middle of its block, and lines between blocks.
+    groups = [coarse[c] for c in order]
+    starts = [i for i in range(NUM_CLASSES) if i == 0 or groups[i] != groups[i - 1]]
+    for start in starts[1:]:
+        ax.axhline(start - 0.5, color="white", linewidth=0.4)
+        ax.axvline(start - 0.5, color="white", linewidth=0.4)
+    ends = starts[1:] + [NUM_CLASSES]
+    centres = [(s + e - 1) / 2 for s, e in zip(starts, ends)]
+    labels = [coarse_names[groups[s]] if groups[s] >= 0 else "absent from the test set" for s in starts]
+    ax.set_yticks(centres, labels, fontsize=6)
+    ax.set_xticks(centres, labels, fontsize=6, rotation=90)
+    ax.set_ylabel("true class (grouped by superclass)")
+    ax.set_xlabel("predicted class")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int | None, device: str,
+             ema: bool = False) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from trainer.data import Normalize, ensure_downloaded, load_cifar100
+    from trainer.distributed import check_process_group
+    from trainer.loop import evaluate_model
+    from trainer.config import env_world_size
+
+    check_out(out, overwrite=OUT_FILES)
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # the confusion figure, written after the evaluation
+        raise ConfigError("trainer.evaluate draws its confusion figure with matplotlib: pip install -e '.[report]'")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    on_cpu = device == "cpu" or not has_cuda
+    # On a GPU a checkpoint is evaluated in its run's precision, as the trainer did (under DeepSpeed the trainer's
+    # weights themselves were half precision: the numbers then agree within rounding). The CPU runs fp32.
+    is_checkpoint = (Path(source).expanduser() / MANIFEST_FILE).is_file()
+    precision = run_records(Path(source).expanduser())[0].get("resolved", {}).get("mixed_precision", "no") \
+        if is_checkpoint and not on_cpu else "no"
+    # cpu=True makes a multi-process launch on a machine without GPUs one gloo group (see trainer/distributed.py).
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
+    check_process_group(accelerator, launched=env_world_size())
+    with accelerator.main_process_first():  # a hub model or the data set: fetched once, then read
+        model, norm, options = load_model(source, ema)
+        data_dir = data_dir or options.get("data_dir", "./data")
+        folder = ensure_downloaded(data_dir, download=True) if accelerator.is_main_process \
+            else Path(data_dir) / "cifar-100-python"
+    _, test, class_names = load_cifar100(folder)
+    coarse, coarse_names = superclasses(folder)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test.images, test.labels),
+                                         batch_size=eval_batch_size or options.get("eval_batch_size", 500))
+    # evaluation_mode: placed on the device, no DDP wrapper (no gradients to synchronise).
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    loader = accelerator.prepare(loader)
+    normalize = Normalize(norm["mean"], norm["std"], norm["image_size"])
+    totals, confusion = evaluate_model(accelerator, model, loader, normalize)
+    loss, correct1, correct5, count = totals.tolist()
+    result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
+              "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_per_class(out / "per_class.csv", confusion, class_names, coarse, coarse_names)
+        plot_confusion(out / "confusion.png", confusion, coarse, coarse_names,
+                       f"{source}: top-1 {result['val_acc1']:.2f} %, {int(count)} test images")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="checkpoint folder, folder written by trainer.export, or a timm name "
+                                       "(local-dir:PATH, hf-hub:NAME)")
+    parser.add_argument("--data_dir", default=None, help="folder holding cifar-100-python/ (default: the "
+                                                         "checkpoint run's --data_dir, else ./data)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default: evaluation)")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="test images per process per forward pass (default: the run's, else 500)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--ema", action="store_true", help="evaluate a checkpoint's EMA weights")
+    args = parser.parse_args(argv)
+    try:
+        if args.eval_batch_size is not None and args.eval_batch_size < 1:
+            raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
+        result = evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
+    except (CheckpointError, ConfigError, DataError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
