@@ -4,12 +4,16 @@ one copy per batch, and `no_sync` under DDP with --compile. What only a GPU can 
 
 import contextlib
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import REPO, child_env, free_port
 from trainer import graphs
 from trainer.config import TrainConfig
 from trainer.data import Normalize, random_erase, seeded
@@ -163,3 +167,56 @@ def test_random_erase_is_timms_per_image_and_copies_once_per_batch(max_count):
     with CountCopies() as counter:
         random_erase(torch.zeros(32, 3, 32, 32, device="meta"), eraser, seeds)
     assert counter.copies == 1
+
+
+PROBE = r'''
+import json, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+# Dynamo's "eager" backend instead of inductor: what is tested is the wrapping around the compiled model, and
+# inductor's code generation would take minutes on two CPU cores.
+compile_ = torch.compile
+torch.compile = lambda model, **options: compile_(model, backend="eager")
+made = []
+init = DistributedDataParallel.__init__
+def record(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    made.append(self)
+DistributedDataParallel.__init__ = record
+
+from trainer.config import TrainConfig
+from trainer.loop import Trainer
+data_dir, save_dir, result = sys.argv[1:]
+trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=data_dir, save_dir=save_dir, compile=True,
+                              batch_size=64, micro_batch_size=16, epochs=1, warmup_epochs=0, augment="none",
+                              mixed_precision="no", progress=False))
+trainer.accelerator.unwrap_model(trainer.model)  # as accelerate's get_state_dict does at every save
+synced = []  # for each all-reduce of a gradient bucket: whether the micro-step ends an optimizer step
+ddp, = made
+ddp.register_comm_hook(None, lambda state, bucket: (synced.append(trainer.accelerator.sync_gradients),
+                                                    allreduce_hook(None, bucket))[1])
+trainer.model.train()
+trainer.train_steps.set_epoch(0)
+for step in range(2):
+    trainer.train_step(trainer.train_steps[step], 64)
+if trainer.accelerator.is_main_process:
+    json.dump({"accumulation": trainer.accumulation, "synced": synced}, open(result, "w"))
+trainer.accelerator.end_training()
+'''
+
+
+def test_compile_under_ddp_all_reduces_only_on_the_last_micro_step(cifar_dir, tmp_path):
+    # Finding 6: with --compile, unwrap_model(keep_torch_compile=True) re-parents the compiled wrapper, and
+    # accelerate's no_sync then finds nothing to call: every micro-step all-reduced.
+    (tmp_path / "probe.py").write_text(PROBE)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "accelerate_configs" / "cpu_multi.yaml"), "--num_processes", "2", "--main_process_port",
+         str(free_port()), str(tmp_path / "probe.py"), str(cifar_dir), str(tmp_path / "run"), str(tmp_path / "out.json")],
+        cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["accumulation"] == 2
+    assert out["synced"] and all(out["synced"]), out["synced"]  # 2 steps x 2 micro-steps: buckets of 2 only
