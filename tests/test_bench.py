@@ -3,8 +3,13 @@
 import json
 import subprocess
 import sys
+import time
+
+import torch
 
 from conftest import REPO, child_env
+from trainer import bench
+from trainer.config import TrainConfig
 
 
 def test_benchmark_prints_raw_and_trainer_rows(tmp_path):
@@ -24,3 +29,46 @@ def test_benchmark_prints_raw_and_trainer_rows(tmp_path):
         assert abs(row["images_per_s"] * row["ms_per_step"] / 1000 - 32) < 1e-6  # consistent units
     assert all(r["ratio"] > 0 for r in rows if r["path"] == "trainer")
     assert (tmp_path / "bench.md").read_text().count("| test_vit |") == 5
+    assert [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()] == rows
+
+
+def test_each_row_is_on_disk_as_soon_as_it_is_measured(tmp_path):
+    # A time limit that stops the run (gpu_check.sh's timeouts) must not lose the rows measured before it.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainer.bench", "--models", "test_vit", "--modes", "eager", "--batch_size", "32",
+         "--steps", "3", "--repeats", "2", "--no-zero2", "--channels_last", "--out", str(tmp_path)],
+        cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows_file = tmp_path / "bench.jsonl"
+    try:
+        while process.poll() is None and not (rows_file.is_file() and rows_file.read_text().strip()):
+            time.sleep(0.05)
+        running = process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+    assert running, "the first row reached the disk only when the run ended"
+    first = json.loads(rows_file.read_text().splitlines()[0])
+    assert (first["path"], first["mode"], first["channels_last"]) == ("raw", "eager", True)
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "channels_last" in markdown.splitlines()[0]  # the header, written first
+    assert "| test_vit | raw | eager, channels_last | - |" in markdown
+
+
+def test_channels_last_puts_the_weights_in_that_layout(monkeypatch, cifar_dir, tmp_path):
+    made = []
+    create_model = bench.create_model
+    monkeypatch.setattr(bench, "create_model", lambda config: made.append(create_model(config)) or made[-1])
+    config = TrainConfig(model="test_nfnet", pretrained=False, batch_size=8, image_size=32, data_dir=str(cifar_dir),
+                         save_dir=str(tmp_path), epochs=1000, warmup_epochs=0, progress=False, augment="none")
+    bench.raw_step_time(config, "eager", torch.device("cpu"), steps=1, repeats=1, channels_last=True)
+    # Kernels wider than 1x1 (a 1x1 kernel's weight is contiguous in both layouts).
+    convs = [m.weight for m in made[-1].modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+
+    from trainer.loop import Trainer
+    layouts = []
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: layouts.append(
+        [m.weight.is_contiguous(memory_format=torch.channels_last) for m in self.plain_model.modules()
+         if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]))
+    bench.trainer_step_time(config, steps=1, repeats=1, channels_last=True)
+    assert layouts and all(all(epoch) and epoch for epoch in layouts)

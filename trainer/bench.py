@@ -9,6 +9,9 @@ trainer  Trainer.train_epoch on generated CIFAR-format files: data (GPU-resident
 Modes: eager, compile (torch.compile), cuda_graph (the whole step as one CUDA graph, GPU only), and the trainer
 under DeepSpeed ZeRO-2 at world size 1 (`zero2`, eager). Each figure is the median of --repeats timings
 after a warm-up that absorbs compilation and capture. This is a measurement, not a test: nothing asserts a speed.
+`--channels_last` runs every row with the model's weights (and the raw step's images) in channels-last layout,
+an A/B switch for convolutional models. With `--out`, each row is appended to bench.md and bench.jsonl the
+moment it is measured, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ def time_steps(step, steps: int, repeats: int, device: torch.device) -> float:
     return statistics.median(timings)
 
 
-def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: int, repeats: int) -> float:
-    model = create_model(config).to(device)
+def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: int, repeats: int,
+                  channels_last: bool = False) -> float:
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(config).to(device, memory_format=layout)
     optimizer = create_optimizer(config, model, fused=device.type == "cuda", capturable=mode == "cuda_graph")
     batch = config.batch_size
-    images = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
+    images = torch.randn(batch, 3, config.image_size, config.image_size, device=device).to(memory_format=layout)
     labels = torch.randint(0, 100, (batch,), device=device)
     bf16 = device.type == "cuda"
     if mode == "cuda_graph":
@@ -85,7 +90,7 @@ def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: i
     return time_steps(step, steps, repeats, device)
 
 
-def zero2_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
+def zero2_step_time(config: TrainConfig, steps: int, repeats: int, channels_last: bool = False) -> float:
     """The trainer under DeepSpeed ZeRO-2 at world size 1, in a child process of its own.
 
     DeepSpeed needs the process group and environment its launcher sets up, and keeps global state
@@ -98,14 +103,14 @@ def zero2_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(repo / "accelerate_configs" / "zero2.yaml"), "--num_processes", "1", "-m", "trainer.bench",
                    "--child_config", json.dumps(vars(config)), "--child_result", result.name,
-                   "--steps", str(steps), "--repeats", str(repeats)]
+                   "--steps", str(steps), "--repeats", str(repeats)] + (["--channels_last"] if channels_last else [])
         # The same number of CPU threads as this process (torchrun would set 1), so the rows compare.
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         subprocess.run(command, check=True, cwd=repo, env=env)
         return json.loads(Path(result.name).read_text())["seconds"]
 
 
-def trainer_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
+def trainer_step_time(config: TrainConfig, steps: int, repeats: int, channels_last: bool = False) -> float:
     """Median seconds per optimizer step of Trainer.train_epoch (one epoch = `steps` steps)."""
     from accelerate.state import AcceleratorState
 
@@ -114,6 +119,8 @@ def trainer_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
     # is reset between them (as accelerate's own tests do).
     AcceleratorState._reset_state(reset_partial_state=True)
     trainer = Trainer(config)
+    if channels_last:  # in place, before the first step compiles or captures anything
+        trainer.plain_model.to(memory_format=torch.channels_last)
     device = trainer.accelerator.device
     timings = []
     for epoch in range(repeats + 1):  # epoch 0 warms up: compilation, graph capture, cuDNN autotuning
@@ -128,7 +135,8 @@ def trainer_step_time(config: TrainConfig, steps: int, repeats: int) -> float:
 
 
 def run(models: list[str], modes: list[str], augments: list[str], batch_size: int, steps: int, repeats: int,
-        zero2: bool, workdir: Path) -> list[dict]:
+        zero2: bool, workdir: Path, channels_last: bool = False, written=lambda row: None) -> list[dict]:
+    """Every row, each also handed to `written` the moment it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data_dir = workdir / "data"
     write_fake_cifar100(data_dir, num_train=batch_size * steps, num_test=batch_size, num_classes=100)
@@ -147,29 +155,33 @@ def run(models: list[str], modes: list[str], augments: list[str], batch_size: in
             try:
                 seconds = measure()
             except Exception as error:  # noqa: BLE001 - the benchmark reports, it does not stop
-                row = dict(model=model, path=path, mode=mode, augment=augment, error=f"{type(error).__name__}: {error}")
+                row = dict(model=model, path=path, mode=mode, augment=augment, channels_last=channels_last,
+                           error=f"{type(error).__name__}: {error}")
             else:
                 if path == "raw":
                     raw[mode] = seconds
                 base_seconds = raw.get(raw_mode or mode) if path == "trainer" else None
-                row = dict(model=model, path=path, mode=mode, augment=augment, seconds=seconds,
+                row = dict(model=model, path=path, mode=mode, augment=augment, channels_last=channels_last,
+                           seconds=seconds,
                            images_per_s=batch_size / seconds, ms_per_step=1000 * seconds,
                            tflops=flops * batch_size / seconds / 1e12,
                            ratio=base_seconds / seconds if base_seconds else None)
             rows.append(row)
             print(table([row], header=False), flush=True)
+            written(row)
 
         for mode in runnable:
-            record("raw", mode, "-", lambda: raw_step_time(base, mode, device, steps, repeats))
+            record("raw", mode, "-", lambda: raw_step_time(base, mode, device, steps, repeats, channels_last))
         for mode in runnable:
             for augment in augments:
                 config = TrainConfig(**{**vars(base), "augment": augment, "compile": mode == "compile",
                                         "cuda_graph": mode == "cuda_graph"})
-                record("trainer", mode, augment, lambda: trainer_step_time(config, steps, repeats))
+                record("trainer", mode, augment, lambda: trainer_step_time(config, steps, repeats, channels_last))
         if zero2:
             for label, micro in (("zero2", batch_size), ("zero2, 2 micro-steps", batch_size // 2)):
                 config = TrainConfig(**{**vars(base), "micro_batch_size": micro})
-                record("trainer", label, base.augment, lambda: zero2_step_time(config, steps, repeats), "eager")
+                record("trainer", label, base.augment, lambda: zero2_step_time(config, steps, repeats, channels_last),
+                       "eager")
     return rows
 
 
@@ -177,11 +189,12 @@ def table(rows: list[dict], header: bool = True) -> str:
     lines = ["| model | path | mode | augment | images/s | ms/step | TFLOP/s | trainer/raw |",
              "|---|---|---|---|---|---|---|---|"] if header else []
     for r in rows:
+        mode = r["mode"] + (", channels_last" if r.get("channels_last") else "")
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['path']} | {r['mode']} | {r['augment']} | failed: {r['error'][:200]} |||||")
+            lines.append(f"| {r['model']} | {r['path']} | {mode} | {r['augment']} | failed: {r['error'][:200]} |||||")
             continue
         ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
-        lines.append(f"| {r['model']} | {r['path']} | {r['mode']} | {r['augment']} | {r['images_per_s']:,.0f} | "
+        lines.append(f"| {r['model']} | {r['path']} | {mode} | {r['augment']} | {r['images_per_s']:,.0f} | "
                      f"{r['ms_per_step']:.1f} | {r['tflops']:.2f} | {ratio} |")
     return "\n".join(lines)
 
@@ -199,29 +212,44 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is reported")
     parser.add_argument("--zero2", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the trainer under DeepSpeed ZeRO-2 at world size 1 (needs deepspeed)")
-    parser.add_argument("--out", type=Path, help="also write the table and the raw figures (JSON) here")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="weights (and the raw step's images) in channels-last layout, for an A/B comparison")
+    parser.add_argument("--out", type=Path, help="also write the table (bench.md) and the raw figures (bench.jsonl, "
+                        "bench.json) here, each row as soon as it is measured")
     parser.add_argument("--child_config", help=argparse.SUPPRESS)  # the ZeRO-2 child: one trainer timing
     parser.add_argument("--child_result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_config:
-        seconds = trainer_step_time(TrainConfig(**json.loads(args.child_config)), args.steps, args.repeats)
+        seconds = trainer_step_time(TrainConfig(**json.loads(args.child_config)), args.steps, args.repeats,
+                                    args.channels_last)
         Path(args.child_result).write_text(json.dumps({"seconds": seconds}))
         return 0
     split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
     unknown = set(split(args.modes)) - {"eager", "compile", "cuda_graph"}
     if unknown:
         parser.error(f"--modes: unknown {', '.join(sorted(unknown))}")
-    with tempfile.TemporaryDirectory() as workdir:
-        rows = run(split(args.models), split(args.modes), split(args.augment), args.batch_size, args.steps,
-                   args.repeats, args.zero2, Path(workdir))
     from .records import hardware, library_versions
     header = (f"{hardware()}; " + ", ".join(f"{k} {v}" for k, v in library_versions().items())
-              + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps")
+              + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps"
+              + (", channels_last" if args.channels_last else ""))
+    if args.out:
+        # Written as the run goes: the header now, then each row the moment it is measured, so a time limit
+        # that stops the run keeps every row measured so far.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.md").write_text(header + "\n\n" + table([]) + "\n")
+        (args.out / "bench.jsonl").write_text("")
+
+    def written(row: dict) -> None:
+        if args.out:
+            for name, line in (("bench.md", table([row], header=False)), ("bench.jsonl", json.dumps(row))):
+                with open(args.out / name, "a") as f:
+                    f.write(line + "\n")
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = run(split(args.models), split(args.modes), split(args.augment), args.batch_size, args.steps,
+                   args.repeats, args.zero2, Path(workdir), args.channels_last, written)
     print(header)
     print(table(rows))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.md").write_text(header + "\n\n" + table(rows) + "\n")
         (args.out / "bench.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     return 0
 

@@ -10,10 +10,11 @@ The sampling rule, the same on every topology:
 Augmentation randomness, and what it depends on:
 - crop offsets and flips come from the same per-epoch generator, one draw per image: a function of
   (seed, epoch, image), so an image gets the same crop and flip whichever process trains it;
-- RandAugment (`--augment randaug`) and random erasing (`--reprob`) use timm's classes, which draw from
-  python's `random`, numpy's and torch's global generators. Each image is processed with those generators
-  seeded by its own seed from the epoch plan (and put back afterwards), so these too are functions of
-  (seed, epoch, image) alone: the same on any number of processes or workers, and on a resumed run;
+- RandAugment (`--augment randaug`) uses timm's class, which draws from python's `random`, numpy's and
+  torch's global generators. Each image is processed with those generators seeded by its own seed from the
+  epoch plan (and put back afterwards); random erasing (`--reprob`) makes timm's draws from generators of its
+  own seeded the same way (random_erase). So these too are functions of (seed, epoch, image) alone: the same
+  on any number of processes or workers, and on a resumed run;
 - mixup / cutmix (`--mixup`, `--cutmix`, timm's Mixup) mix the images of one micro-batch with each other
   (image i with image n-1-i, one mixing weight per micro-batch), seeded by the plan's seed of the
   micro-batch's first image. So they depend on (seed, epoch) and on the micro-batch's composition, which
@@ -266,15 +267,64 @@ def rand_augment(images: torch.Tensor, transform, seeds: list[int]) -> torch.Ten
     return out
 
 
-def random_erase(images: torch.Tensor, eraser, seeds: list[int]) -> None:
-    """timm's RandomErasing on each normalised image in place, each with its own seed.
+def erase_boxes(eraser, rng: random.Random, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """The boxes (top, left, height, width) that timm's RandomErasing._erase draws for one image, from `rng`.
 
-    The eraser draws its noise on the CPU (seeded here); on GPU-resident data each erased box is then copied
-    to the GPU, a small copy per erased image.
+    The same draws in the same order as timm 1.0's `_erase` with python's `random` in the state of `rng`.
     """
-    for i, seed in enumerate(seeds):
-        with seeded(seed):
-            eraser(images[i])
+    if rng.random() > eraser.probability:
+        return []
+    area = height * width
+    count = eraser.min_count if eraser.min_count == eraser.max_count else rng.randint(eraser.min_count, eraser.max_count)
+    boxes = []
+    for _ in range(count):
+        for _attempt in range(10):
+            target_area = rng.uniform(eraser.min_area, eraser.max_area) * area / count
+            aspect_ratio = math.exp(rng.uniform(*eraser.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < width and h < height:
+                boxes.append((rng.randint(0, height - h), rng.randint(0, width - w), h, w))
+                break
+    return boxes
+
+
+def random_erase(images: torch.Tensor, eraser, seeds: list[int]) -> None:
+    """timm's RandomErasing (per-pixel noise) on each normalised image of a batch in place, each with its own seed.
+
+    timm's eraser works one image at a time with python's and torch's global generators and, on GPU-resident data,
+    copies each box's noise to the device (a copy and a sync per image). Here every image's boxes and noise are
+    drawn on the CPU from generators seeded by its own seed (random.Random(seed) and a torch.Generator seeded
+    with it give exactly what timm gives under random.seed(seed) / torch.manual_seed(seed)), packed into one
+    tensor, copied to the images' device once, and written with one masked_scatter_ per box (masked_scatter_
+    fills the mask's positions in row-major order, which is each box's (channel, row, column) order; on CUDA it
+    does not synchronise).
+    """
+    n, c, height, width = images.shape
+    per_image = [erase_boxes(eraser, random.Random(seed), height, width) for seed in seeds]
+    rounds = max(map(len, per_image))
+    if rounds == 0:
+        return
+    assert eraser.per_pixel, "only timm's mode='pixel' is implemented"
+    corners = torch.zeros(rounds, n, 4)  # (top, left, bottom, right); an empty box where an image has none
+    noise = [[] for _ in range(rounds)]
+    for i, (boxes, seed) in enumerate(zip(per_image, seeds)):
+        generator = torch.Generator().manual_seed(seed) if boxes else None
+        for k, (top, left, h, w) in enumerate(boxes):
+            corners[k, i] = torch.tensor([top, left, top + h, left + w])
+            noise[k].append(torch.empty(c, h, w).normal_(generator=generator).flatten())
+    noise = [torch.cat(values) for values in noise]
+    packed = torch.cat([corners.flatten(), *noise])
+    if images.device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(images.device, non_blocking=True)
+    corners, start = packed[:corners.numel()].view(rounds, n, 4, 1), corners.numel()
+    rows, cols = torch.arange(height, device=images.device), torch.arange(width, device=images.device)
+    for k in range(rounds):  # a later box of an image is written over an earlier one, as in timm
+        top, left, bottom, right = corners[k].unbind(1)
+        mask = ((rows >= top) & (rows < bottom))[:, None, :, None] & ((cols >= left) & (cols < right))[:, None, None, :]
+        images.masked_scatter_(mask.expand(n, c, height, width), packed[start:start + len(noise[k])])
+        start += len(noise[k])
 
 
 def mix(mixer, images: torch.Tensor, labels: torch.Tensor, real: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,18 +343,27 @@ def mix(mixer, images: torch.Tensor, labels: torch.Tensor, real: int, seed: int)
 
 
 class Normalize:
-    """uint8 images -> float32, scaled to [0, 1], normalised with the model's mean/std, resized if asked."""
+    """uint8 images -> float32, scaled to [0, 1], normalised with the model's mean/std, resized if asked.
 
-    def __init__(self, mean, std, image_size: int):
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+    It never changes itself: the training steps and the evaluation each get their own (`to`), on their images'
+    device. A shared one that moved its mean/std to the GPU during evaluation would make the next epoch's forked
+    DataLoader workers touch CUDA ("Cannot re-initialize CUDA in forked subprocess").
+    """
+
+    def __init__(self, mean, std, image_size: int, device: torch.device | str = "cpu"):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.image_size = image_size
 
+    def to(self, device: torch.device | str) -> "Normalize":
+        """A Normalize whose mean/std live on `device`; this one is left as it is."""
+        return Normalize(self.mean.flatten().tolist(), self.std.flatten().tolist(), self.image_size, device)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean.device != images.device:  # moved once, not copied every batch
-            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        # Images on another device than mean/std get copies (no-ops when already there); self is not changed.
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
         x = images.float().div_(255)
-        x = (x - self.mean) / self.std
+        x = (x - mean) / std
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return x
@@ -341,7 +400,7 @@ class TrainSteps(torch.utils.data.Dataset):
                     op.aug_fn = posterize
         if reprob > 0:
             from timm.data.random_erasing import RandomErasing
-            # timm train.py's defaults (--remode pixel, --recount 1); noise drawn on the CPU, see random_erase.
+            # timm train.py's defaults (--remode pixel, --recount 1); its parameters are read by random_erase.
             self.eraser = RandomErasing(probability=reprob, mode="pixel", max_count=1, device="cpu")
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import DistributedType
-from accelerate.utils import set_seed
+from accelerate.utils import is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint, records
@@ -80,12 +80,14 @@ class Trainer:
             raise ConfigError(f"--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
                               f"got {self.micro_batch_size} (set --micro_batch_size or --batch_size)")
         self.train_steps = TrainSteps(
-            train, normalize, config.augment, config.seed, config.batch_size, self.rank, self.world, self.accumulation,
+            train, normalize.to(train.images.device), config.augment, config.seed, config.batch_size, self.rank,
+            self.world, self.accumulation,
             randaug=config.randaug, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
             mixup_prob=config.mixup_prob, mixup_switch_prob=config.mixup_switch_prob,
             label_smoothing=config.label_smoothing)
         self.steps_per_epoch = len(self.train_steps)
         self.normalize = normalize
+        self.eval_normalize = normalize.to(accelerator.device)  # its own: see Normalize
 
         model.to(accelerator.device)  # before the optimizer, whose fused/capturable state lives beside the weights
         self.ema = None
@@ -101,7 +103,12 @@ class Trainer:
         test_loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(test.images, test.labels), batch_size=config.eval_batch_size)
         self.model, self.optimizer, self.test_loader = accelerator.prepare(model, optimizer, test_loader)
-        unwrapped = accelerator.unwrap_model(self.model)
+        # accelerate's unwrap_model with keep_torch_compile=True (its default, also used by get_state_dict at every
+        # save) re-parents torch.compile's wrapper onto the bare model: the prepared model then has no `no_sync`,
+        # and under DDP every micro-step would all-reduce. So accumulate() gets the module that owns no_sync (DDP's
+        # wrapper, inside the compiled one), taken now, and the trainer unwraps without keeping the compiled wrapper.
+        self.sync_model = self.model._orig_mod if is_compiled_module(self.model) else self.model
+        unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.plain_model = getattr(unwrapped, "_orig_mod", unwrapped)  # without torch.compile's wrapper
         self.num_test = len(test.labels)
         self.progress = checkpoint.Progress()
@@ -199,7 +206,7 @@ class Trainer:
             images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
             weights = weights.to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(self.sync_model):
                 weighted = (self.per_image_loss(model(images).float(), labels) * weights).sum()
                 accelerator.backward(weighted * scale)
                 if accelerator.sync_gradients and self.config.grad_clip > 0 and not self.deepspeed:
@@ -307,7 +314,7 @@ class Trainer:
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
         autocast_dtype = half if ema else (self.autocast_dtype if self.config.cuda_graph else None)
         loss, correct1, correct5, count = evaluate_model(
-            self.accelerator, model, self.test_loader, self.normalize, torch.float32 if ema else self.input_dtype,
+            self.accelerator, model, self.test_loader, self.eval_normalize, torch.float32 if ema else self.input_dtype,
             autocast_dtype)[0].tolist()
         if ema:
             return {"val_loss_ema": loss / count, "val_acc1_ema": 100 * correct1 / count,
