@@ -118,7 +118,7 @@ def test_compile_gives_the_eager_losses_and_compiles_training_once(tmp_path):
     from conftest import child_env
     from trainer.synthetic import write_fake_cifar100
     write_fake_cifar100(tmp_path / "data", num_train=288, num_test=200, num_classes=10)
-    # 288 images at 64 per step: the last step holds 32 real images, padded to the same shape.
+    # 288 images at 64 per step: the last step holds 32 images, one micro-batch of the same shape.
     args = TINY + ["--data_dir", tmp_path / "data", "--epochs", "1", "--batch_size", "64", "--micro_batch_size", "32"]
     run_trainer(args + ["--save_dir", tmp_path / "eager"])
     compiled = run_trainer(args + ["--save_dir", tmp_path / "compiled", "--compile"],
@@ -127,7 +127,7 @@ def test_compile_gives_the_eager_losses_and_compiles_training_once(tmp_path):
     assert len(eager_steps) == len(compiled_steps) == 5
     for a, b in zip(eager_steps, compiled_steps):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)  # inductor fuses and reorders float ops
-    # One recompile in all: for evaluation (no_grad). The padded last training step reuses the training graph.
+    # One recompile in all: for evaluation (no_grad). The last training step (32 images) reuses the training graph.
     recompiles = [line for line in compiled.stderr.splitlines() if "Recompiling function" in line]
     reasons = [line for line in compiled.stderr.splitlines() if "GLOBAL_STATE changed" in line or "size()" in line]
     assert len(recompiles) == 1 and len(reasons) == 1 and "grad_mode" in reasons[0], compiled.stderr[-3000:]

@@ -327,7 +327,7 @@ class TrainSteps(torch.utils.data.Dataset):
         labels are class indices, or with mixup/cutmix soft targets of shape (micro-batch, 100).
 
         In the epoch's short last step a micro-batch holds only its real images (weight 1), so BatchNorm's
-        batch and running statistics see no padding; torch.compile meets one more shape there. Two cases are
+        batch and running statistics see no padding; torch.compile compiles its shapes once per run. Two cases are
         filled up to the full micro-batch with weight-0 copies of the step's first image: a micro-batch with
         no real image at all (it must still run, to join the all-reduce; loop.py puts the module buffers back
         after it), and every micro-batch when `pad` is set (the static shape of a CUDA graph; loop.py refuses

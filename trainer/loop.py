@@ -61,6 +61,7 @@ class Trainer:
         with accelerator.main_process_first():  # pretrained weights: download once, then read the cache
             model = create_model(config)
         self.num_parameters = count_parameters(model)
+        self._check_single_image_micro_batches(model)
         data_cfg = model.pretrained_cfg
         normalize = Normalize(data_cfg.get("mean", (0.5,) * 3), data_cfg.get("std", (0.5,) * 3), config.image_size)
 
@@ -128,6 +129,32 @@ class Trainer:
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype that the CUDA-graph step applies itself (accelerate does it on other paths)."""
         return {"bf16": torch.bfloat16}.get(self.mixed_precision)
+
+    def _check_single_image_micro_batches(self, model: torch.nn.Module) -> None:
+        """Refuse, before training, a last step whose single-image micro-batches the model cannot train on.
+
+        The last step's micro-batches hold only their real images (data.py): fewer than 2 x processes x
+        accumulation images leave some with one image, and BatchNorm in training mode raises on a batch of one
+        value per channel (a 1x1 feature map, e.g. resnet18 at 32x32), which would end the run at its first
+        epoch's end. One probe forward on one image (buffers put back) asks the model itself.
+        """
+        cfg = self.config
+        last = self.num_train - (math.ceil(self.num_train / cfg.batch_size) - 1) * cfg.batch_size
+        if last >= 2 * self.world * self.accumulation or cfg.cuda_graph:  # --cuda_graph pads every micro-batch
+            return
+        buffers = [b.detach().clone() for b in model.buffers()]
+        try:
+            with torch.no_grad():
+                model.train()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        except ValueError as error:
+            raise ConfigError(f"the epoch's last step holds {last} images over {self.world * self.accumulation} "
+                              f"micro-batches, so some hold one image, which {cfg.model} cannot train on ({error}); "
+                              f"choose a --batch_size that leaves 0 or at least {2 * self.world * self.accumulation} "
+                              f"images for the last step ({self.num_train} training images)") from None
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
 
     def _configure_deepspeed(self) -> None:
         """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone."""
