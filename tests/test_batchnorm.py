@@ -65,7 +65,7 @@ def reference_buffers(data_dir, weights: dict, world: int, accumulation: int) ->
 def test_batchnorm_statistics_see_only_real_images(data_dir, tmp_path, processes, compile):
     save_dir = tmp_path / "run"
     run_trainer(ARGS + ["--data_dir", data_dir, "--save_dir", save_dir] + (["--compile"] if compile else []),
-                processes=processes, timeout=600)
+                processes=processes, timeout=900)
     saved = load_weights(save_dir / "epoch_1" / "model.safetensors")
     expected = reference_buffers(data_dir, saved, processes, 4 // processes)
     assert len(expected) == 3 * 15
