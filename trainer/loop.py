@@ -144,7 +144,8 @@ class Trainer:
             return
         buffers = [b.detach().clone() for b in model.buffers()]
         try:
-            with torch.no_grad():
+            # fork_rng: dropout in the probe must not move the random stream that training draws from next.
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 model.train()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
         except ValueError as error:
             raise ConfigError(f"the epoch's last step holds {last} images over {self.world * self.accumulation} "
