@@ -99,22 +99,25 @@ def test_mixing_depends_on_the_micro_batch_size_not_on_the_process_count(split):
                 assert all(torch.equal(x, y) for x, y in zip(mine, theirs))
 
 
-def test_mixup_targets_sum_to_one_and_padding_keeps_weight_zero(split):
-    # The last step: 6 real images over 2 micro-batches of 16, so 3 real (an odd count) and 13 padding each.
+@pytest.mark.parametrize("pad", [False, True])
+def test_mixup_targets_sum_to_one_and_padding_keeps_weight_zero(split, pad):
+    # The last step: 6 real images over 2 micro-batches of 16, so 3 real (an odd count) each, and with pad
+    # (--cuda_graph) 13 padding each.
     smoothing = 0.1
-    steps = steps_for(split, accumulation=2, mixup=1.0, mixup_prob=1.0, label_smoothing=smoothing)
+    steps = steps_for(split, accumulation=2, mixup=1.0, mixup_prob=1.0, label_smoothing=smoothing, pad=pad)
     order = EpochPlan.draw(NUM, 5, 1).order
     off, on = smoothing / 100, 1 - smoothing + smoothing / 100
+    size = 16 if pad else 3
     for images, targets, weights in steps[2]:
-        assert weights.tolist() == [1.0] * 3 + [0.0] * 13
-        assert torch.allclose(targets.sum(1), torch.ones(16))
+        assert weights.tolist() == [1.0] * 3 + [0.0] * (size - 3)
+        assert torch.allclose(targets.sum(1), torch.ones(size))
         assert (targets[:2] > off + 1e-6).sum(1).tolist() == [2, 2]  # the first pair is mixed
         filler = int(order[64])
-        for row in range(2, 16):  # the odd real image and the padding: unmixed, smoothed one-hot targets
+        for row in range(2, size):  # the odd real image and the padding: unmixed, smoothed one-hot targets
             label = filler if row >= 3 else int(targets[row].argmax())
             assert targets[row, label] == pytest.approx(on) and targets[row].min() == pytest.approx(off)
         padding = (split.images[filler].float() / 255 - 0.5) / 0.25
-        assert all(torch.equal(images[row], padding) for row in range(3, 16))  # never mixed into a real image
+        assert all(torch.equal(images[row], padding) for row in range(3, size))  # never mixed into a real image
 
 
 def test_augmentation_leaves_the_global_random_streams_alone(split):

@@ -84,17 +84,41 @@ def test_none_leaves_images_unchanged_and_normalises_with_mean_and_std():
     assert not torch.allclose(augmented, batch)
 
 
-def test_micro_batches_keep_a_static_shape_with_zero_weight_padding():
+def test_last_step_micro_batches_hold_only_their_real_images():
     # 70 images, batch 32 on 2 processes x 2 micro-steps: the last step has 6 real images for 4 micro-batches of 8.
     split = Split(torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8), torch.arange(70) % 100)
     pair = [_steps(split, "crop_flip", r, 2, 2) for r in range(2)]
+    last = [mb for s in pair for mb in s[2]]
+    # No padding for BatchNorm to see: each micro-batch is its real images, weight 1.
+    assert sorted(len(images) for images, _, _ in last) == [1, 1, 2, 2]
+    assert all(weights.tolist() == [1.0] * len(images) == [1.0] * len(labels) for images, labels, weights in last)
+    order = EpochPlan.draw(70, 5, 1).order
+    assert sorted(int(l) for _, labels, _ in last for l in labels) == sorted(order[64:].tolist())
+    assert all(len(w) == 8 and w.sum() == 8 for s in pair for step in (0, 1) for _, _, w in s[step])
+
+
+def test_a_micro_batch_without_real_images_is_full_size_weight_zero_padding():
+    # 66 images, batch 32 on 2 x 2: the last step has 2 real images, so micro-batch 1 of each rank has none. It
+    # still runs (to join the all-reduce), at the full size that torch.compile has already seen.
+    split = Split(torch.randint(0, 256, (66, 3, 32, 32), dtype=torch.uint8), torch.arange(66) % 100)
+    for rank in range(2):
+        (real, _, real_weights), (empty, _, empty_weights) = _steps(split, "crop_flip", rank, 2, 2)[2]
+        assert real_weights.tolist() == [1.0] and empty.shape == (8, 3, 32, 32) and empty_weights.sum() == 0
+
+
+def test_pad_keeps_a_static_shape_with_zero_weight_padding():
+    # What --cuda_graph gets (one static shape): every micro-batch filled up to 8 with weight-0 copies.
+    split = Split(torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8), torch.arange(70) % 100)
+    pair = [TrainSteps(split, Normalize((0.5,) * 3, (0.25,) * 3, 32), "crop_flip", seed=5, batch_size=32, rank=r,
+                       world=2, accumulation=2, pad=True) for r in range(2)]
+    for s in pair:
+        s.set_epoch(1)
     last = [mb for s in pair for mb in s[2]]
     assert all(images.shape == (8, 3, 32, 32) and labels.shape == weights.shape == (8,) for images, labels, weights in last)
     assert sorted(int(w.sum()) for _, _, w in last) == [1, 1, 2, 2]
     real = [int(l) for _, labels, weights in last for l, w in zip(labels, weights) if w]
     order = EpochPlan.draw(70, 5, 1).order
     assert sorted(real) == sorted(order[64:].tolist())
-    assert all(w.sum() == 8 for s in pair for step in (0, 1) for _, _, w in s[step])
 
 
 def test_normalize_resizes_to_image_size():

@@ -213,3 +213,47 @@ def test_launch_sh_zero3_trains_like_launch_sh_ddp(data_dir, tmp_path):
     assert relative_l2(weights(tmp_path / "ddp", 1), weights(tmp_path / "zero3", 1)) < DEEPSPEED_TOLERANCE
     assert read_jsonl(tmp_path / "ddp" / "metrics.jsonl")[0]["val_acc1"] == \
         read_jsonl(tmp_path / "zero3" / "metrics.jsonl")[0]["val_acc1"]
+
+
+@pytest.fixture(scope="module")
+def zero3_from_flags(data_dir, tmp_path_factory):
+    """accelerate's documented way, with no config file: `accelerate launch --use_deepspeed --zero_stage 3
+    --num_processes 2 trainer/main.py --device cpu ...` (accelerate then leaves zero3_save_16bit_model off)."""
+    import subprocess
+    import sys
+
+    from conftest import MAIN, child_env, free_port
+    root = tmp_path_factory.mktemp("zero3_flags")
+    save_dir = root / "run"
+    args = TINY + ["--data_dir", data_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
+                   "--micro_batch_size", "16", "--save_epochs", "1", "--save_dir", save_dir, "--device", "cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
+           "--num_processes", "2", "--main_process_port", str(free_port()), MAIN, *map(str, args)]
+    # HF_HOME in a fresh folder: no accelerate default_config.yaml of this machine can fill in what the flags leave.
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(HF_HOME=str(root / "hf")), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return save_dir
+
+
+def test_zero3_from_accelerate_flags_trains_and_saves_like_ddp(launch, zero3_from_flags):
+    ddp, ds = launch("cpu_multi"), zero3_from_flags
+    assert_deepspeed_really_ran(ds, 3)
+    assert_same_training(ddp, ds, "zero3 from accelerate's flags")
+    path = ds / "epoch_2" / "model.safetensors"
+    saved = load_weights(path)
+    model = timm.create_model("test_vit", pretrained=True, num_classes=100, img_size=(32, 32),
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=100))
+    state = model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(state[k], saved[k]) for k in saved)  # full weights
+    # What the engine applies, read back from it (config.json): the trainer's batching and clipping (0 = off),
+    # full weights gathered for model.safetensors, and DeepSpeed's synchronising throughput timer off.
+    engine = json.loads((ds / "config.json").read_text())["resolved"]["deepspeed_engine"]
+    assert engine == {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0,
+                      "gather_16bit_weights_on_model_save": True, "throughput_timer": False}
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_throughput_timer_is_off_with_config_files(launch, config):
+    engine = json.loads((launch(config) / "config.json").read_text())["resolved"]["deepspeed_engine"]
+    assert engine["throughput_timer"] is False and engine["gradient_clipping"] == 0.0

@@ -128,11 +128,11 @@ class TrainConfig:
     device: str = "auto"
     """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
     compile: bool = False
-    """torch.compile the model (inductor); every training micro-batch has the same shape, so it compiles once."""
+    """torch.compile the model (inductor); it compiles training once more for the epoch's shorter last step."""
     compile_mode: str = "default"
     """torch.compile mode: `default` or `max-autotune-no-cudagraphs` (for CUDA graphs use --cuda_graph)."""
     cuda_graph: bool = False
-    """Capture the whole training step as one CUDA graph (one GPU, one process, no accumulation): no launch overhead."""
+    """Capture the whole training step as one CUDA graph (one GPU, one process, no accumulation, no BatchNorm): no launch overhead."""
     mixed_precision: str = "auto"
     """`no`, `bf16`, `fp16`, or `auto`: fp32 on CPU; on GPUs the accelerate config's bf16/fp16, else bf16 where supported."""
 

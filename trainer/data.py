@@ -379,8 +379,9 @@ class TrainSteps(torch.utils.data.Dataset):
     def __init__(self, split: Split, normalize: Normalize, augment: str, seed: int, batch_size: int,
                  rank: int, world: int, accumulation: int, *, randaug: str = "rand-m9-mstd0.5-inc1",
                  reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0,
-                 mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0):
+                 mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0, pad: bool = False):
         self.split, self.normalize, self.augment, self.seed = split, normalize, augment, seed
+        self.pad = pad  # fill every micro-batch up to the full size (CUDA graphs need one static shape)
         self.batch_size, self.rank, self.world, self.accumulation = batch_size, rank, world, accumulation
         self.plan: EpochPlan | None = None
         self.num_steps = steps_per_epoch(len(split.labels), batch_size)
@@ -417,13 +418,16 @@ class TrainSteps(torch.utils.data.Dataset):
         return self.num_steps
 
     def __getitem__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images, labels, weights) per micro-batch, each padded to the full micro-batch size.
+        """(images, labels, weights) per micro-batch.
 
         labels are class indices, or with mixup/cutmix soft targets of shape (micro-batch, 100).
 
-        Every micro-batch has the same shape, also in the epoch's short last step: its missing places hold
-        copies of a real image with weight 0. Static shapes let torch.compile and CUDA graphs run the last
-        step with the same graph, and a micro-batch with no real image still joins the all-reduce.
+        In the epoch's short last step a micro-batch holds only its real images (weight 1), so BatchNorm's
+        batch and running statistics see no padding; torch.compile compiles its shapes once per run. Two cases are
+        filled up to the full micro-batch with weight-0 copies of the step's first image: a micro-batch with
+        no real image at all (it must still run, to join the all-reduce; loop.py puts the module buffers back
+        after it), and every micro-batch when `pad` is set (the static shape of a CUDA graph; loop.py refuses
+        that for models with batch statistics).
         """
         micro_size = self.batch_size // (self.world * self.accumulation)
         seeded_augments = self.randaug is not None or self.eraser is not None or self.mixer is not None
@@ -434,11 +438,12 @@ class TrainSteps(torch.utils.data.Dataset):
         micro = []
         for index, *host_index in zip(*indices):
             real = len(index)
-            weights = (torch.arange(micro_size, device=index.device) < real).float()
-            if real < micro_size:
-                index = torch.cat([index, self.plan.order[step * self.batch_size].expand(micro_size - real)])
+            size = micro_size if self.pad or real == 0 else real
+            weights = (torch.arange(size, device=index.device) < real).float()
+            if real < size:
+                index = torch.cat([index, self.plan.order[step * self.batch_size].expand(size - real)])
             if seeded_augments:
-                host_index = torch.cat([host_index[0], self.cpu_order[step * self.batch_size].expand(micro_size - real)])
+                host_index = torch.cat([host_index[0], self.cpu_order[step * self.batch_size].expand(size - real)])
                 seeds = self.plan.seeds[host_index]
             images = self.split.images[index]
             if self.augment in ("crop_flip", "randaug"):

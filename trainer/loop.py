@@ -66,6 +66,7 @@ class Trainer:
         with accelerator.main_process_first():  # pretrained weights: download once, then read the cache
             model = create_model(config)
         self.num_parameters = count_parameters(model)
+        self._check_single_image_micro_batches(model)
         data_cfg = model.pretrained_cfg
         normalize = Normalize(data_cfg.get("mean", (0.5,) * 3), data_cfg.get("std", (0.5,) * 3), config.image_size)
 
@@ -84,7 +85,7 @@ class Trainer:
             self.world, self.accumulation,
             randaug=config.randaug, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
             mixup_prob=config.mixup_prob, mixup_switch_prob=config.mixup_switch_prob,
-            label_smoothing=config.label_smoothing)
+            label_smoothing=config.label_smoothing, pad=config.cuda_graph)
         self.steps_per_epoch = len(self.train_steps)
         self.normalize = normalize
         self.eval_normalize = normalize.to(accelerator.device)  # its own: see Normalize
@@ -123,6 +124,11 @@ class Trainer:
         if config.cuda_graph and self.accumulation != 1:
             raise ConfigError(f"--cuda_graph cannot accumulate gradients: use --micro_batch_size "
                               f"{config.batch_size} (now {self.micro_batch_size} x {self.accumulation} steps)")
+        if config.cuda_graph and any(n.endswith(("running_mean", "running_var")) for n, _ in model.named_buffers()):
+            # A CUDA graph needs one static shape, so the short last step is padded with weight-0 images; the loss
+            # weights keep them out of the gradient, but batch statistics (BatchNorm, EvoNorm-B) would see them.
+            raise ConfigError(f"--cuda_graph cannot train {config.model}: it has batch statistics (BatchNorm), which "
+                              f"the padding of the epoch's short last step would reach; use --compile instead")
         if accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
 
@@ -136,6 +142,33 @@ class Trainer:
         """The autocast dtype that the CUDA-graph step applies itself (accelerate does it on other paths)."""
         return {"bf16": torch.bfloat16}.get(self.mixed_precision)
 
+    def _check_single_image_micro_batches(self, model: torch.nn.Module) -> None:
+        """Refuse, before training, a last step whose single-image micro-batches the model cannot train on.
+
+        The last step's micro-batches hold only their real images (data.py): fewer than 2 x processes x
+        accumulation images leave some with one image, and BatchNorm in training mode raises on a batch of one
+        value per channel (a 1x1 feature map, e.g. resnet18 at 32x32), which would end the run at its first
+        epoch's end. One probe forward on one image (buffers put back) asks the model itself.
+        """
+        cfg = self.config
+        last = self.num_train - (math.ceil(self.num_train / cfg.batch_size) - 1) * cfg.batch_size
+        if last >= 2 * self.world * self.accumulation or cfg.cuda_graph:  # --cuda_graph pads every micro-batch
+            return
+        buffers = [b.detach().clone() for b in model.buffers()]
+        try:
+            # fork_rng: dropout in the probe must not move the random stream that training draws from next.
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                model.train()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        except ValueError as error:
+            raise ConfigError(f"the epoch's last step holds {last} images over {self.world * self.accumulation} "
+                              f"micro-batches, so some hold one image, which {cfg.model} cannot train on ({error}); "
+                              f"choose a --batch_size that leaves 0 or at least {2 * self.world * self.accumulation} "
+                              f"images for the last step ({self.num_train} training images)") from None
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+
     def _configure_deepspeed(self) -> None:
         """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone."""
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
@@ -145,6 +178,25 @@ class Trainer:
         # accelerate fills "auto" with 1.0 (clipping that DDP would not do) and reads 0.0 as unset, so
         # the value is written here, the same as the DDP path's (shared notes). 0 means off in DeepSpeed.
         ds["gradient_clipping"] = self.config.grad_clip
+        zero = ds.setdefault("zero_optimization", {})
+        if zero.get("stage") == 3:
+            # model.safetensors needs the full weights: accelerate's get_state_dict gathers them from the ZeRO-3
+            # shards only when this is on, and `accelerate launch --use_deepspeed --zero_stage 3` leaves it off
+            # (zero3_save_16bit_model); the run would then train a whole epoch and fail at its first save.
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # DeepSpeed's throughput timer (synchronized by default) is started in every forward when the engine
+        # has no dataloader, which accelerate never gives it: a full device sync per micro-step. The trainer
+        # measures its own throughput. Key as read by deepspeed.utils.config.get_timers_config.
+        ds["timers"] = {"throughput": {"enabled": False}}
+
+    def _deepspeed_applied(self) -> dict:
+        """What the DeepSpeed engine applies of the settings above, read back from the engine (for config.json)."""
+        engine = self.model
+        return {"train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
+                "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+                "gradient_clipping": engine.gradient_clipping(),
+                "gather_16bit_weights_on_model_save": engine.zero_gather_16bit_weights_on_model_save(),
+                "throughput_timer": engine._config.timers_config.enabled}
 
     # --- what the run resolved -------------------------------------------------------------------
     def resolved(self) -> dict:
@@ -169,6 +221,7 @@ class Trainer:
             "device": str(acc.device),
             "data_on_accelerator": self.data_on_accelerator,
             "deepspeed_zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
+            "deepspeed_engine": self._deepspeed_applied() if self.deepspeed else None,
             "normalize_mean": self.normalize.mean.flatten().tolist(),
             "normalize_std": self.normalize.std.flatten().tolist(),
         }
@@ -190,7 +243,7 @@ class Trainer:
         # The step's gradient must be the mean over its real images whatever the topology. DDP averages over
         # W processes and accelerate/DeepSpeed divide by A micro-steps, so each micro-batch contributes its
         # weighted loss sum times W*A/step_images: the plain mean for a full step, and the right weight for
-        # the smaller last step, whose micro-batches are padded with weight-0 images.
+        # the smaller last step, whose micro-batches hold fewer images (or weight-0 padding, see data.py).
         scale = self.world * self.accumulation / step_images
         if self.config.cuda_graph:
             if self.graph_step is None:
@@ -202,7 +255,13 @@ class Trainer:
             loss_sum = self.graph_step(images, labels, weights, scale)
             self.after_optimizer_step()
             return loss_sum
-        for images, labels, weights in micro_batches:
+        for a, (images, labels, weights) in enumerate(micro_batches):
+            # Micro-batch a of this rank starts at position a*W + rank of the step (data.py): past the step's end
+            # it holds only weight-0 padding, run so that this rank joins the all-reduce. Its gradient is zero,
+            # but its forward updates BatchNorm's running statistics (and num_batches_tracked): they are put
+            # back after the step (after backward, which may still read the running buffers).
+            padding_only = a * self.world + self.rank >= step_images
+            saved_buffers = [b.detach().clone() for b in self.plain_model.buffers()] if padding_only else None
             images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
             weights = weights.to(accelerator.device, non_blocking=True)
@@ -213,6 +272,10 @@ class Trainer:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            if saved_buffers is not None:
+                with torch.no_grad():
+                    for buffer, saved in zip(self.plain_model.buffers(), saved_buffers):
+                        buffer.copy_(saved)
             loss_sum += weighted.detach()
         assert accelerator.sync_gradients, "micro-steps out of step with the accumulation count"
         self.after_optimizer_step()
