@@ -196,7 +196,7 @@ def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, referenc
 def test_signal_at_the_end_of_an_epoch_that_is_not_a_save_epoch_saves_it(data_dir, reference, tmp_path):
     """Signalled in the epoch's last step or its evaluation: the epoch is saved (it used to be lost)."""
     save_dir, log = tmp_path / "run", tmp_path / "out.log"
-    args = args_for(data_dir, save_dir, "--save_epochs", 0, "--resume", "auto")  # only the last epoch saves
+    args = args_for(data_dir, save_dir, "--save_epochs", -1, "--resume", "auto")  # only the last epoch saves
     run = start([LAUNCH, "--strategy", "ddp", *args], log, launch_env())
     # The epoch's last step writes its steps.jsonl line, then evaluation starts.
     wait_until(lambda: (save_dir / "steps.jsonl").is_file() and (save_dir / "steps.jsonl").read_text(), run, log)
