@@ -125,7 +125,10 @@ child=$!
 while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
 status=0
 wait "$child" || status=$?
-preempted=$(grep -lx "$PREEMPTED" "$TRAINER_EXIT_STATUS_DIR"/local_rank_* 2>/dev/null | wc -l || true)
+preempted=0
+for file in "$TRAINER_EXIT_STATUS_DIR"/local_rank_*; do
+  if [[ -f "$file" && "$(<"$file")" == "$PREEMPTED" ]]; then preempted=$((preempted + 1)); fi
+done
 if ((status != 0 && preempted == NPROC_PER_NODE)); then
   echo "launch.sh: all $NPROC_PER_NODE trainer processes of this node saved and stopped for preemption: exit $PREEMPTED" >&2
   status=$PREEMPTED
