@@ -225,3 +225,27 @@ def test_sbatch_requeues_only_a_preempted_run(tmp_path, status, requeued):
     header = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     for option in ("--time=", "--signal=TERM@", "--requeue", "--open-mode=append"):
         assert any(option in line for line in header), option
+
+
+def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
+    """Ctrl-C signals the terminal's foreground process group: launch.sh and the launcher, which passes it on to
+    the trainer processes (they run in sessions of their own)."""
+    save_dir, log = tmp_path / "run", tmp_path / "out.log"
+    run = start([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], log, launch_env())
+    wait_until(lambda: latest(save_dir) == "epoch_1", run, log)
+    os.killpg(run.pid, signal.SIGINT)
+    output = finish(run, log)
+    assert run.returncode == 75, output[-5000:]
+    (saved,) = [p for p in checkpoint.list_checkpoints(save_dir) if p.name.startswith("step_")]
+    assert output.count(f"stopped by SIGINT at step {checkpoint.read_manifest(saved)['global_step']};") == 2
+
+
+def test_ctrl_c_before_training_is_one_line_and_status_130(monkeypatch, capsys):
+    import trainer.loop
+    from trainer.main import main
+
+    def interrupted(self, config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.loop.Trainer, "__init__", interrupted)
+    assert main(["--model", "test_vit"]) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C) before training started: nothing to save\n"

@@ -461,11 +461,11 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         # Only a flag: the loop stops every process after the same step and saves there. A second
-        # signal during the save lands here again and changes nothing.
+        # signal (a launcher passing the first one on, or during the save) lands here again and changes nothing.
         if self.stop_signal is None:
             print(f"received {signal.Signals(signum).name}: saving a checkpoint within two optimizer steps (or after "
                   f"this epoch's evaluation), then exiting with status {PREEMPTED_EXIT_CODE}", flush=True)
-        self.stop_signal = signum
+            self.stop_signal = signum
 
     def _stop_cause(self) -> str:
         return signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another process"
