@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -240,12 +241,15 @@ def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
     assert output.count(f"stopped by SIGINT at step {checkpoint.read_manifest(saved)['global_step']};") == 2
 
 
-def test_ctrl_c_before_training_is_one_line_and_status_130(monkeypatch, capsys):
-    import trainer.loop
-    from trainer.main import main
-
-    def interrupted(self, config):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(trainer.loop.Trainer, "__init__", interrupted)
-    assert main(["--model", "test_vit"]) == 130
-    assert capsys.readouterr().err == "interrupted (Ctrl-C) before training started: nothing to save\n"
+def test_ctrl_c_before_training_is_one_line_and_status_130(cifar_dir, tmp_path):
+    process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"),
+                                *args_for(cifar_dir, tmp_path)], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Once main() imports torch (trainer/main.py imports it nowhere else), and long before the trainer installs its
+    # own handler (after reading the data and building the model).
+    maps = Path(f"/proc/{process.pid}/maps")
+    wait_until(lambda: "libtorch" in maps.read_text(), process, tmp_path / "none")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=HANG)
+    assert process.returncode == 130
+    assert stderr == "interrupted (Ctrl-C) before training started: nothing to save\n"

@@ -22,10 +22,13 @@ if __package__ in (None, ""):
 
 
 def main(argv=None) -> int:
-    from trainer.checkpoint import CheckpointError, SaveError
-    from trainer.config import PREEMPTED_EXIT_CODE, ConfigError, parse_config
-    from trainer.data import DataError
-    from trainer.loop import Preempted, Trainer
+    try:
+        from trainer.checkpoint import CheckpointError, SaveError
+        from trainer.config import PREEMPTED_EXIT_CODE, ConfigError, parse_config
+        from trainer.data import DataError
+        from trainer.loop import Preempted, Trainer
+    except KeyboardInterrupt:  # Ctrl-C while torch & co. load
+        return interrupted()
 
     try:
         config = parse_config(argv)
@@ -38,12 +41,16 @@ def main(argv=None) -> int:
         tell_launch_sh(PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:  # Ctrl-C before the run installed its handler (which saves like preemption)
-        print("interrupted (Ctrl-C) before training started: nothing to save", file=sys.stderr)
-        return 130
+        return interrupted()
     except (FloatingPointError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def interrupted() -> int:
+    print("interrupted (Ctrl-C) before training started: nothing to save", file=sys.stderr)
+    return 130
 
 
 def tell_launch_sh(status: int) -> None:
