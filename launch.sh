@@ -105,7 +105,8 @@ echo "launch.sh: ${line% }" >&2
 # process of this node wrote 75 into TRAINER_EXIT_STATUS_DIR (trainer/main.py) on its way out.
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 if [[ ! "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]]; then
-  echo "error: TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds, got '$TORCH_ELASTIC_SHUTDOWN_TIMEOUT'" >&2
+  echo "error: TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds," \
+       "got '$TORCH_ELASTIC_SHUTDOWN_TIMEOUT'" >&2
   exit 2
 fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
@@ -130,7 +131,8 @@ for file in "$TRAINER_EXIT_STATUS_DIR"/local_rank_*; do
   if [[ -f "$file" && "$(<"$file")" == "$PREEMPTED" ]]; then preempted=$((preempted + 1)); fi
 done
 if ((status != 0 && preempted == NPROC_PER_NODE)); then
-  echo "launch.sh: all $NPROC_PER_NODE trainer processes of this node saved and stopped for preemption: exit $PREEMPTED" >&2
+  echo "launch.sh: all $NPROC_PER_NODE trainer processes of this node saved and stopped for preemption:" \
+       "exit $PREEMPTED" >&2
   status=$PREEMPTED
 fi
 exit "$status"

@@ -155,7 +155,8 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     bin_dir = fake_slurm(tmp_path / "bin")
     save_dir, log = tmp_path / "run", tmp_path / "job.out"
     env = launch_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
-    job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir)], log, env)
+    # A DataLoader worker in each trainer process: SLURM signals it too.
+    job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], log, env)
     wait_until(lambda: latest(save_dir) == "epoch_1", job, log)
     for pid in descendants(job.pid)[1:]:  # --signal=TERM@N: the step's processes, not the batch shell
         os.kill(pid, signal.SIGTERM)
@@ -169,8 +170,8 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     assert output.count(f"stopped by SIGTERM at step {info['global_step']};") == 2  # both processes, same step
     checkpoint.verify(saved)
     # The requeued job: the same script, the same command.
-    requeued = subprocess.run(["bash", str(SBATCH), *args_for(data_dir, save_dir)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=HANG)
+    requeued = subprocess.run(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=HANG)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert (bin_dir / "scontrol.log").read_text() == "requeue 4242\n"  # not again
     assert_resumes_only_what_was_left(save_dir, saved, requeued.stdout, reference)

@@ -33,6 +33,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -358,6 +359,15 @@ class TrainSteps(torch.utils.data.Dataset):
         return micro
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SLURM signals every process of a job step, and torch's elastic agent its workers' whole process groups: the
+    # loader's workers too, which then die (torch's worker handler exits on a SIGTERM not sent by its parent), and
+    # the next batch raises "DataLoader worker exited unexpectedly" instead of the run saving. They leave the stop
+    # to the training process, which ends them when it is done.
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memory: bool) -> Iterator:
     """Yield (step, micro-batches) from `start_step` to the end of the epoch."""
     if num_workers == 0 or steps.split.images.device.type != "cpu":
@@ -367,5 +377,5 @@ def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memo
         return
     loader = torch.utils.data.DataLoader(
         steps, batch_size=None, sampler=range(start_step, len(steps)), num_workers=num_workers,
-        pin_memory=pin_memory, prefetch_factor=4)
+        pin_memory=pin_memory, prefetch_factor=4, worker_init_fn=_ignore_stop_signals)
     yield from zip(range(start_step, len(steps)), loader)

@@ -463,8 +463,8 @@ class Trainer:
         # Only a flag: the loop stops every process after the same step and saves there. A second
         # signal (a launcher passing the first one on, or during the save) lands here again and changes nothing.
         if self.stop_signal is None:
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint within two optimizer steps (or after "
-                  f"this epoch's evaluation), then exiting with status {PREEMPTED_EXIT_CODE}", flush=True)
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint within two optimizer steps (or "
+                  f"after this epoch's evaluation), then exiting with status {PREEMPTED_EXIT_CODE}", flush=True)
             self.stop_signal = signum
 
     def _stop_cause(self) -> str:
@@ -481,7 +481,7 @@ class Trainer:
             records.write_run_config(self.save_dir, to_dict(cfg), self.resolved())
             records.truncate_records(self.save_dir, self.progress.epoch, self.progress.global_step)
         self.print_startup()
-        # Ctrl-C (SIGINT) too: it saves and exits 75 like preemption; before this point it exits in one line (main.py).
+        # Ctrl-C (SIGINT) too: it saves and exits 75 like preemption (before this point: one line, main.py).
         for name in {cfg.preempt_signal, "SIGUSR1", "SIGINT"}:
             signal.signal(getattr(signal, name), self._request_stop)
         if cfg.log_with == "tensorboard":
