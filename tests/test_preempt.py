@@ -157,7 +157,9 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     env = launch_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
     # A DataLoader worker in each trainer process: SLURM signals it too.
     job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], log, env)
-    wait_until(lambda: latest(save_dir) == "epoch_1", job, log)
+    # In epoch 2, once both trainer processes run their DataLoader worker (a forked copy, with the same RANK).
+    wait_until(lambda: latest(save_dir) == "epoch_1" and
+               sum(trainer_rank(p) is not None for p in descendants(job.pid)) == 4, job, log)
     for pid in descendants(job.pid)[1:]:  # --signal=TERM@N: the step's processes, not the batch shell
         os.kill(pid, signal.SIGTERM)
     output = finish(job, log)
