@@ -359,13 +359,18 @@ class TrainSteps(torch.utils.data.Dataset):
         return micro
 
 
+# SLURM signals every process of a job step, and torch's elastic agent its workers' whole process groups: the
+# DataLoader's workers too, which then die (torch's worker handler exits on a SIGTERM not sent by its parent), and
+# the next batch raises "DataLoader worker exited unexpectedly" instead of the run saving. The workers ignore these
+# signals and leave the stop to the training process, which ends them. They are forked with the signals blocked
+# (the mask is inherited), so that one arriving before worker_init_fn runs is held, then discarded.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
-    # SLURM signals every process of a job step, and torch's elastic agent its workers' whole process groups: the
-    # loader's workers too, which then die (torch's worker handler exits on a SIGTERM not sent by its parent), and
-    # the next batch raises "DataLoader worker exited unexpectedly" instead of the run saving. They leave the stop
-    # to the training process, which ends them when it is done.
-    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memory: bool) -> Iterator:
@@ -378,4 +383,9 @@ def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memo
     loader = torch.utils.data.DataLoader(
         steps, batch_size=None, sampler=range(start_step, len(steps)), num_workers=num_workers,
         pin_memory=pin_memory, prefetch_factor=4, worker_init_fn=_ignore_stop_signals)
-    yield from zip(range(start_step, len(steps)), loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches = iter(loader)  # starts the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held meanwhile is delivered here
+    yield from zip(range(start_step, len(steps)), batches)
