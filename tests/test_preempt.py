@@ -257,3 +257,34 @@ def test_ctrl_c_before_training_is_one_line_and_status_130(cifar_dir, tmp_path):
     _, stderr = process.communicate(timeout=HANG)
     assert process.returncode == 130
     assert stderr == "interrupted (Ctrl-C) before training started: nothing to save\n"
+
+
+STARTING_WORKERS_SIGNALLED = """
+import os, signal, sys, torch
+from trainer.data import iterate_steps
+
+class Steps(torch.utils.data.Dataset):  # what iterate_steps reads of TrainSteps
+    split = type("Split", (), {"images": torch.zeros(1)})
+    def __len__(self): return 20
+    def __getitem__(self, step): return step
+
+stops = []
+signal.signal(signal.SIGTERM, lambda *_: stops.append(1))  # the trainer's handler: only a flag
+start_workers = torch.utils.data.DataLoader.__iter__
+def signal_everyone_at_once(loader):  # as SLURM may, the moment the workers are forked
+    batches = start_workers(loader)
+    os.killpg(0, signal.SIGTERM)
+    return batches
+torch.utils.data.DataLoader.__iter__ = signal_everyone_at_once
+for epoch in range(10):
+    assert [step for step, _ in iterate_steps(Steps(), 0, 2, False)] == list(range(20))
+print("signals", len(stops))
+"""
+
+
+def test_dataloader_workers_survive_a_signal_as_they_start():
+    """SLURM and torch's launcher signal the DataLoader workers too; they must leave the stop to their trainer."""
+    result = subprocess.run([sys.executable, "-c", STARTING_WORKERS_SIGNALLED], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120, start_new_session=True)  # hang guard
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["signals", "10"]  # each reached the training process
