@@ -361,16 +361,10 @@ class TrainSteps(torch.utils.data.Dataset):
 
 # SLURM signals every process of a job step, and torch's elastic agent its workers' whole process groups: the
 # DataLoader's workers too, which then die (torch's worker handler exits on a SIGTERM not sent by its parent), and
-# the next batch raises "DataLoader worker exited unexpectedly" instead of the run saving. The workers ignore these
-# signals and leave the stop to the training process, which ends them. They are forked with the signals blocked
-# (the mask is inherited), so that one arriving before worker_init_fn runs is held, then discarded.
+# the next batch raises "DataLoader worker exited unexpectedly" instead of the run saving. The workers are forked
+# with these signals blocked (a child inherits the mask; torch 2.14.1's worker leaves it), so they stay
+# pending there and the training process alone acts on them; it ends its workers when it is done.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memory: bool) -> Iterator:
@@ -382,7 +376,7 @@ def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memo
         return
     loader = torch.utils.data.DataLoader(
         steps, batch_size=None, sampler=range(start_step, len(steps)), num_workers=num_workers,
-        pin_memory=pin_memory, prefetch_factor=4, worker_init_fn=_ignore_stop_signals)
+        pin_memory=pin_memory, prefetch_factor=4)
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         batches = iter(loader)  # starts the workers
