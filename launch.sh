@@ -15,7 +15,13 @@
 #   NPROC_PER_NODE  processes per node (default: GPUS, or 1 on a CPU-only machine)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several nodes (static rendezvous); under SLURM they
 #                   default to SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST, 29500.
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds the launcher gives its processes to save after a preemption
+#                   signal before it kills them (default here 110, torch's own 30; keep it below the warning
+#                   time of SLURM's --signal=TERM@N).
+# Exit status: the trainer's (0 done, 2 bad input, 75 preempted after saving: run again with --resume auto), also
+# when the signal reached this script and the launcher too (as SLURM delivers it), or 1.
 set -euo pipefail
+PREEMPTED=75  # trainer/config.py PREEMPTED_EXIT_CODE
 # Stay in the caller's folder, so relative paths among the trainer's options (--data_dir, --save_dir,
 # --config, --checkpoint) mean what the user typed; the repository's files are named by absolute path.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,7 +37,7 @@ while (($#)); do
     --strategy) (($# >= 2)) || { echo "error: --strategy needs a value" >&2; exit 2; }; strategy=$2; shift 2 ;;
     --strategy=*) strategy="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,18p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -94,4 +100,46 @@ echo "launch.sh: $what" >&2
 line=$(printf '%q ' "${cmd[@]}" "${args[@]}")
 echo "launch.sh: ${line% }" >&2
 ((dry_run)) && exit 0
-exec "${cmd[@]}" "${args[@]}"
+
+# One process: the trainer itself receives the signals and exits 75 after saving.
+[[ "${cmd[0]}" == python ]] && exec "${cmd[@]}" "${args[@]}"
+
+# Several: SLURM (and Ctrl-C in a terminal) signals every process: this script, accelerate's launcher (torch's
+# elastic agent) and the trainer processes. The agent forwards the signal to its workers, SIGKILLs them after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default, 30, can be shorter than a save) and then exits 1,
+# as it does when a worker exits 75: it never reports 75. So this script stays alive (it traps the signals and
+# passes them on, for a signal sent to it alone), waits for the launcher, and exits 75 when every trainer
+# process of this node wrote 75 into TRAINER_EXIT_STATUS_DIR (trainer/main.py) on its way out.
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+if [[ ! "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]]; then
+  echo "error: TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds," \
+       "got '$TORCH_ELASTIC_SHUTDOWN_TIMEOUT'" >&2
+  exit 2
+fi
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# The agent handles SIGTERM, SIGINT, SIGHUP and SIGQUIT by default and dies of any other signal, leaving its
+# workers to be killed half-way through a save: add the trainer's SIGUSR1 (and SIGUSR2, a common --preempt_signal).
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
+TRAINER_EXIT_STATUS_DIR=$(mktemp -d)
+export TRAINER_EXIT_STATUS_DIR
+trap 'rm -rf "$TRAINER_EXIT_STATUS_DIR"' EXIT
+child=""
+forward() { if [[ -n "$child" ]]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }
+for sig in TERM INT HUP USR1 USR2; do trap "forward $sig" "$sig"; done
+"${cmd[@]}" "${args[@]}" &
+child=$!
+# `wait` returns early (status > 128) when a trapped signal arrives; wait again until the launcher is gone.
+# bash keeps an exited child's status, so the last `wait` returns the launcher's own.
+while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+status=0
+wait "$child" || status=$?
+preempted=0
+for file in "$TRAINER_EXIT_STATUS_DIR"/local_rank_*; do
+  if [[ -f "$file" && "$(<"$file")" == "$PREEMPTED" ]]; then preempted=$((preempted + 1)); fi
+done
+if ((status != 0 && preempted == NPROC_PER_NODE)); then
+  echo "launch.sh: all $NPROC_PER_NODE trainer processes of this node saved and stopped for preemption:" \
+       "exit $PREEMPTED" >&2
+  status=$PREEMPTED
+fi
+exit "$status"

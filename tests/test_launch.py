@@ -41,7 +41,7 @@ def fake_bin(tmp_path) -> Path:
     """A PATH folder with the tools launch.sh uses, and python/accelerate that record how they were called."""
     folder = tmp_path / "bin"
     folder.mkdir()
-    for tool in ("bash", "dirname", "grep", "head", "sed"):
+    for tool in ("bash", "dirname", "grep", "head", "sed", "mktemp", "rm"):
         (folder / tool).symlink_to(shutil.which(tool))
     for tool in ("python", "accelerate"):
         write_script(folder / tool, f'pwd > "{tmp_path}/called.cwd"\nprintf "%s\\0" "$0" "$@" > "{tmp_path}/called"\n')

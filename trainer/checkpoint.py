@@ -63,6 +63,8 @@ class Progress:
         self.global_step = 0     # optimizer steps completed in all
         self.epoch_loss_sum = 0.0    # summed per-image training loss of the current epoch so far, all processes
         self.epoch_train_time = 0.0  # seconds spent training in the current epoch before this session
+        self.interval_loss_sum = 0.0  # summed loss of the log interval a preemption cut short, all processes
+        self.interval_images = 0      # and its image count
 
     def state_dict(self) -> dict:
         return dict(vars(self))

@@ -152,13 +152,13 @@ class TrainConfig:
     on_save_error: str = "stop"
     """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training."""
     preempt_signal: str = "SIGTERM"
-    """Signal that makes the run save a mid-epoch checkpoint and exit with status 75 (also SIGUSR1 always)."""
+    """Signal that makes the run save a checkpoint within two steps and exit with status 75 (also SIGUSR1 and SIGINT always)."""
     save_epochs: int = -1
     """Save a checkpoint every this many epochs; -1: after the last epoch only."""
     save_dir: str = "checkpoint"
     """Folder for config.json, metrics.jsonl and checkpoints."""
     log_interval: int = 20
-    """Optimizer steps between steps.jsonl lines, progress updates and preemption checks (the loop's only host syncs)."""
+    """Optimizer steps between steps.jsonl lines and progress updates (the loop's only host syncs)."""
     progress: bool = True
     """Show a progress bar on the main process."""
     log_with: Optional[str] = None

@@ -34,6 +34,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -459,6 +460,14 @@ class TrainSteps(torch.utils.data.Dataset):
         return micro
 
 
+# SLURM signals every process of a job step, and torch's elastic agent its workers' whole process groups: the
+# DataLoader's workers too, which then die (torch's worker handler exits on a SIGTERM not sent by its parent), and
+# the next batch raises "DataLoader worker exited unexpectedly" instead of the run saving. The workers are forked
+# with these signals blocked (a child inherits the mask; torch 2.14.1's worker leaves it), so they stay
+# pending there and the training process alone acts on them; it ends its workers when it is done.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+
+
 def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memory: bool) -> Iterator:
     """Yield (step, micro-batches) from `start_step` to the end of the epoch."""
     if num_workers == 0 or steps.split.images.device.type != "cpu":
@@ -469,4 +478,9 @@ def iterate_steps(steps: TrainSteps, start_step: int, num_workers: int, pin_memo
     loader = torch.utils.data.DataLoader(
         steps, batch_size=None, sampler=range(start_step, len(steps)), num_workers=num_workers,
         pin_memory=pin_memory, prefetch_factor=4)
-    yield from zip(range(start_step, len(steps)), loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches = iter(loader)  # starts the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held meanwhile is delivered here
+    yield from zip(range(start_step, len(steps)), batches)

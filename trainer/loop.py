@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import DistributedType
 from accelerate.utils import is_compiled_module, set_seed
@@ -35,6 +36,65 @@ from .optim import create_optimizer, create_scheduler
 
 class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint."""
+
+
+class StopVote:
+    """Whether any process was asked to stop, agreed by all processes one optimizer step late, with no host sync.
+
+    After each step every process starts a non-blocking all-reduce (MAX) of its own stop flag and reads the
+    previous step's result, which is the same on every process, so all stop after the same step, one or two
+    steps after the signal, whatever the log interval. torch.distributed offers the collective; accelerate has no
+    non-blocking reduce, and DeepSpeed runs on the same default process group. One process reads its own flag.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.pending = None  # (work, tensor, event) of the vote in flight
+        # NCCL reduces device tensors only, and reading one is a sync with everything queued before it: the result
+        # is copied into pinned host memory behind the collective and read one step later, once the copy's event
+        # is done (by then the next step is queued, so the device never waits for the host).
+        self.cuda = self.distributed and device.type == "cuda"
+        self.host = torch.zeros(1, pin_memory=True) if self.cuda else None
+
+    def exchange(self, stop: bool) -> bool:
+        """The previous vote's result; starts this step's vote (with `stop`) unless that result is already stop."""
+        if not self.distributed:
+            return stop
+        agreed = self.finish()
+        if not agreed:
+            flag = torch.full((1,), float(stop), device=self.device)  # a fill kernel: no host-to-device copy
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+            event = None
+            if self.cuda:
+                work.wait()  # NCCL: the current stream waits for the collective; the host does not
+                self.host.copy_(flag, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                work = None
+            self.pending = (work, flag, event)
+        return agreed
+
+    def finish(self) -> bool:
+        """Waits for the vote in flight, if any, and returns its result."""
+        if self.pending is None:
+            return False
+        work, flag, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+            return bool(self.host.item())
+        work.wait()  # gloo (CPU): already done unless another process is behind
+        return bool(flag.item())
+
+    def now(self, stop: bool) -> bool:
+        """A blocking vote (once per epoch, after evaluation): whether any process was asked to stop by now."""
+        self.finish()
+        if not self.distributed:
+            return stop
+        flag = torch.full((1,), float(stop), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class Trainer:
@@ -316,8 +376,11 @@ class Trainer:
         # resumed mid-epoch starts from the saved, already reduced sums (counted once, on the main process).
         carried = progress.epoch_loss_sum if accelerator.is_main_process else 0.0
         epoch_loss = torch.tensor(carried, dtype=torch.float64, device=accelerator.device)
-        interval_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        interval_images = 0
+        # Likewise the log interval a preemption cut short, so its steps.jsonl line is the uninterrupted run's.
+        carried = progress.interval_loss_sum if accelerator.is_main_process else 0.0
+        interval_loss = torch.tensor(carried, dtype=torch.float64, device=accelerator.device)
+        interval_images = progress.interval_images
+        vote = StopVote(accelerator.device)
         bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
         start, images_this_session = time.perf_counter(), 0
@@ -333,11 +396,8 @@ class Trainer:
             progress.step_in_epoch, progress.global_step = step + 1, progress.global_step + 1
             bar.update(1)
             if progress.global_step % cfg.log_interval == 0 or step + 1 == self.steps_per_epoch:
-                # One collective and one host sync per log interval: the interval's loss over all processes,
-                # and whether any process was asked to stop (so all stop after the same step).
-                stats = torch.stack([interval_loss, torch.tensor(float(self.stop_signal is not None),
-                                                                 dtype=torch.float64, device=accelerator.device)])
-                loss_total, stop = accelerator.reduce(stats, reduction="sum").tolist()
+                # One collective and one host sync per log interval: the interval's loss over all processes.
+                loss_total = accelerator.reduce(interval_loss, reduction="sum").item()
                 mean_loss = loss_total / interval_images
                 rate = images_this_session / (time.perf_counter() - start)
                 if not math.isfinite(mean_loss):
@@ -348,11 +408,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 interval_loss.zero_()
                 interval_images = 0
-                if stop and step + 1 < self.steps_per_epoch:
-                    bar.close()
-                    progress.epoch_loss_sum = accelerator.reduce(epoch_loss, reduction="sum").item()
-                    progress.epoch_train_time += time.perf_counter() - start
-                    return None
+            # The last step of an epoch does not vote: the epoch ends, and train_epochs votes after evaluation.
+            if step + 1 < self.steps_per_epoch and vote.exchange(self.stop_signal is not None):
+                bar.close()
+                progress.epoch_loss_sum = accelerator.reduce(epoch_loss, reduction="sum").item()
+                progress.interval_loss_sum = accelerator.reduce(interval_loss, reduction="sum").item()
+                progress.interval_images = interval_images
+                progress.epoch_train_time += time.perf_counter() - start
+                return None
+        vote.finish()
+        progress.interval_loss_sum, progress.interval_images = 0.0, 0
         bar.close()
         train_time = time.perf_counter() - start
         total_loss = accelerator.reduce(epoch_loss, reduction="sum").item()
@@ -574,11 +639,14 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         # Only a flag: the loop stops every process after the same step and saves there. A second
-        # signal during the save lands here again and changes nothing.
+        # signal (a launcher passing the first one on, or during the save) lands here again and changes nothing.
         if self.stop_signal is None:
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint at the next log interval, "
-                  f"then exiting with status {PREEMPTED_EXIT_CODE}", flush=True)
-        self.stop_signal = signum
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint within two optimizer steps (or "
+                  f"after this epoch's evaluation), then exiting with status {PREEMPTED_EXIT_CODE}", flush=True)
+            self.stop_signal = signum
+
+    def _stop_cause(self) -> str:
+        return signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another process"
 
     # --- the whole run ------------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -593,7 +661,8 @@ class Trainer:
             records.truncate_records(self.save_dir, self.progress.epoch, self.progress.global_step)
             records.write_run_config(self.save_dir, to_dict(cfg), self.resolved(), resumed)
         self.print_startup()
-        for name in {cfg.preempt_signal, "SIGUSR1"}:
+        # Ctrl-C (SIGINT) too: it saves and exits 75 like preemption (before this point: one line, main.py).
+        for name in {cfg.preempt_signal, "SIGUSR1", "SIGINT"}:
             signal.signal(getattr(signal, name), self._request_stop)
         if cfg.log_with:
             # TensorBoard purges the events after the checkpoint, as truncate_records does for the JSONL files;
@@ -627,7 +696,7 @@ class Trainer:
             train = self.train_epoch(epoch)
             if train is None:  # asked to stop mid-epoch
                 self.save(f"step_{self.progress.global_step}")
-                raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} at step "
+                raise Preempted(f"stopped by {self._stop_cause()} at step "
                                 f"{self.progress.global_step}; resume with --resume auto")
             val = self.evaluate()
             if self.ema is not None:
@@ -650,11 +719,14 @@ class Trainer:
                 f"val_loss {metrics['val_loss']:.4f} | val_acc1 {metrics['val_acc1']:.2f} % | "
                 f"val_acc5 {metrics['val_acc5']:.2f} % | {ema}lr {metrics['lr']:.3e} | "
                 f"{metrics['images_per_s']:.0f} img/s | {metrics['epoch_time_s']:.1f} s")
-            if self.should_save(epoch + 1):
+            # One blocking vote per epoch: a signal during the last steps or the evaluation, on any process, stops
+            # every process here, and the epoch is saved even when it is not a save epoch.
+            stop = StopVote(accelerator.device).now(self.stop_signal is not None)
+            if self.should_save(epoch + 1) or (stop and epoch + 1 < cfg.epochs):
                 self.save(f"epoch_{epoch + 1}", val_acc1=metrics["val_acc1"])
-            if self.stop_signal is not None:
-                raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {epoch + 1}"
-                                + ("" if self.should_save(epoch + 1) else " (no checkpoint: not a save epoch)"))
+            if stop and epoch + 1 < cfg.epochs:
+                raise Preempted(f"stopped by {self._stop_cause()} after epoch "
+                                f"{epoch + 1}; resume with --resume auto")
         return history
 
 

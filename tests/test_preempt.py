@@ -1,0 +1,290 @@
+"""Preemption of a multi-process run as SLURM delivers it, through launch.sh and slurm/train.sbatch on 2 CPU processes.
+
+SLURM signals every process of a job step: launch.sh, accelerate's launcher (torch's elastic agent) and the trainer
+processes (which the agent starts in sessions of their own). The tests do the same by walking /proc from the
+script they started (as SLURM's proctrack/linuxproc does), or signal one trainer process alone. The log interval
+(1000) is longer than the run: the old check, made only at log intervals, would have stopped at the epoch's end
+and written no step checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl
+from trainer import checkpoint
+from trainer.synthetic import write_fake_cifar100
+
+LAUNCH = str(REPO / "launch.sh")
+SBATCH = REPO / "slurm" / "train.sbatch"
+EPOCHS, STEPS_PER_EPOCH = 2, 20  # 640 images, batch 32
+HANG = 300  # seconds: only a hang guard (a rank that stops alone leaves the other waiting in a collective)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar640")
+    write_fake_cifar100(root, num_train=640, num_test=201, num_classes=10)
+    return root
+
+
+def args_for(data_dir, save_dir, *extra):
+    return [str(a) for a in TINY + ["--data_dir", data_dir, "--epochs", EPOCHS, "--batch_size", 32, "--augment",
+                                    "crop_flip", "--log_interval", 1000, "--save_epochs", 1, "--save_dir", save_dir,
+                                    *extra]]
+
+
+def launch_env(**extra) -> dict:
+    return child_env(NPROC_PER_NODE="2", GPUS="0", MASTER_PORT=str(free_port()), **extra)
+
+
+def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """In a session of its own, as srun starts a task; output to a file (a pipe could fill up and block)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    try:
+        process.wait(timeout=HANG)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"hung:\n{log.read_text()[-5000:]}")
+    return log.read_text()
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it, found the way SLURM's proctrack/linuxproc finds a step's processes."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def trainer_rank(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    ranks = [int(e[5:]) for e in environ if e.startswith(b"RANK=")]
+    return ranks[0] if ranks and b"main.py" in cmdline else None
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path | None = None):
+    deadline = time.monotonic() + HANG
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached (exit status {process.returncode}):\n"
+                                 + (log.read_text()[-5000:] if log else ""))
+        time.sleep(0.01)
+
+
+def latest(save_dir: Path) -> str:
+    try:
+        return (save_dir / "latest").read_text().strip()
+    except OSError:
+        return ""
+
+
+def kill_one_rank(process: subprocess.Popen, rank: int, sig=signal.SIGTERM) -> None:
+    (pid,) = [p for p in descendants(process.pid) if trainer_rank(p) == rank]
+    os.kill(pid, sig)
+
+
+def stable(lines):
+    return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Bit-identical final weights and the same metrics and step lines (timings aside) as the uninterrupted run."""
+    final, expected = (load_weights(d / f"epoch_{EPOCHS}/model.safetensors") for d in (run_dir, reference))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        got, want = stable(read_jsonl(run_dir / name)), stable(read_jsonl(reference / name))
+        assert [a.keys() for a in got] == [b.keys() for b in want]
+        for a, b in zip(got, want):
+            assert all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a), (name, a, b)
+
+
+def assert_resumes_only_what_was_left(run_dir: Path, saved: Path, output: str, reference: Path) -> None:
+    info = checkpoint.read_manifest(saved)
+    assert f"resumed from {saved}: epoch {info['epoch']}, step {info['global_step']}" in output
+    assert_same_run(run_dir, reference)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], cwd=REPO, env=launch_env(),
+                            capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return save_dir
+
+
+def fake_slurm(folder: Path, srun_body: str = 'exec "$@"') -> Path:
+    """srun that runs its task here (or does what srun_body says), scontrol that records its arguments."""
+    folder.mkdir()
+    for name, body in (("srun", srun_body), ("scontrol", f'echo "$@" >> {folder / "scontrol.log"}')):
+        (folder / name).write_text(f"#!/bin/bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_the_requeued_job_finishes(
+        data_dir, reference, tmp_path):
+    """slurm/train.sbatch under a stand-in srun: SIGTERM to every process of the step (not the batch shell)."""
+    bin_dir = fake_slurm(tmp_path / "bin")
+    save_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = launch_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    # A DataLoader worker in each trainer process: SLURM signals it too.
+    job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], log, env)
+    # In epoch 2, once both trainer processes run their DataLoader worker (a forked copy, with the same RANK).
+    wait_until(lambda: latest(save_dir) == "epoch_1" and
+               sum(trainer_rank(p) is not None for p in descendants(job.pid)) == 4, job, log)
+    for pid in descendants(job.pid)[1:]:  # --signal=TERM@N: the step's processes, not the batch shell
+        os.kill(pid, signal.SIGTERM)
+    output = finish(job, log)
+    assert job.returncode == 75, output[-5000:]
+    assert "launch.sh: all 2 trainer processes of this node saved and stopped for preemption: exit 75" in output
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 4242\n"
+    (saved,) = [p for p in checkpoint.list_checkpoints(save_dir) if p.name.startswith("step_")]
+    info = checkpoint.read_manifest(saved)
+    assert info["epoch"] == 1 and 0 < info["step_in_epoch"] < STEPS_PER_EPOCH  # mid-epoch, not at its end
+    assert output.count(f"stopped by SIGTERM at step {info['global_step']};") == 2  # both processes, same step
+    checkpoint.verify(saved)
+    # The requeued job: the same script, the same command.
+    requeued = subprocess.run(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=HANG)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 4242\n"  # not again
+    assert_resumes_only_what_was_left(save_dir, saved, requeued.stdout, reference)
+
+
+def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, reference, tmp_path):
+    save_dir, log = tmp_path / "run", tmp_path / "out.log"
+    run = start([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], log, launch_env())
+    wait_until(lambda: latest(save_dir) == "epoch_1", run, log)
+    kill_one_rank(run, 1)
+    output = finish(run, log)
+    assert run.returncode == 75, output[-5000:]  # launch.sh got no signal; the launcher says 1
+    stops = re.findall(r"stopped by (SIGTERM|a signal to another process) at step (\d+);", output)
+    assert sorted(stops) == sorted([("SIGTERM", stops[0][1]), ("a signal to another process", stops[0][1])]), stops
+    (saved,) = [p for p in checkpoint.list_checkpoints(save_dir) if p.name.startswith("step_")]
+    assert saved.name == f"step_{stops[0][1]}"
+    assert 0 < checkpoint.read_manifest(saved)["step_in_epoch"] < STEPS_PER_EPOCH
+    resumed = subprocess.run([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir, "--resume", "auto")],
+                             cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=HANG)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumes_only_what_was_left(save_dir, saved, resumed.stdout, reference)
+
+
+def test_signal_at_the_end_of_an_epoch_that_is_not_a_save_epoch_saves_it(data_dir, reference, tmp_path):
+    """Signalled in the epoch's last step or its evaluation: the epoch is saved (it used to be lost)."""
+    save_dir, log = tmp_path / "run", tmp_path / "out.log"
+    args = args_for(data_dir, save_dir, "--save_epochs", -1, "--resume", "auto")  # only the last epoch saves
+    run = start([LAUNCH, "--strategy", "ddp", *args], log, launch_env())
+    # The epoch's last step writes its steps.jsonl line, then evaluation starts.
+    wait_until(lambda: (save_dir / "steps.jsonl").is_file() and (save_dir / "steps.jsonl").read_text(), run, log)
+    kill_one_rank(run, 1)
+    output = finish(run, log)
+    assert run.returncode == 75, output[-5000:]
+    assert output.count("after epoch 1; resume with --resume auto") == 2
+    assert [p.name for p in checkpoint.list_checkpoints(save_dir)] == ["epoch_1"]
+    assert [m["epoch"] for m in read_jsonl(save_dir / "metrics.jsonl")] == [1]
+    resumed = subprocess.run([LAUNCH, "--strategy", "ddp", *args], cwd=REPO, env=launch_env(), capture_output=True,
+                             text=True, timeout=HANG)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumes_only_what_was_left(save_dir, save_dir / "epoch_1", resumed.stdout, reference)
+
+
+@pytest.mark.parametrize("status, requeued", [(75, True), (0, False), (1, False)])
+def test_sbatch_requeues_only_a_preempted_run(tmp_path, status, requeued):
+    bin_dir = fake_slurm(tmp_path / "bin", f'echo "$@" > {tmp_path / "srun.log"}; exit {status}')
+    result = subprocess.run(["bash", str(SBATCH), "--epochs", "7"], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, SLURM_JOB_ID="99", PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert result.returncode == status
+    assert (tmp_path / "srun.log").read_text().split()[-3:] == ["nfnet", "--epochs", "7"]
+    assert "--resume auto" in (tmp_path / "srun.log").read_text()
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 99\n" if requeued else \
+        not (bin_dir / "scontrol.log").exists()
+    header = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
+    for option in ("--time=", "--signal=TERM@", "--requeue", "--open-mode=append"):
+        assert any(option in line for line in header), option
+
+
+def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
+    """Ctrl-C signals the terminal's foreground process group: launch.sh and the launcher, which passes it on to
+    the trainer processes (they run in sessions of their own)."""
+    save_dir, log = tmp_path / "run", tmp_path / "out.log"
+    run = start([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], log, launch_env())
+    wait_until(lambda: latest(save_dir) == "epoch_1", run, log)
+    os.killpg(run.pid, signal.SIGINT)
+    output = finish(run, log)
+    assert run.returncode == 75, output[-5000:]
+    (saved,) = [p for p in checkpoint.list_checkpoints(save_dir) if p.name.startswith("step_")]
+    assert output.count(f"stopped by SIGINT at step {checkpoint.read_manifest(saved)['global_step']};") == 2
+
+
+def test_ctrl_c_before_training_is_one_line_and_status_130(cifar_dir, tmp_path):
+    process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"),
+                                *args_for(cifar_dir, tmp_path)], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Once main() imports torch (trainer/main.py imports it nowhere else), and long before the trainer installs its
+    # own handler (after reading the data and building the model).
+    maps = Path(f"/proc/{process.pid}/maps")
+    wait_until(lambda: "libtorch" in maps.read_text(), process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=HANG)
+    assert process.returncode == 130
+    assert stderr == "interrupted (Ctrl-C) before training started: nothing to save\n"
+
+
+STARTING_WORKERS_SIGNALLED = """
+import os, signal, sys, torch
+from trainer.data import iterate_steps
+
+class Steps(torch.utils.data.Dataset):  # what iterate_steps reads of TrainSteps
+    split = type("Split", (), {"images": torch.zeros(1)})
+    def __len__(self): return 20
+    def __getitem__(self, step): return step
+
+stops = []
+signal.signal(signal.SIGTERM, lambda *_: stops.append(1))  # the trainer's handler: only a flag
+start_workers = torch.utils.data.DataLoader.__iter__
+def signal_everyone_at_once(loader):  # as SLURM may, the moment the workers are forked
+    batches = start_workers(loader)
+    os.killpg(0, signal.SIGTERM)
+    return batches
+torch.utils.data.DataLoader.__iter__ = signal_everyone_at_once
+for epoch in range(10):
+    assert [step for step, _ in iterate_steps(Steps(), 0, 2, False)] == list(range(20))
+print("signals", len(stops))
+"""
+
+
+def test_dataloader_workers_survive_a_signal_as_they_start():
+    """SLURM and torch's launcher signal the DataLoader workers too; they must leave the stop to their trainer."""
+    result = subprocess.run([sys.executable, "-c", STARTING_WORKERS_SIGNALLED], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120, start_new_session=True)  # hang guard
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["signals", "10"]  # each reached the training process
