@@ -62,7 +62,9 @@ def load_weights(path) -> dict[str, torch.Tensor]:
 
 
 def relative_l2(a: dict, b: dict) -> float:
-    """Relative L2 distance over all tensors together (a per-tensor maximum is noisy: shared notes)."""
+    """Relative L2 distance over all tensors together (a per-tensor maximum is noisy: Adam amplifies float
+    re-association in tensors whose gradient is ~0, ~5e-4 per tensor between two correct topologies where the
+    global relative L2 is ~1e-6)."""
     assert a.keys() == b.keys()
     num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
     den = sum((a[k].double() ** 2).sum() for k in a)

@@ -8,7 +8,7 @@ L2 of all weights vs DDP after epoch 1 / epoch 2:
   no clipping       ZeRO-1 0 / 0 (bit-identical)   ZeRO-2 1.4e-6 / 2.3e-6   ZeRO-3 1.4e-6 / 2.3e-6
   --grad_clip 0.5   ZeRO-2 1.7e-7 / 3.0e-7         ZeRO-3 2.1e-7 / 4.2e-7
   for scale: DDP with vs without --grad_clip 0.5: 1.1e-2 / 1.9e-2 (and clipping at 1.0, which accelerate's
-  "auto" would silently add under DeepSpeed: 8e-3 / 1.5e-2, shared notes).
+  "auto" would silently add under DeepSpeed: 8e-3 / 1.5e-2).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from trainer.synthetic import write_fake_cifar100
 # computes the clipping norm over its partitions, so its float32 sums are re-associated relative to DDP's
 # all-reduce. That alone moves the weights by ~1e-6 after 10 AdamW steps (see above); Adam amplifies it in
 # parameters whose gradient is ~0. A wrong split of the batch, a wrong accumulation or loss scale, or
-# clipping that differs between the paths gives 1e-3..1e-2 (shared notes; 1.1e-2 measured here).
+# clipping that differs between the paths gives 1e-3..1e-2 (1.1e-2 measured here).
 DEEPSPEED_TOLERANCE = 1e-5
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 

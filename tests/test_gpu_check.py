@@ -30,7 +30,7 @@ def test_correctness_checks_pass_and_cuda_only_ones_say_why_they_were_skipped(sm
     _, out = smoke
     lines = (out / "a_correctness.txt").read_text().splitlines()
     passed = [line for line in lines if line.startswith("PASS")]
-    assert len(passed) == 2 and "resumed from step_3 vs uninterrupted" in passed[0] and "--num_workers 2" in passed[1]
+    assert len(passed) == 2 and "resumed from step_2 vs uninterrupted" in passed[0] and "--num_workers 2" in passed[1]
     assert not [line for line in lines if line.startswith("FAIL")]
     assert sum("--cuda_graph vs eager (CUDA graphs need CUDA)" in line for line in lines) == 2
     assert "skipped: cuda_graph rows (CUDA graphs need CUDA)" in (out / "log.txt").read_text()

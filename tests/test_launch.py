@@ -142,7 +142,7 @@ def test_several_cpu_processes_use_the_cpu_config_and_device_cpu(fake_bin):
     assert rc == 0
     layout = accelerate_layout(command)
     assert layout["config"] == str(CONFIGS / "cpu_multi.yaml") and layout["processes"] == 2
-    # Without --device cpu (Accelerator(cpu=True)) the processes would each train alone (shared notes).
+    # Without --device cpu (Accelerator(cpu=True)) the processes would each train alone (DistributedType.NO in each).
     assert layout["trainer_args"] == ["--device", "cpu", *TRAINER_ARGS]
 
 
@@ -272,7 +272,7 @@ def test_config_parses_and_comments_every_key(path):
     uncommented = [line for line in text.splitlines()
                    if line.strip() and not line.lstrip().startswith("#") and not re.search(r"\s#", line)]
     assert uncommented == [], f"{path.name}: key lines without a comment"
-    # The CPU configs must not use accelerate's --cpu mode: it starts a single process (shared notes).
+    # The CPU configs must not use accelerate's --cpu mode: it starts a single process (its multi-CPU mode wants mpirun).
     assert config.get("use_cpu") is False
 
 
@@ -291,5 +291,5 @@ def test_deepspeed_configs_leave_batching_and_clipping_to_the_trainer(strategy):
     offload = strategy.endswith("_offload")
     assert ds["offload_optimizer_device"] == ("cpu" if offload else "none")
     assert ds["offload_param_device"] == ("cpu" if offload and ds["zero_stage"] == 3 else "none")
-    # ZeRO-3 can write a whole model.safetensors only when it gathers the weights (shared notes).
+    # ZeRO-3 can write a whole model.safetensors only when it gathers the weights (else get_state_dict raises).
     assert ds["zero3_save_16bit_model"] is (ds["zero_stage"] == 3)

@@ -12,7 +12,7 @@ from conftest import (TINY, assert_lrs_follow_the_schedule, assert_resumed, load
                       record_lines, relative_l2, run_trainer)
 
 # Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
-# of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (shared notes). 1e-5 sits between.
+# of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (measured 2026-11-27). 1e-5 sits between.
 TOPOLOGY_TOLERANCE = 1e-5
 
 

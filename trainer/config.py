@@ -44,7 +44,8 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # torch.compile's CUDA-graph modes (reduce-overhead, max-autotune) failed on these models with a plain training
-# step (shared notes); --cuda_graph captures the whole step instead.
+# step ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", one H200,
+# torch 2.11, 2026-11-27); --cuda_graph captures the whole step instead.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DATA_DEVICES = ("auto", "cpu", "accelerator")
 PATH_FIELDS = ("pretrained_file", "data_dir", "checkpoint", "save_dir")

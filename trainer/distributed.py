@@ -35,7 +35,8 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     on_cpu = config.device == "cpu" or not has_cuda
     deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # On CPU the process group must be gloo; accelerate picks it for DDP, but under DeepSpeed it only
-    # counts the processes when told (shared notes).
+    # counts the processes when told: without the gloo handler, 2 CPU processes under DeepSpeed each see
+    # num_processes 1 and DeepSpeed stops on "train_batch_size is not equal to micro_batch_per_gpu * ...".
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
     # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
     # accelerate's own TorchDynamoPlugin compiles the prepared model and strips `_orig_mod.` when saving.
@@ -71,7 +72,8 @@ def check_process_group(accelerator: Accelerator, launched: int) -> None:
     """Refuse processes that each believe they are alone: each would train on all the data, silently.
 
     This is what `accelerate launch --multi_gpu` gives on a machine without GPUs when the Accelerator is
-    not built with cpu=True (shared notes), and what a launcher whose group failed to form looks like.
+    not built with cpu=True (measured with accelerate 1.15: DistributedType.NO, num_processes 1 in each of
+    the two processes), and what a launcher whose group failed to form looks like.
     """
     if launched > 1 and accelerator.num_processes != launched:
         raise ConfigError(f"the launcher started {launched} processes but accelerate sees "

@@ -1,11 +1,13 @@
 """The whole training step (forward, backward, clipping, optimizer) captured as one CUDA graph.
 
-At CIFAR size the GPU waits on kernel launches, not on arithmetic (shared notes: NFNet-F0's bf16 step
-takes ~46 ms for 256 images whose kernels add up to ~17 ms). Replaying a captured graph launches the step's
-hundreds of kernels at once. torch.compile's "reduce-overhead" mode graphs the forward and backward only,
-and failed on these models with a plain training step (shared notes), so the step is captured here as in
+At CIFAR size the GPU waits on kernel launches, not on arithmetic (measured on one H200, torch 2.11,
+2026-11-27: NFNet-F0's bf16 step takes ~46 ms for 256 images whose kernels add up to ~17 ms). Replaying a
+captured graph launches the step's hundreds of kernels at once. torch.compile's "reduce-overhead" mode graphs the forward and backward only,
+and failed on these models with a plain training step ("accessing tensor output of CUDAGraphs that has been
+overwritten by a subsequent run", same machine and date), so the step is captured here as in
 PyTorch's "whole network capture" recipe:
-- every micro-batch has one static shape (data.py pads the short last step with weight-0 images);
+- every micro-batch has one static shape (with --cuda_graph data.py pads the short last step with weight-0
+  images; models with BatchNorm are refused, since padding would enter their batch statistics);
 - inputs are copied into static buffers; the learning rate and the loss scale are device tensors that
   the optimizer (fused, capturable AdamW or SGD) and the loss read inside the graph;
 - warm-up iterations on a side stream initialise cuBLAS, autograd and the optimizer state, then the

@@ -176,7 +176,8 @@ class Trainer:
         self.stop_signal = None  # set by the preemption signal handler
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
         # Under DeepSpeed with bf16/fp16 the weights themselves are half precision and autocast does not
-        # apply, so inputs are cast to the engine's dtype (shared notes).
+        # apply: a float32 input fails with "Input type (float) and bias type (c10::BFloat16) should be the same".
+        # So inputs are cast to the engine's dtype.
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32) if self.deepspeed else torch.float32
         self.mixed_precision = resolve_mixed_precision(config, accelerator.device.type == "cpu")
@@ -236,7 +237,8 @@ class Trainer:
         ds["gradient_accumulation_steps"] = self.accumulation
         ds["train_batch_size"] = self.config.batch_size
         # accelerate fills "auto" with 1.0 (clipping that DDP would not do) and reads 0.0 as unset, so
-        # the value is written here, the same as the DDP path's (shared notes). 0 means off in DeepSpeed.
+        # the value is written here, the same as the DDP path's. Measured (test_vit, 2 CPU processes, 16 AdamW steps):
+        # with accelerate's 1.0 ZeRO ended 6.8e-3 from DDP, with equal clipping 9.1e-7. 0 means off in DeepSpeed.
         ds["gradient_clipping"] = self.config.grad_clip
         zero = ds.setdefault("zero_optimization", {})
         if zero.get("stage") == 3:
