@@ -107,6 +107,40 @@ def test_figures_per_run_and_per_comparison_present(tmp_path):
     assert not (out / "compare_adamw_vs_sgdm.png").exists()  # no SGDM run
 
 
+def write_evaluation(run, accuracies):
+    """An evaluation/ folder as trainer.evaluate writes it: metrics.json, per_class.csv (10 images per class),
+    confusion.png (a small image here: the report copies it, it does not draw it)."""
+    folder = run / "evaluation"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"source": str(run / "epoch_2"), "ema": False, "val_loss": 1.5,
+                                                     "val_acc1": 61.25, "val_acc5": 85.5, "val_images": 100}))
+    rows = ["class,name,superclass,superclass_name,images,correct,accuracy"] + \
+        [f"{c},class{c},0,aquatic_mammals,10,{a // 10},{a:.2f}" for c, a in enumerate(accuracies)]
+    (folder / "per_class.csv").write_text("\n".join(rows) + "\n")
+    matplotlib.image.imsave(folder / "confusion.png", [[0.0, 1.0], [1.0, 0.0]])
+    return folder
+
+
+def test_evaluation_of_the_final_checkpoint_when_present(tmp_path):
+    runs = tmp_path / "runs"
+    evaluated = write_run(runs / "nfnet_adamw_cosine", acc1=(50.0, 60.0))
+    write_evaluation(evaluated, [90, 30, 70, 10, 100, 30, 50, 0, 80, 60])
+    bare = write_run(runs / "vit_adamw_cosine", model="vit", timm_model=VIT)  # no evaluation/: no section for it
+    text, *_ = report(tmp_path, evaluated, bare)
+    section = text.split("## Per-class evaluation of the final checkpoint")[1]
+    assert ("**nfnet_adamw_cosine** (`epoch_2`): top-1 61.25 %, top-5 85.50 %, loss 1.5000 on 100 test images."
+            in section)
+    # The 5 lowest, lowest first; ties in class order.
+    assert ("Lowest classes: class7 0.00 % (0/10), class3 10.00 % (1/10), class1 30.00 % (3/10), "
+            "class5 30.00 % (3/10), class6 50.00 % (5/10).") in section
+    assert "](nfnet_adamw_cosine_confusion.png)" in section and "vit_adamw_cosine" not in section
+    copied = tmp_path / "out" / "nfnet_adamw_cosine_confusion.png"
+    assert copied.read_bytes() == (evaluated / "evaluation" / "confusion.png").read_bytes()
+    # Without any evaluation the report has no such section.
+    text, *_ = report(tmp_path / "bare", bare)
+    assert "Per-class evaluation" not in text
+
+
 def test_runs_with_the_same_folder_name_from_two_machines(tmp_path):
     a = write_run(tmp_path / "machine_a" / "nfnet_adamw_cosine", hardware="NVIDIA H100")
     b = write_run(tmp_path / "machine_b" / "nfnet_adamw_cosine", hardware="CPU (x86_64, 2 cores)")

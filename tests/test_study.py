@@ -1,6 +1,7 @@
 """The study runner end to end: four tiny runs through the real trainer, skipping, resuming, failing, the report."""
 
 import ast
+import csv
 import json
 import shutil
 import signal
@@ -56,13 +57,36 @@ def test_four_runs_with_the_overrides_and_a_report(tiny_study):
         assert matplotlib.image.imread(save_dir / "report" / f"{name}.png").shape[:2] == FIGURE_PIXELS
 
 
+def test_each_final_checkpoint_evaluated_and_its_figure_in_the_report(tiny_study):
+    save_dir, _, first = tiny_study
+    assert first.stdout.count("evaluating epoch_2 into") == 4
+    text = (save_dir / "report" / "report.md").read_text()
+    for name in EXPERIMENTS:
+        evaluation = save_dir / name / "evaluation"
+        got = json.loads((evaluation / "metrics.json").read_text())
+        last = read_jsonl(save_dir / name / "metrics.jsonl")[-1]
+        assert got["source"] == str(save_dir / name / "epoch_2")
+        assert got["val_acc1"] == last["val_acc1"]  # the trainer's own evaluation code, one process, CPU fp32
+        with open(evaluation / "per_class.csv", newline="") as f:
+            assert sum(int(r["images"]) for r in csv.DictReader(f)) == 201  # conftest's cifar_dir test set
+        assert f"**{name}** (`epoch_2`): top-1 {last['val_acc1']:.2f} %" in text
+        assert f"]({name}_confusion.png)" in text
+        copied = save_dir / "report" / f"{name}_confusion.png"
+        assert copied.read_bytes() == (evaluation / "confusion.png").read_bytes()
+
+
 def test_second_invocation_skips_complete_runs(tiny_study):
     save_dir, args, _ = tiny_study
     files = [save_dir / name / f for name in EXPERIMENTS for f in ("metrics.jsonl", "steps.jsonl")]
+    files += [save_dir / name / "evaluation" / "metrics.json" for name in EXPERIMENTS if name != "vit_adamw_cosine"]
     before = [p.stat().st_mtime_ns for p in files]
+    shutil.rmtree(save_dir / "vit_adamw_cosine" / "evaluation")  # a run completed before the study evaluated runs
     again = study(*args)
     assert again.stdout.count("skipped, complete") == 4 and "starting" not in again.stdout
     assert [p.stat().st_mtime_ns for p in files] == before
+    # Only the complete run without its evaluation is evaluated.
+    assert again.stdout.count("evaluating") == 1 and "vit_adamw_cosine: evaluating epoch_2" in again.stdout
+    assert (save_dir / "vit_adamw_cosine" / "evaluation" / "metrics.json").is_file()
     assert "report" in again.stdout
 
 
@@ -73,6 +97,7 @@ def test_run_without_its_last_checkpoint_resumes(tiny_study):
     shutil.rmtree(run / "epoch_2")
     (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     before = record_lines(run)
+    evaluated = (run / "evaluation" / "metrics.json").stat().st_mtime_ns
     resumed = study(*args)
     assert resumed.stdout.count("skipped, complete") == 3
     assert "nfnet_sgdm_cosine: resuming" in resumed.stdout
@@ -81,6 +106,9 @@ def test_run_without_its_last_checkpoint_resumes(tiny_study):
     assert [m["epoch"] for m in metrics] == [1, 2] and (run / "epoch_2" / "manifest.json").is_file()
     assert metrics[1]["val_acc1"] == finished[1]["val_acc1"]  # deterministic on CPU in fp32
     assert [s["step"] for s in read_jsonl(run / "steps.jsonl")] == list(range(1, 19))  # 2 x 9 steps, none twice
+    # The resumed run's new final checkpoint is evaluated again, over the evaluation of the old one.
+    assert resumed.stdout.count("evaluating") == 1 and "nfnet_sgdm_cosine: evaluating epoch_2" in resumed.stdout
+    assert (run / "evaluation" / "metrics.json").stat().st_mtime_ns != evaluated
 
 
 def test_changed_settings_stop_before_any_run(tiny_study, capsys):

@@ -6,8 +6,10 @@ figures of the training curves.
 
 Writes `report.md` and PNG figures into --out (default: `report/` beside the first run folder): one
 figure per run, and one overlaid figure per comparison of the study file that has runs of at least two
-of its experiments. It reads only each run's config.json, metrics.jsonl and steps.jsonl, so it works on
-unfinished runs and on runs copied from other machines, and needs no GPU (nor torch).
+of its experiments. It reads only each run's config.json, metrics.jsonl, steps.jsonl and evaluation/, so it
+works on unfinished runs and on runs copied from other machines, and needs no GPU (nor torch). Where a run
+folder holds an `evaluation/` of its final checkpoint (`python -m trainer.evaluate` writes it, the study
+runner calls it), the report also shows its top-1, its 5 lowest classes and its confusion figure.
 
 A run belongs to the study experiment whose name is its folder's name, or else to the experiment whose own
 options (model, optimizer, scheduler) it shares. Its reference result is shown only when every setting the
@@ -19,9 +21,11 @@ Exit status: 0 done; 2 a folder that is not a run, or a bad study file (one line
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import typing
 from datetime import datetime, timedelta, timezone
@@ -112,6 +116,9 @@ def read_jsonl(path: Path) -> list[dict]:
         raise ReportError(str(error)) from None
 
 
+EVALUATION_DIR = "evaluation"  # a run's trainer.evaluate output, which the study runner writes (trainer/study.py)
+
+
 @dataclasses.dataclass
 class Run:
     path: Path
@@ -122,6 +129,8 @@ class Run:
     experiment: Optional[str] = None
     reference: Optional[dict] = None   # the experiment's reference result, when the settings match
     note: Optional[str] = None         # why the reference is not shown, or why it is not comparable yet
+    evaluation: Optional[dict] = None  # evaluation/metrics.json of trainer.evaluate, when there is one
+    per_class: list = dataclasses.field(default_factory=list)  # evaluation/per_class.csv rows
 
     @property
     def options(self) -> dict:
@@ -148,7 +157,17 @@ def load_run(path) -> Run:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         raise ReportError(f"{path} has metrics.jsonl but no readable config.json") from None
-    return Run(path, path.name, config, metrics, read_jsonl(path / "steps.jsonl"))
+    run = Run(path, path.name, config, metrics, read_jsonl(path / "steps.jsonl"))
+    evaluation = path / EVALUATION_DIR
+    try:
+        run.evaluation = json.loads((evaluation / "metrics.json").read_text())
+        if not {"val_acc1", "val_acc5", "val_loss", "val_images"} <= set(run.evaluation):
+            run.evaluation = None
+        with open(evaluation / "per_class.csv", newline="") as f:
+            run.per_class = list(csv.DictReader(f))
+    except (OSError, ValueError, TypeError):  # none, or one stopped while writing: the report goes on without it
+        pass
+    return run
 
 
 def _same(a, b) -> bool:
@@ -250,6 +269,21 @@ def reference_table(runs: list[Run]) -> list[str]:
     return _table(header, rows) + ([""] + notes if notes else [])
 
 
+def evaluation_lines(run: Run, figure: Optional[str]) -> list[str]:
+    """The evaluation of the run's final checkpoint: its numbers, its 5 lowest classes, its confusion figure."""
+    e = run.evaluation
+    lines = [f"**{run.name}** (`{Path(e.get('source', '?')).name}`): top-1 {e['val_acc1']:.2f} %, top-5 "
+             f"{e['val_acc5']:.2f} %, loss {e['val_loss']:.4f} on {e['val_images']} test images."]
+    rated = [r for r in run.per_class if r.get("accuracy")]  # a class absent from the test set has no accuracy
+    if rated:
+        worst = sorted(rated, key=lambda r: (float(r["accuracy"]), int(r["class"])))[:5]
+        lines[0] += " Lowest classes: " + ", ".join(
+            f"{r['name']} {float(r['accuracy']):.2f} % ({r['correct']}/{r['images']})" for r in worst) + "."
+    if figure:
+        lines += ["", f"![{run.name}: confusion matrix of the final checkpoint]({figure})"]
+    return lines + [""]
+
+
 # --- figures ------------------------------------------------------------------------------------
 
 def plot(runs: list[Run], title: str, path: Path) -> None:
@@ -319,6 +353,17 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
              "## Results", ""] + results_table(runs) + \
             ["", "## Against the reference study", ""] + reference_table(runs) + ["", "## Figures", ""]
     lines += [f"![{title}]({file})\n" for title, file in figures]
+    evaluated = [run for run in runs if run.evaluation]
+    if evaluated:
+        lines += ["## Per-class evaluation of the final checkpoint", "",
+                  "By `python -m trainer.evaluate`; each figure is the confusion matrix in percent of the true "
+                  "class, classes grouped by CIFAR-100's 20 superclasses.", ""]
+    for run in evaluated:
+        figure = None
+        if (run.path / EVALUATION_DIR / "confusion.png").is_file():
+            figure = f"{run.name}_confusion.png"
+            shutil.copyfile(run.path / EVALUATION_DIR / "confusion.png", out / figure)
+        lines += evaluation_lines(run, figure)
     report = out / "report.md"
     report.write_text("\n".join(lines).rstrip() + "\n")
     return report

@@ -13,11 +13,14 @@ last epoch in metrics.jsonl and its `epoch_N/` checkpoint on disk) is skipped, a
 resumed with `--resume auto` from its newest valid checkpoint. A run folder started with other values of
 the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them.
 
-Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. The report is written to
-`{save_dir}/report/` (see trainer/report.py).
+Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. A run that completes has its
+final checkpoint evaluated by `python -m trainer.evaluate` (one process; output in the same log) into
+`{save_dir}/{experiment}/evaluation/`: per-class accuracy and the confusion figure. A complete run that is skipped
+is evaluated when that folder lacks its metrics.json. The report is written to `{save_dir}/report/` (see
+trainer/report.py).
 
-Exit status: 0 done; 2 bad input (one line on stderr); 1 a run failed (named, with its log); 75 a run was
-stopped by a preemption signal after saving a checkpoint (run the same command again to resume it).
+Exit status: 0 done; 2 bad input (one line on stderr); 1 a run or its evaluation failed (named, with its log);
+75 a run was stopped by a preemption signal after saving a checkpoint (run the same command again to resume it).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import sys
 from pathlib import Path
 
 from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, check_writable_folder, parse_config
-from .report import DEFAULT_STUDY, ReportError, Study, load_study, read_jsonl, write_report
+from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
 # The runner sets these for every run itself; from the command line they would fight it.
@@ -127,6 +130,21 @@ def run_logged(cmd: list[str], log: Path) -> int:
                 signal.signal(s, handler)
 
 
+def evaluate_run(head: str, run_dir: Path, epochs: int) -> bool:
+    """Evaluate the run's final checkpoint into run_dir/evaluation/; False (after one line) when that fails.
+    A subprocess in one process, as the runs are subprocesses: the runner itself never imports torch."""
+    out = run_dir / EVALUATION_DIR
+    print(f"{head}: evaluating epoch_{epochs} into {out}", flush=True)
+    # By path, as the runs start main.py: it works from any folder the study is started in.
+    cmd = [sys.executable, str(Path(__file__).with_name("evaluate.py")), str(run_dir / f"epoch_{epochs}"),
+           "--out", str(out)]
+    status = run_logged(cmd, run_dir / LOG_FILE)
+    if status != 0:
+        print(f"error: {head}: evaluating epoch_{epochs} failed with exit status {status}; see its log "
+              f"{run_dir / LOG_FILE}", file=sys.stderr)
+    return status == 0
+
+
 def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str]) -> int:
     plans = []
     for name in study.experiments:  # every run's options are checked before the first one starts
@@ -139,6 +157,8 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
         head = f"study [{i}/{len(plans)}] {name}"
         if is_complete(run_dir, epochs):
             print(f"{head}: skipped, complete ({epochs} epochs in {run_dir})", flush=True)
+            if not (run_dir / EVALUATION_DIR / "metrics.json").is_file() and not evaluate_run(head, run_dir, epochs):
+                return 1
             continue
         print(f"{head}: {'resuming from its newest valid checkpoint' if has_checkpoint(run_dir) else 'starting'}",
               flush=True)
@@ -151,6 +171,10 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
             return PREEMPTED_EXIT_CODE
         if status != 0:
             print(f"error: {head} failed with exit status {status}; see its log {log}", file=sys.stderr)
+            return 1
+        # Always after a run (re)started, so a resumed run's evaluation is of its new final checkpoint. Not when
+        # the final save failed and the trainer went on (--on_save_error continue): there is no checkpoint.
+        if is_complete(run_dir, epochs) and not evaluate_run(head, run_dir, epochs):
             return 1
     report = write_report([run_dir for _, run_dir, _, _ in plans], save_dir / "report", study.path)
     print(f"study: done; report {report}", flush=True)
