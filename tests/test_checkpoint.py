@@ -91,8 +91,9 @@ def test_preemption_signal_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(
     info = checkpoint.read_manifest(saved)
     assert info["epoch"] == 1 and 0 < info["step_in_epoch"] < STEPS_PER_EPOCH
     checkpoint.verify(saved)
+    before = record_lines(tmp_path)
     resumed = run_trainer(args)
-    assert f"resumed from {saved}" in resumed.stdout
+    assert_resumed(tmp_path, saved, before, resumed.stdout)
     same_run(tmp_path, uninterrupted)
 
 
