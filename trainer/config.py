@@ -145,7 +145,7 @@ class TrainConfig:
     resume: Optional[str] = None
     """`auto`: resume from the newest checkpoint in save_dir that verifies; with none, start fresh unless save_dir holds another run."""
     overwrite: bool = False
-    """Start a fresh run in a save_dir that holds another one: its checkpoints, records and tensorboard/ are deleted first."""
+    """Start a fresh run in a save_dir that holds another one: its checkpoints, records and tracker folders are deleted first."""
     keep_last: int = 0
     """Keep only the newest K checkpoints (deleted after a newer one is complete); 0 keeps all."""
     keep_best: bool = False

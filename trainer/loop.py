@@ -675,7 +675,7 @@ class Trainer:
                            "wandb": {"dir": str(self.save_dir), "name": self.save_dir.resolve().name},
                            "dvclive": {"dir": str(self.save_dir / "dvclive")}}
             try:
-                accelerator.init_trackers("cifar-trainer", config=to_dict(cfg) if self.progress.global_step == 0 else None,
+                accelerator.init_trackers(records.TRACKER_PROJECT, config=to_dict(cfg) if self.progress.global_step == 0 else None,
                                           init_kwargs=init_kwargs)
             except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
                 raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "

@@ -16,9 +16,13 @@ from pathlib import Path
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
-# Everything a run leaves in its save_dir (the checkpoint folders and `latest` are checkpoint.py's, tensorboard/
-# accelerate's tracker): a fresh start refuses a folder that holds any of them, and --overwrite deletes them.
-RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, "latest", "tensorboard", "epoch_*", "step_*")
+# accelerate's trackers log under this project name: TensorBoard into {save_dir}/cifar-trainer/.
+TRACKER_PROJECT = "cifar-trainer"
+# Everything a run leaves in its save_dir (the checkpoint folders and `latest` are checkpoint.py's; the tracker
+# folders accelerate's TensorBoard, wandb and dvclive trackers write there): a fresh start refuses a folder that
+# holds any of them, and --overwrite deletes them.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, "latest", TRACKER_PROJECT, "wandb", "dvclive", "epoch_*",
+               "step_*")
 
 
 def library_versions() -> dict[str, str]:
