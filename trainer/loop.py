@@ -11,6 +11,7 @@ run purges the events logged after its checkpoint, as it truncates the JSONL fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,8 +31,8 @@ from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, resolve_batch
 from .data import NUM_CLASSES, Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
 from .distributed import create_accelerator, resolve_mixed_precision
 from .graphs import CudaGraphStep
-from .models import count_parameters, create_model
-from .optim import create_optimizer, create_scheduler
+from .models import buffers_kept, count_parameters, create_model
+from .optim import create_optimizer, create_scheduler, scheduled_lr
 
 
 class Preempted(Exception):
@@ -215,20 +216,15 @@ class Trainer:
         last = self.num_train - (math.ceil(self.num_train / cfg.batch_size) - 1) * cfg.batch_size
         if last >= 2 * self.world * self.accumulation or cfg.cuda_graph:  # --cuda_graph pads every micro-batch
             return
-        buffers = [b.detach().clone() for b in model.buffers()]
         try:
             # fork_rng: dropout in the probe must not move the random stream that training draws from next.
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with buffers_kept(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
                 model.train()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
         except ValueError as error:
             raise ConfigError(f"the epoch's last step holds {last} images over {self.world * self.accumulation} "
                               f"micro-batches, so some hold one image, which {cfg.model} cannot train on ({error}); "
                               f"choose a --batch_size that leaves 0 or at least {2 * self.world * self.accumulation} "
                               f"images for the last step ({self.num_train} training images)") from None
-        finally:
-            with torch.no_grad():
-                for buffer, saved in zip(model.buffers(), buffers):
-                    buffer.copy_(saved)
 
     def _configure_deepspeed(self) -> None:
         """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone."""
@@ -323,21 +319,17 @@ class Trainer:
             # but its forward updates BatchNorm's running statistics (and num_batches_tracked): they are put
             # back after the step (after backward, which may still read the running buffers).
             padding_only = a * self.world + self.rank >= step_images
-            saved_buffers = [b.detach().clone() for b in self.plain_model.buffers()] if padding_only else None
             images = images.to(accelerator.device, self.input_dtype, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
             weights = weights.to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(self.sync_model):
+            with buffers_kept(self.plain_model) if padding_only else contextlib.nullcontext(), \
+                    accelerator.accumulate(self.sync_model):
                 weighted = (self.per_image_loss(model(images).float(), labels) * weights).sum()
                 accelerator.backward(weighted * scale)
                 if accelerator.sync_gradients and self.config.grad_clip > 0 and not self.deepspeed:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if saved_buffers is not None:
-                with torch.no_grad():
-                    for buffer, saved in zip(self.plain_model.buffers(), saved_buffers):
-                        buffer.copy_(saved)
             loss_sum += weighted.detach()
         assert accelerator.sync_gradients, "micro-steps out of step with the accumulation count"
         self.after_optimizer_step()
@@ -356,10 +348,9 @@ class Trainer:
         head = max(range(len(groups)), key=lambda i: groups[i].get("lr_scale", 1.0))
         if not isinstance(groups[head]["lr"], torch.Tensor):
             return groups[head]["lr"]
-        # Capturable optimizers (CUDA graphs) hold the lr in a device tensor, and reading it waits for the device.
-        # The scheduler filled it with a host float: LambdaLR's get_lr, base_lr * lambda(last_epoch), recomputed
-        # here (calling get_lr outside step() warns).
-        return self.scheduler.base_lrs[head] * self.scheduler.lr_lambdas[head](self.scheduler.last_epoch)
+        # Capturable optimizers (CUDA graphs) hold the lr in a device tensor, and reading it waits for the device:
+        # the host float the scheduler filled it with instead.
+        return scheduled_lr(self.scheduler, head)
 
     def per_image_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # torch's cross-entropy rather than timm's CrossEntropy/LabelSmoothingCrossEntropy/SoftTargetCrossEntropy
@@ -487,8 +478,8 @@ class Trainer:
                 f"{saved.get('processes')} processes (ZeRO-1/2 checkpoints resume with any count), or start from "
                 f"its model.safetensors with --pretrained_file")
         # torch's Optimizer.load_state_dict brings back the saved param_groups (lr, initial_lr, weight_decay, betas,
-        # momentum, ...) and LambdaLR.load_state_dict the saved base_lrs: a changed option would be logged (lr_at
-        # reads this run's options) but not applied. So each group gets back the hyperparameters this run's
+        # momentum, ...) and LambdaLR.load_state_dict the saved base_lrs: a changed option would be recorded in
+        # config.json but not applied. So each group gets back the hyperparameters this run's
         # options built (its per-parameter state, moments and step counts, stays the checkpoint's; a tensor lr
         # stays the device tensor the optimizer was built with), and the schedule continues at the checkpoint's
         # step with this run's formula.
@@ -499,8 +490,8 @@ class Trainer:
             group.update(options)
         scheduler = self.scheduler
         scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            lr = base * factor(scheduler.last_epoch)  # what LambdaLR computes at each step
+        for index, group in enumerate(optimizer.param_groups):
+            lr = scheduled_lr(scheduler, index)
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(lr)
             else:

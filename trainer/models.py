@@ -146,5 +146,18 @@ def _check_image_size(model: torch.nn.Module, config: TrainConfig) -> None:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def buffers_kept(model: torch.nn.Module):
+    """Put every buffer of `model` (BatchNorm's running statistics and num_batches_tracked) back as it was on
+    entry, after whatever runs inside (forward, backward and optimizer step included)."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in zip(model.buffers(), saved):
+                buffer.copy_(copy)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

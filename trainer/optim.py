@@ -74,3 +74,10 @@ def create_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
         group.setdefault("initial_lr", config.learning_rate * group.get("lr_scale", 1.0))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, config, steps_per_epoch) / config.learning_rate)
+
+
+def scheduled_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, group: int) -> float:
+    """The lr LambdaLR sets into parameter group `group` at its current step, base_lr * lambda(last_epoch), computed
+    on the host (LambdaLR's get_lr warns when called outside step(), and a capturable optimizer's lr tensor would
+    need a device read)."""
+    return scheduler.base_lrs[group] * scheduler.lr_lambdas[group](scheduler.last_epoch)
