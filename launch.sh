@@ -104,8 +104,8 @@ echo "launch.sh: ${line% }" >&2
 # One process: the trainer itself receives the signals and exits 75 after saving.
 [[ "${cmd[0]}" == python ]] && exec "${cmd[@]}" "${args[@]}"
 
-# Several: SLURM (and Ctrl-C in a terminal) signals every process: this script, accelerate's launcher (torch's
-# elastic agent) and the trainer processes. The agent forwards the signal to its workers, SIGKILLs them after
+# Several: SLURM signals every process of the job step: this script, accelerate's launcher (torch's elastic
+# agent) and the trainer processes; Ctrl-C in a terminal signals this script (see setsid below). The agent forwards the signal to its workers, SIGKILLs them after
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default, 30, can be shorter than a save) and then exits 1,
 # as it does when a worker exits 75: it never reports 75. So this script stays alive (it traps the signals and
 # passes them on, for a signal sent to it alone), waits for the launcher, and exits 75 when every trainer
@@ -126,7 +126,12 @@ trap 'rm -rf "$TRAINER_EXIT_STATUS_DIR"' EXIT
 child=""
 forward() { if [[ -n "$child" ]]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }
 for sig in TERM INT HUP USR1 USR2; do trap "forward $sig" "$sig"; done
-"${cmd[@]}" "${args[@]}" &
+# In a session of its own, so Ctrl-C in a terminal (which signals the terminal's foreground process group) reaches
+# this script alone and the agent gets it once, from forward(): a second signal while the agent shuts down makes
+# it start again with SIGTERM, and the trainer processes would report SIGTERM for a Ctrl-C. (Under SLURM every
+# process still gets the signal from SLURM as well: the trainer keeps the first one it receives.)
+session=(); if command -v setsid >/dev/null; then session=(setsid); fi
+"${session[@]}" "${cmd[@]}" "${args[@]}" &
 child=$!
 # `wait` returns early (status > 128) when a trapped signal arrives; wait again until the launcher is gone.
 # bash keeps an exited child's status, so the last `wait` returns the launcher's own.
