@@ -11,6 +11,7 @@ from conftest import TINY, load_weights, relative_l2, run_trainer
 from trainer.config import TrainConfig
 from trainer.data import EpochPlan, Normalize, Split, TrainSteps, iterate_steps, posterize
 from trainer.loop import Trainer
+from trainer.step import per_image_loss
 
 NUM = 70  # images: batch 32 gives 2 full steps and a last step of 6 real images
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
@@ -142,11 +143,10 @@ def test_posterize_to_zero_bits_gives_black_instead_of_raising():
 
 def test_losses_are_timms_per_image():
     logits, labels = torch.randn(6, 100), torch.randint(0, 100, (6,))
-    trainer = type("T", (), {"config": TrainConfig(label_smoothing=0.1)})()
-    hard = Trainer.per_image_loss(trainer, logits, labels)
+    hard = per_image_loss(logits, labels, label_smoothing=0.1)
     assert hard.shape == (6,) and hard.mean() == pytest.approx(LabelSmoothingCrossEntropy(0.1)(logits, labels).item())
     targets = torch.softmax(torch.randn(6, 100), 1)
-    soft = Trainer.per_image_loss(trainer, logits, targets)
+    soft = per_image_loss(logits, targets, label_smoothing=0.1)
     assert soft.shape == (6,) and soft.mean() == pytest.approx(SoftTargetCrossEntropy()(logits, targets).item())
 
 

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from conftest import MAIN, REPO, TINY, child_env
 from trainer.config import ConfigError
-from trainer.distributed import check_process_group
+from trainer.runtime import check_process_group
 from trainer.main import main
 from trainer.synthetic import write_fake_cifar100
 

@@ -178,12 +178,12 @@ def test_changed_learning_rate_weight_decay_and_epochs_are_applied_as_logged(cif
 
 def test_overwrite_deletes_the_tracker_folders_and_leaves_other_files(tmp_path):
     # What accelerate's trackers write under save_dir belongs to the run: a new run must not log beside it.
-    from trainer import records
+    from trainer import checkpoint, records
     for name in ("config.json", "metrics.jsonl", "latest"):
         (tmp_path / name).write_text("x\n")
     for folder in ("epoch_1", records.TRACKER_PROJECT, "wandb", "dvclive"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "file").write_text("x\n")
     (tmp_path / "notes.txt").write_text("mine\n")
-    records.clear_run(tmp_path)
+    checkpoint.clear_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

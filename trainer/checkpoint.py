@@ -1,30 +1,33 @@
-"""Checkpoints: `{save_dir}/epoch_N/` holds `model.safetensors` (the plain model, loadable by timm), with
---model_ema `model_ema.safetensors` (its exponential moving average, the same timm keys), `state/`
-(accelerate's `save_state`: optimizer, scheduler, RNG, progress; under DeepSpeed the engine's shards) and
-`manifest.json` (SHA-256 and size of every file).
+"""The checkpoint manager: when the run saves, what a checkpoint holds besides the weights and training state
+(its metadata), where a run resumes from, whether a checkpoint can resume this run, and rotation (keep the
+newest N and the best). Nothing outside this module and checkpoint_folder.py, the atomic folder beneath it
+(write, manifest, verify, load), names a checkpoint's files or folders. torch is imported where used, so the
+study runner (which never imports it) asks this module whether a run has checkpoints.
 
-A checkpoint appears only when complete: everything is written into a hidden sibling folder, fsynced,
-then renamed into place by one `os.rename`, after which `latest` is updated.
+Checkpoints are `{save_dir}/epoch_N/` (after epoch N) and `{save_dir}/step_N/` (a run stopped by a signal
+within an epoch, after optimizer step N), and `{save_dir}/latest` names the newest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from . import records
+from .checkpoint_folder import (LATEST_FILE, MANIFEST_FILE, MODEL_EMA_FILE, MODEL_FILE, CheckpointError, SaveError,
+                                list_checkpoints, load_weights, newest_valid, read_manifest, remove_stale, rotate,
+                                verify)
+from .checkpoint_folder import load as load_folder
+from .checkpoint_folder import save as save_folder
+from .config import TrainConfig, to_dict
 
-MODEL_FILE = "model.safetensors"
-MODEL_EMA_FILE = "model_ema.safetensors"
-STATE_DIR = "state"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest"
-COMPILED_PREFIX = "_orig_mod."
+__all__ = ["CheckpointManager", "CheckpointError", "SaveError", "MODEL_FILE", "MODEL_EMA_FILE", "MANIFEST_FILE",
+           "FIXED_ON_RESUME", "SESSION_OPTIONS", "changed_options", "list_checkpoints", "newest_valid",
+           "read_manifest", "verify", "rotate", "load_weights", "run_entries", "clear_run", "final_checkpoint",
+           "has_checkpoint", "is_checkpoint", "weights_file"]
 
+# What the checkpoints leave in a run's save_dir (records.RECORD_ENTRIES is the rest of the run).
+CHECKPOINT_ENTRIES = (LATEST_FILE, "epoch_*", "step_*")
 
 # Options that a resume cannot change, each refused in one line before anything is written: the weights and
 # the optimizer's moments belong to one model trained at one image size (a ViT's position embeddings have its
@@ -46,274 +49,263 @@ def changed_options(before: dict, now: dict) -> dict[str, list]:
     return {k: [before[k], v] for k, v in now.items() if k not in SESSION_OPTIONS and k in before and before[k] != v}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: printed as one line, exit status 2."""
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch}"
 
 
-class SaveError(RuntimeError):
-    """A checkpoint could not be written and --on_save_error is `stop`: printed as one line, exit status 1."""
+def step_name(global_step: int) -> str:
+    return f"step_{global_step}"
 
 
-class Progress:
-    """Where training stands; saved with the accelerate state so a resume continues at the right step."""
-
-    def __init__(self) -> None:
-        self.epoch = 0           # epochs completed
-        self.step_in_epoch = 0   # optimizer steps completed within the current epoch
-        self.global_step = 0     # optimizer steps completed in all
-        self.epoch_loss_sum = 0.0    # summed per-image training loss of the current epoch so far, all processes
-        self.epoch_train_time = 0.0  # seconds spent training in the current epoch before this session
-        self.interval_loss_sum = 0.0  # summed loss of the log interval a preemption cut short, all processes
-        self.interval_images = 0      # and its image count
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+def is_checkpoint(folder: Path) -> bool:
+    """A folder that looks like a complete checkpoint (verify() checks its files)."""
+    return (Path(folder) / MANIFEST_FILE).is_file()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def final_checkpoint(run_dir: Path, epochs: int) -> Path | None:
+    """The checkpoint a run of `epochs` epochs ends with, if it is on disk."""
+    folder = Path(run_dir) / epoch_name(epochs)
+    return folder if is_checkpoint(folder) else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def has_checkpoint(run_dir: Path) -> bool:
+    return any(is_checkpoint(p) for pattern in ("epoch_*", "step_*") for p in Path(run_dir).glob(pattern))
 
 
-def write_manifest(folder: Path, info: dict) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    entries = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
-    (folder / MANIFEST_FILE).write_text(json.dumps({**info, "files": entries}, indent=1) + "\n")
-    for p in files + [folder / MANIFEST_FILE]:
-        _fsync(p)
-    for d in {p.parent for p in files} | {folder}:
-        _fsync(d)
+def weights_file(folder: Path, ema: bool = False) -> Path:
+    """The checkpoint's model weights (timm's names, loadable by timm), or its EMA's."""
+    return Path(folder) / (MODEL_EMA_FILE if ema else MODEL_FILE)
 
 
-def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+def run_entries(save_dir: Path) -> list[Path]:
+    """Everything a run leaves in its save_dir, sorted: a fresh start refuses a folder that holds any of it, and
+    --overwrite deletes it."""
+    return records.entries(save_dir, records.RECORD_ENTRIES + CHECKPOINT_ENTRIES)
 
 
-def verify(folder: Path) -> None:
-    """Raise CheckpointError naming the first file that is missing, truncated or altered."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST_FILE
-    if not manifest.is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint: {MANIFEST_FILE} is missing")
-    try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        raise CheckpointError(f"{manifest} is unreadable") from None
-    for name in (MODEL_FILE, STATE_DIR):
-        if not any(e == name or e.startswith(name + "/") for e in entries):
-            raise CheckpointError(f"{folder} is not a checkpoint: the manifest lists no {name}")
-    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                      if p.is_file() and p.name != MANIFEST_FILE and str(p.relative_to(folder)) not in entries)
-    if unlisted:
-        raise CheckpointError(f"checkpoint file {folder / unlisted[0]} is not in the manifest (altered folder)")
-    for name, entry in entries.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"checkpoint file {path} has {path.stat().st_size} bytes, "
-                                  f"the manifest says {entry['bytes']} (truncated?)")
-        if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} does not match its SHA-256 in the manifest (altered)")
-
-
-def save(accelerator, model, save_dir: Path, name: str, info: dict, ema: dict | None = None) -> Path | None:
-    """Write checkpoint `save_dir/name` atomically; collective: every process must call it.
-
-    `ema`: the state dict of the model's EMA (the same on every process), written as MODEL_EMA_FILE.
-
-    Returns the folder, or None when writing failed on any process (disk full, permissions): then the
-    partial folder is removed, earlier checkpoints are untouched, and the error has been printed.
-    """
-    final, staging = save_dir / name, save_dir / f".tmp-{name}"
-    failure = None
-
-    def attempt(step):
-        nonlocal failure
-        if failure is None:
-            try:
-                step()
-            except Exception as error:  # disk full surfaces as OSError, SafetensorError or torch's RuntimeError
-                failure = f"{type(error).__name__}: {error}"
-
-    if accelerator.is_main_process:
-        attempt(lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
-    accelerator.wait_for_everyone()
-    # get_state_dict unwraps DDP / torch.compile and, under ZeRO-3, gathers the shards (collective).
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        # accelerate keeps torch.compile's wrapper when unwrapping; timm names the tensors without it.
-        plain = {k.removeprefix(COMPILED_PREFIX): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        attempt(lambda: save_file(plain, staging / MODEL_FILE))
-        if ema is not None:
-            attempt(lambda: save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()},
-                                      staging / MODEL_EMA_FILE))
-    del state_dict
-    # save_state is collective under DeepSpeed, so every process enters it even after a local failure.
-    attempt(lambda: accelerator.save_state(str(staging / STATE_DIR)))
-    if not _all_ok(accelerator, failure is None):
-        failure = failure or "failed on another process"
-    if accelerator.is_main_process and failure is None:
-        attempt(lambda: _publish(staging, final, save_dir, name, info))
-    ok = _all_ok(accelerator, failure is None)
-    if not ok:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-        accelerator.print(f"error: could not save checkpoint {final} ({failure or 'failed on another process'}); "
-                          f"earlier checkpoints are untouched")
-    return final if ok else None
-
-
-def _all_ok(accelerator, ok: bool) -> bool:
-    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() == 0
-
-
-def _publish(staging: Path, final: Path, save_dir: Path, name: str, info: dict) -> None:
-    write_manifest(staging, info)
-    previous = save_dir / f".old-{name}"
-    if final.exists():
-        # The same name again: a run resumed from an earlier checkpoint redoes this step. The superseded copy is
-        # moved aside first; a kill between the two renames leaves the earlier checkpoints, which resume uses.
-        shutil.rmtree(previous, ignore_errors=True)
-        os.rename(final, previous)
-    os.rename(staging, final)
-    _fsync(save_dir)
-    shutil.rmtree(previous, ignore_errors=True)
-    tmp = save_dir / (LATEST_FILE + ".tmp")
-    tmp.write_text(name + "\n")
-    os.replace(tmp, save_dir / LATEST_FILE)
-
-
-# Left by a save or a resharding killed midway (see save, _publish and load); nothing reads them.
-STALE_PATTERNS = (".tmp-*", ".old-*", ".universal-*", LATEST_FILE + ".tmp")
-
-
-def remove_stale(save_dir: Path) -> list[Path]:
-    """Delete the leftovers of killed saves in `save_dir`; main process only, at the start of a run."""
-    stale = sorted({p for pattern in STALE_PATTERNS for p in Path(save_dir).glob(pattern)})
-    for path in stale:
+def clear_run(save_dir: Path) -> list[Path]:
+    """Delete what `save_dir` holds of a run (--overwrite); other files in it stay."""
+    import shutil
+    entries = run_entries(save_dir)
+    for path in entries:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path)
         else:
-            path.unlink(missing_ok=True)
-    return stale
+            path.unlink()
+    return entries
 
 
-def list_checkpoints(save_dir: Path) -> list[Path]:
-    """Complete-looking checkpoint folders, newest (highest global step) first."""
-    found = [p for p in Path(save_dir).glob("*_*") if p.is_dir() and not p.name.startswith(".")
-             and (p / MANIFEST_FILE).is_file()]
-    return sorted(found, key=lambda p: read_manifest(p).get("global_step", -1), reverse=True)
+class CheckpointManager:
+    def __init__(self, config: TrainConfig, runtime, log, model, scheduler, ema, progress, describe):
+        """`model`: the prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress;
+        `describe()`: the run's resolved values (Trainer.resolved), part of every checkpoint's metadata."""
+        self.config, self.runtime, self.log = config, runtime, log
+        self.model, self.scheduler, self.ema, self.progress, self.describe = model, scheduler, ema, progress, describe
+        self.save_dir = Path(config.save_dir)
 
+    # --- saving -----------------------------------------------------------------------------------------
+    def should_save(self, epoch: int) -> bool:
+        every = self.config.save_epochs
+        return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
 
-def newest_valid(save_dir: Path, say=print) -> Path | None:
-    """The newest checkpoint in `save_dir` that verifies, saying which ones were passed over and why."""
-    for folder in list_checkpoints(save_dir):
+    def save_epoch(self, epoch: int, val_acc1: float) -> None:
+        self.save(epoch_name(epoch), val_acc1)
+
+    def save_step(self) -> None:
+        self.save(step_name(self.progress.global_step))
+
+    def save(self, name: str, val_acc1: float | None = None) -> None:
+        """Collective: every process calls it. A failed write stops the run (SaveError) or, with
+        --on_save_error continue, is reported and training goes on."""
+        resolved = self.describe()
+        model = self.runtime.accelerator.unwrap_model(self.model)
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
+                "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
+                "timm_model": resolved["timm_model"], "num_classes": 100,
+                # what timm.create_model needs besides the name to rebuild this model (for export)
+                "model_kwargs": {"img_size": list(img_size)} if img_size is not None else {},
+                "compiled": self.config.compile, "model_ema": self.ema is not None,
+                "options": to_dict(self.config), "train_images": resolved["train_images"],  # compared on resume
+                **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        path = save_folder(self.runtime.accelerator, self.log, self.model, self.save_dir, name, info, ema=ema)
+        if path is None:
+            if self.config.on_save_error == "stop":
+                raise SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
+                                f"earlier checkpoints are intact (--on_save_error continue trains on)")
+            return
+        self.log.say(f"saved {path}")
+        if self.config.keep_last and self.log.writes:
+            for removed in rotate(self.save_dir, self.config.keep_last, self.config.keep_best):
+                self.log.say(f"removed old checkpoint {removed}")
+        self.runtime.accelerator.wait_for_everyone()
+
+    # --- where the run starts -------------------------------------------------------------------------
+    def resume_point(self) -> Path | None:
+        if self.config.checkpoint:
+            return Path(self.config.checkpoint)
+        if self.config.resume == "auto":  # with none found, prepare_save_dir decides whether to start fresh
+            return self.log.on_main(lambda: newest_valid(self.save_dir, say=self.log.say), (CheckpointError,))
+        return None
+
+    def prepare_save_dir(self, folder: Path | None) -> None:
+        """Before anything is written: remove what killed saves left, then refuse (CheckpointError, on every
+        process) a start that would overwrite, wipe or mix up the run in save_dir, or with --overwrite delete it.
+        `folder`: the checkpoint to resume from."""
+        note = self.log.on_main(lambda: self._prepare_save_dir(folder), (CheckpointError,))
+        if note:
+            self.log.say(note)
+
+    def _prepare_save_dir(self, folder: Path | None) -> str | None:
+        cfg, save_dir = self.config, self.save_dir
+        if save_dir.is_dir():
+            remove_stale(save_dir)
+        held = run_entries(save_dir)
+        what = ", ".join(p.name for p in held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+
+        def records_readable() -> None:  # a resume rewrites them after its step: read them before writing anything
+            try:
+                records.read_records(save_dir)
+            except ValueError as error:
+                raise CheckpointError(f"{error}: repair or delete that file, then resume again") from None
+
+        if folder is not None:
+            if held and Path(folder).resolve().parent != save_dir.resolve():
+                raise CheckpointError(
+                    f"--save_dir {save_dir} holds a run ({what}) and --checkpoint {folder} lies outside it: resume "
+                    f"into the folder that holds the checkpoint, or into another --save_dir")
+            records_readable()
+            return None
+        if not held:
+            return f"--resume auto: no valid checkpoint in {save_dir}, starting fresh" if cfg.resume else None
+        if cfg.overwrite:
+            clear_run(save_dir)
+            return f"--overwrite: deleted the previous run in {save_dir} ({what})"
+        if cfg.resume != "auto":
+            raise CheckpointError(
+                f"--save_dir {save_dir} holds a run ({what}): continue it with --resume auto, start a new one there "
+                f"with --overwrite (deletes it), or choose another --save_dir")
+        # --resume auto, and no checkpoint verifies. Starting again from step 0 is a resume from the run's start
+        # only when the folder holds no checkpoint at all and its records were written with these same options
+        # (a run killed before its first save): anything else would wipe a history that cannot be written again.
+        checkpoints = [p.name for p in held if p.is_dir() and p.name.startswith(("epoch_", "step_"))]
         try:
-            verify(folder)
-            return folder
-        except CheckpointError as error:
-            say(f"warning: skipping checkpoint {folder}: {error}; falling back to an older one")
-    return None
+            before = json.loads((save_dir / records.CONFIG_FILE).read_text())["options"]
+        except (OSError, ValueError, KeyError, TypeError):
+            before = None
+        changed = changed_options(before, to_dict(cfg)) if isinstance(before, dict) else None
+        if checkpoints:
+            reason = f"holds checkpoints ({', '.join(checkpoints)}) but none that verifies (see the warnings above)"
+        elif changed is None:
+            reason = f"holds records of a run ({what}) whose {records.CONFIG_FILE} is missing or unreadable"
+        elif changed:
+            reason = (f"holds records of a run ({what}) started with other options "
+                      f"({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}) and no checkpoint")
+        else:
+            records_readable()
+            return (f"--resume auto: no checkpoint in {save_dir} yet; starting its run again from the beginning "
+                    f"(same options)")
+        raise CheckpointError(
+            f"--resume auto: {save_dir} {reason}; start a new run there with --overwrite (deletes it, without "
+            f"--resume), or choose another --save_dir")
 
+    # --- resuming -------------------------------------------------------------------------------------
+    def resume(self, folder: Path, steps_per_epoch: int) -> dict:
+        """Continue from checkpoint `folder`; returns where from and the options changed since (for config.json)."""
+        saved = read_manifest(folder)
+        here = self.describe()
+        changed = self.check_resume_options(folder, saved, here["train_images"])
+        rt = self.runtime
+        if (saved.get("distributed_type") == "DEEPSPEED") != rt.deepspeed:
+            raise CheckpointError(
+                f"{folder} was saved by a {saved.get('distributed_type')} run and cannot resume a "
+                f"{here['distributed_type']} run; start from its model.safetensors with --pretrained_file instead")
+        if rt.deepspeed and saved.get("deepspeed_zero_stage") != rt.zero_stage:
+            raise CheckpointError(
+                f"{folder} holds ZeRO-{saved.get('deepspeed_zero_stage')} state; resume it with the same stage (this "
+                f"run: ZeRO-{rt.zero_stage}), or start from its model.safetensors with --pretrained_file")
+        if saved.get("compiled", False) != self.config.compile:
+            # accelerate's training state names the weights with or without torch.compile's wrapper.
+            raise CheckpointError(
+                f"{folder} was saved {'with' if saved.get('compiled') else 'without'} --compile; resume it the same "
+                f"way, or start from its model.safetensors with --pretrained_file")
+        reshard = rt.deepspeed and saved.get("processes") != rt.processes
+        if reshard and rt.zero_stage == 3:
+            # Measured: ZeRO-3 state re-partitioned through DeepSpeed's universal checkpoint resumes 3e-4 (relative
+            # L2) away from the uninterrupted run after 5 steps, against 1e-7 for ZeRO-2: not float noise, so
+            # it is refused rather than trained on.
+            raise CheckpointError(
+                f"{folder} holds ZeRO-3 state sharded over {saved.get('processes')} processes; resume it with "
+                f"{saved.get('processes')} processes (ZeRO-1/2 checkpoints resume with any count), or start from "
+                f"its model.safetensors with --pretrained_file")
+        if self.ema is not None and not weights_file(folder, ema=True).is_file():
+            raise CheckpointError(
+                f"{folder} holds no {MODEL_EMA_FILE} (saved without --model_ema); resume it without "
+                f"--model_ema, or start from its model.safetensors with --pretrained_file")
+        # torch's Optimizer.load_state_dict brings back the saved param_groups (lr, initial_lr, weight_decay, betas,
+        # momentum, ...) and LambdaLR.load_state_dict the saved base_lrs: a changed option would be recorded in
+        # config.json but not applied. So each group gets back the hyperparameters this run's
+        # options built (its per-parameter state, moments and step counts, stays the checkpoint's; a tensor lr
+        # stays the device tensor the optimizer was built with), and the schedule continues at the checkpoint's
+        # step with this run's formula.
+        import torch
 
-def on_main(accelerator, work):
-    """Run `work` (reading and hashing checkpoint files) on the main process only and hand every process its
-    result; a CheckpointError raised there is raised on every process, which would otherwise wait for the
-    main one in the next collective."""
-    from accelerate.utils import broadcast_object_list
-    outcome = [None]
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = (None, work())
-        except CheckpointError as error:
-            outcome[0] = (str(error), None)
-    broadcast_object_list(outcome)
-    error, result = outcome[0]
-    if error is not None:
-        raise CheckpointError(error)
-    return result
+        from .optim import scheduled_lr
+        optimizer = self.scheduler.optimizer
+        built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        load_folder(rt.accelerator, self.log, folder, reshard_deepspeed=reshard)
+        for group, options in zip(optimizer.param_groups, built):
+            group.update(options)
+        scheduler = self.scheduler
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for index, group in enumerate(optimizer.param_groups):
+            lr = scheduled_lr(scheduler, index)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        # accelerate restores its micro-step counter, which decides when gradients synchronise; checkpoints lie
+        # on optimizer-step boundaries, and the accumulation count may differ from the saving run's.
+        rt.accelerator.step = 0
+        if reshard:
+            self.log.say(f"re-partitioned the ZeRO state of {folder} from {saved.get('processes')} to "
+                         f"{rt.processes} processes")
+        if self.ema is not None:
+            self.ema.module.load_state_dict(load_weights(weights_file(folder, ema=True)))
+        p = self.progress
+        if p.global_step != p.epoch * steps_per_epoch + p.step_in_epoch:
+            raise CheckpointError(
+                f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
+                f"{steps_per_epoch} steps per epoch here: the data set or batch_size differ")
+        changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        self.log.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
+                     f"training from step {p.global_step + 1}"
+                     + (f"; from here on with changed options: {changes}" if changed else ""))
+        return {"checkpoint": str(folder), "epoch": p.epoch, "global_step": p.global_step, "changed_options": changed}
 
-
-def rotate(save_dir: Path, keep_last: int, keep_best: bool) -> list[Path]:
-    """Delete all but the `keep_last` newest checkpoints (and the best by val_acc1); main process only.
-
-    Called after a new checkpoint is complete, so the newest valid one is never among those deleted.
-    """
-    folders = list_checkpoints(save_dir)
-    keep = set(folders[:keep_last])
-    if keep_best:
-        scored = [f for f in folders if read_manifest(f).get("val_acc1") is not None]
-        if scored:
-            keep.add(max(scored, key=lambda f: read_manifest(f)["val_acc1"]))
-    removed = [f for f in folders if f not in keep]
-    for folder in removed:
-        shutil.rmtree(folder, ignore_errors=True)
-    return removed
-
-
-def load(accelerator, folder: Path, reshard_deepspeed: bool = False) -> None:
-    """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint.
-
-    `reshard_deepspeed`: the checkpoint's ZeRO state was partitioned over another number of processes.
-    DeepSpeed's loader refuses that; its universal checkpoint format does not, so the state is converted
-    (DeepSpeed's own ds_to_universal, once, by the main process) into a hidden sibling folder, loaded from
-    there with the engine's load_universal switch, and the converted copy is removed.
-    """
-    folder = Path(folder)
-    on_main(accelerator, lambda: verify(folder))
-    if not reshard_deepspeed:
-        accelerator.load_state(str(folder / STATE_DIR))
-        return
-    universal = folder.parent / f".universal-{folder.name}"
-    on_main(accelerator, lambda: _convert_to_universal(folder, universal))
-    engine = accelerator._models[0]
-    engine._config.load_universal_checkpoint = True
-    try:
-        accelerator.load_state(str(universal))
-    finally:
-        engine._config.load_universal_checkpoint = False
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(universal, ignore_errors=True)
-
-
-def _convert_to_universal(folder: Path, universal: Path) -> None:
-    import subprocess
-    import sys
-    state = folder / STATE_DIR
-    shutil.rmtree(universal, ignore_errors=True)
-    universal.mkdir(parents=True)
-    for small in state.glob("*.pkl"):  # scheduler, progress and RNG states, as accelerate saved them
-        shutil.copy(small, universal / small.name)
-    # --inject_missing_state: the universal_checkpoint_info that Megatron-style clients write; plain
-    # (no tensor or pipeline parallelism) defaults describe this trainer's data-parallel state.
-    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                             str(state / "pytorch_model"), "--output_folder", str(universal / "pytorch_model"),
-                             "--inject_missing_state"], capture_output=True, text=True)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
-        raise CheckpointError(f"could not convert the ZeRO state of {folder} for another number of processes: {reason}")
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file of the checkpoint (the EMA on resume), exactly as saved."""
-    return load_file(str(path))
+    def check_resume_options(self, folder: Path, saved: dict, num_train: int) -> dict:
+        """Refuse what a resume cannot change (FIXED_ON_RESUME); return the options that changed."""
+        config = self.config
+        before = saved.get("options")
+        if before is None:  # saved before checkpoints recorded their options: nothing to compare
+            return {}
+        changed = changed_options(before, to_dict(config))
+        fixed = [f"{k} {a} -> {b}" for k, (a, b) in changed.items() if k in FIXED_ON_RESUME]
+        if "weight_decay" in changed and (before["weight_decay"] > 0) != (config.weight_decay > 0):
+            fixed.append(f"weight_decay {before['weight_decay']} -> {config.weight_decay} (to or from 0 "
+                         f"changes the optimizer's parameter groups)")
+        if saved.get("train_images", num_train) != num_train:
+            fixed.append(f"training images {saved['train_images']} -> {num_train}")
+        if fixed:
+            raise CheckpointError(
+                f"{folder} cannot be resumed with {', '.join(fixed)}: resume with the checkpoint's values, or start "
+                f"a new run in another --save_dir (from its model.safetensors with --pretrained_file)")
+        needed = saved.get("epoch", 0) + (1 if saved.get("step_in_epoch") else 0)
+        if config.epochs < needed:
+            raise CheckpointError(
+                f"{folder} holds {saved.get('global_step')} steps ({saved.get('epoch')} epochs"
+                f"{' and part of the next' if saved.get('step_in_epoch') else ''}): --epochs {config.epochs} "
+                f"would end before it; give --epochs {needed} or more")
+        return changed

@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.checkpoint import MANIFEST_FILE, CheckpointError  # noqa: E402
+from trainer.checkpoint import CheckpointError, is_checkpoint  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 from trainer.data import NUM_CLASSES, DataError  # noqa: E402
 from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
@@ -39,7 +39,7 @@ def load_model(source: str, ema: bool):
     import timm
     from timm.data import resolve_data_config
     path = Path(source).expanduser()
-    if (path / MANIFEST_FILE).is_file():  # a checkpoint: its run's normalisation and image size
+    if is_checkpoint(path):  # a checkpoint: its run's normalisation and image size
         model, _ = load_checkpoint_model(path, ema=ema)
         config, _ = run_records(path)
         options, resolved = config.get("options", {}), config.get("resolved", {})
@@ -130,8 +130,9 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     from accelerate import Accelerator
 
     from trainer.data import Normalize, ensure_downloaded, load_cifar100
-    from trainer.distributed import check_process_group
-    from trainer.loop import evaluate_model
+    from trainer.runtime import check_process_group
+    from trainer.evaluation import evaluate_model
+    from trainer.run_log import RunLog
     from trainer.config import env_world_size
 
     check_out(out, overwrite=OUT_FILES)
@@ -144,10 +145,10 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     on_cpu = device == "cpu" or not has_cuda
     # On a GPU a checkpoint is evaluated in its run's precision, as the trainer did (under DeepSpeed the trainer's
     # weights themselves were half precision: the numbers then agree within rounding). The CPU runs fp32.
-    is_checkpoint = (Path(source).expanduser() / MANIFEST_FILE).is_file()
+    from_checkpoint = is_checkpoint(Path(source).expanduser())
     precision = run_records(Path(source).expanduser())[0].get("resolved", {}).get("mixed_precision", "no") \
-        if is_checkpoint and not on_cpu else "no"
-    # cpu=True makes a multi-process launch on a machine without GPUs one gloo group (see trainer/distributed.py).
+        if from_checkpoint and not on_cpu else "no"
+    # cpu=True makes a multi-process launch on a machine without GPUs one gloo group (see trainer/runtime.py).
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
     check_process_group(accelerator, launched=env_world_size())
     with accelerator.main_process_first():  # a hub model or the data set: fetched once, then read
@@ -167,13 +168,15 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     loss, correct1, correct5, count = totals.tolist()
     result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
               "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}
-    if accelerator.is_main_process:
+    log = RunLog(accelerator)
+    if log.writes:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         write_per_class(out / "per_class.csv", confusion, class_names, coarse, coarse_names)
         plot_confusion(out / "confusion.png", confusion, coarse, coarse_names,
                        f"{source}: top-1 {result['val_acc1']:.2f} %, {int(count)} test images")
     accelerator.wait_for_everyone()
+    log.say(json.dumps(result))
     return result
 
 
@@ -192,13 +195,10 @@ def main(argv=None) -> int:
     try:
         if args.eval_batch_size is not None and args.eval_batch_size < 1:
             raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
-        result = evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
+        evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
     except (CheckpointError, ConfigError, DataError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from accelerate import PartialState
-    if PartialState().is_main_process:
-        print(json.dumps(result))
     return 0
 
 

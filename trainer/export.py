@@ -22,11 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import MANIFEST_FILE, MODEL_EMA_FILE, MODEL_FILE, CheckpointError, load_weights, read_manifest, verify
+from .checkpoint import CheckpointError, is_checkpoint, load_weights, read_manifest, verify, weights_file
 
 CARD_FILE = "README.md"
 # What save_for_hf (safetensors only) and the model card write: a folder holding only these is a previous export.
-EXPORT_FILES = {MODEL_FILE, "config.json", CARD_FILE}
+EXPORT_FILES = {"model.safetensors", "config.json", CARD_FILE}
 
 
 class ExportError(ValueError):
@@ -40,7 +40,7 @@ def check_out(out: Path, *, overwrite: set[str] | None = EXPORT_FILES, flag: str
     if out.exists() and not out.is_dir():
         raise ExportError(f"{flag} {out} is a file; give a folder")
     for folder in [out.resolve(), *out.resolve().parents]:
-        if (folder / MANIFEST_FILE).is_file():
+        if is_checkpoint(folder):
             raise ExportError(f"{flag} {out} lies inside the checkpoint {folder}; give a folder outside it")
     if overwrite is not None and out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in overwrite or not p.is_file())
@@ -80,9 +80,9 @@ def load_checkpoint_model(folder: Path, ema: bool = False):
     import timm
     verify(folder)  # the checkpoint's model.safetensors is already consolidated (gathered under ZeRO-3)
     info = read_manifest(folder)
-    weights = folder / (MODEL_EMA_FILE if ema else MODEL_FILE)
+    weights = weights_file(folder, ema)
     if ema and not weights.is_file():
-        raise ExportError(f"{folder} holds no {MODEL_EMA_FILE}: it was saved without --model_ema; drop --ema")
+        raise ExportError(f"{folder} holds no {weights.name}: it was saved without --model_ema; drop --ema")
     model = timm.create_model(info["timm_model"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
     # ZeRO-3 writes the training dtype (bf16 under bf16): load_state_dict copies it into the float32 model.
     model.load_state_dict(load_weights(weights))

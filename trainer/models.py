@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import unittest.mock
@@ -161,3 +162,32 @@ def buffers_kept(model: torch.nn.Module):
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_trainable(model: torch.nn.Module, config: TrainConfig, num_train: int, processes: int,
+                    accumulation: int) -> None:
+    """Refuse, before training, a model that this run's steps would break (ConfigError, one line).
+
+    The last step's micro-batches hold only their real images (data/plan.py): fewer than 2 x processes x
+    accumulation images leave some with one image, and BatchNorm in training mode raises on a batch of one
+    value per channel (a 1x1 feature map, e.g. resnet18 at 32x32), which would end the run at its first
+    epoch's end. One probe forward on one image (buffers put back) asks the model itself.
+    """
+    if config.cuda_graph and any(n.endswith(("running_mean", "running_var")) for n, _ in model.named_buffers()):
+        # A CUDA graph needs one static shape, so the short last step is padded with weight-0 images; the loss
+        # weights keep them out of the gradient, but batch statistics (BatchNorm, EvoNorm-B) would see them.
+        raise ConfigError(f"--cuda_graph cannot train {config.model}: it has batch statistics (BatchNorm), which "
+                          f"the padding of the epoch's short last step would reach; use --compile instead")
+    last = num_train - (math.ceil(num_train / config.batch_size) - 1) * config.batch_size
+    slots = processes * accumulation
+    if last >= 2 * slots or config.cuda_graph:  # --cuda_graph pads every micro-batch
+        return
+    try:
+        # fork_rng: dropout in the probe must not move the random stream that training draws from next.
+        with buffers_kept(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.train()(torch.zeros(1, 3, config.image_size, config.image_size))
+    except ValueError as error:
+        raise ConfigError(f"the epoch's last step holds {last} images over {slots} micro-batches, so some hold "
+                          f"one image, which {config.model} cannot train on ({error}); choose a --batch_size that "
+                          f"leaves 0 or at least {2 * slots} images for the last step ({num_train} training "
+                          f"images)") from None

@@ -1,6 +1,7 @@
 """What a run writes down: its resolved configuration, one metrics line per epoch, and the environment.
 
-Only the main process writes; every function here is called on it alone (see loop.py).
+The files' format, beneath the run logger (run_log.py), which decides when they are written and by which
+process: every writing function here is called on the main process alone.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +18,9 @@ METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
 # accelerate's trackers log under this project name: TensorBoard into {save_dir}/cifar-trainer/.
 TRACKER_PROJECT = "cifar-trainer"
-# Everything a run leaves in its save_dir (the checkpoint folders and `latest` are checkpoint.py's; the tracker
-# folders accelerate's TensorBoard, wandb and dvclive trackers write there): a fresh start refuses a folder that
-# holds any of them, and --overwrite deletes them.
-RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, "latest", TRACKER_PROJECT, "wandb", "dvclive", "epoch_*",
-               "step_*")
+# What the records and the trackers leave in a run's save_dir (the folders accelerate's TensorBoard, wandb and
+# dvclive trackers write there); the checkpoints are the checkpoint manager's (checkpoint.run_entries).
+RECORD_ENTRIES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, TRACKER_PROJECT, "wandb", "dvclive")
 
 
 def library_versions() -> dict[str, str]:
@@ -91,25 +89,14 @@ def read_lines(path: Path) -> list[dict]:
     return entries
 
 
-def run_entries(save_dir: Path) -> list[Path]:
-    """What `save_dir` holds of a run (RUN_ENTRIES), sorted; empty files record nothing and are left out (a run
+def entries(save_dir: Path, patterns) -> list[Path]:
+    """What `save_dir` holds that matches `patterns`, sorted; empty files record nothing and are left out (a run
     killed at its start leaves empty metrics.jsonl and steps.jsonl)."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
-    found = {p for pattern in RUN_ENTRIES for p in save_dir.glob(pattern)}
+    found = {p for pattern in patterns for p in save_dir.glob(pattern)}
     return sorted(p for p in found if not (p.is_file() and p.stat().st_size == 0))
-
-
-def clear_run(save_dir: Path) -> list[Path]:
-    """Delete what `save_dir` holds of a run (--overwrite); other files in it stay."""
-    entries = run_entries(save_dir)
-    for path in entries:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return entries
 
 
 def read_records(save_dir: Path) -> dict[str, list[dict]]:

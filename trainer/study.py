@@ -35,7 +35,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .checkpoint import final_checkpoint, has_checkpoint
 from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, check_writable_folder, parse_config
+from .records import METRICS_FILE
 from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
@@ -103,12 +105,8 @@ def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
 
 
 def is_complete(run_dir: Path, epochs: int) -> bool:
-    return (any(m.get("epoch") == epochs for m in read_jsonl(run_dir / "metrics.jsonl"))
-            and (run_dir / f"epoch_{epochs}" / "manifest.json").is_file())
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return any((p / "manifest.json").is_file() for pattern in ("epoch_*", "step_*") for p in run_dir.glob(pattern))
+    return (any(m.get("epoch") == epochs for m in read_jsonl(run_dir / METRICS_FILE))
+            and final_checkpoint(run_dir, epochs) is not None)
 
 
 def run_logged(cmd: list[str], log: Path) -> int:
@@ -133,14 +131,13 @@ def run_logged(cmd: list[str], log: Path) -> int:
 def evaluate_run(head: str, run_dir: Path, epochs: int) -> bool:
     """Evaluate the run's final checkpoint into run_dir/evaluation/; False (after one line) when that fails.
     A subprocess in one process, as the runs are subprocesses: the runner itself never imports torch."""
-    out = run_dir / EVALUATION_DIR
-    print(f"{head}: evaluating epoch_{epochs} into {out}", flush=True)
+    out, final = run_dir / EVALUATION_DIR, final_checkpoint(run_dir, epochs)
+    print(f"{head}: evaluating {final.name} into {out}", flush=True)
     # By path, as the runs start main.py: it works from any folder the study is started in.
-    cmd = [sys.executable, str(Path(__file__).with_name("evaluate.py")), str(run_dir / f"epoch_{epochs}"),
-           "--out", str(out)]
+    cmd = [sys.executable, str(Path(__file__).with_name("evaluate.py")), str(final), "--out", str(out)]
     status = run_logged(cmd, run_dir / LOG_FILE)
     if status != 0:
-        print(f"error: {head}: evaluating epoch_{epochs} failed with exit status {status}; see its log "
+        print(f"error: {head}: evaluating {final.name} failed with exit status {status}; see its log "
               f"{run_dir / LOG_FILE}", file=sys.stderr)
     return status == 0
 

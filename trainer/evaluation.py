@@ -1,0 +1,62 @@
+"""Evaluation on the test set: loss, top-1, top-5 and the confusion matrix, over every process's share of the
+test images, each counted once. One Evaluator serves the trained model and its EMA alike; trainer/evaluate.py
+evaluates a saved checkpoint with the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import NUM_CLASSES, Normalize
+from .runtime import Runtime
+
+
+class Evaluator:
+    def __init__(self, runtime: Runtime, loader, normalize: Normalize):
+        """`loader`: the test set, prepared by accelerate (each process holds its share)."""
+        self.runtime, self.loader, self.normalize = runtime, loader, normalize
+
+    def __call__(self, model: torch.nn.Module, ema: bool = False) -> dict:
+        """val_loss, val_acc1, val_acc5 and val_images of the prepared model; with `ema`, val_*_ema of the EMA.
+
+        The EMA is not prepared by accelerate: a float32 copy, fed float32 inputs and autocast here in the run's
+        half precision, where the prepared model gets autocast from accelerate (with CUDA graphs, from here too).
+        """
+        rt = self.runtime
+        if ema:
+            input_dtype, autocast_dtype = torch.float32, rt.half_dtype
+        else:
+            input_dtype, autocast_dtype = rt.input_dtype, rt.autocast_dtype if rt.cuda_graph else None
+        loss, correct1, correct5, count = evaluate_model(
+            rt.accelerator, model, self.loader, self.normalize, input_dtype, autocast_dtype)[0].tolist()
+        if ema:
+            return {"val_loss_ema": loss / count, "val_acc1_ema": 100 * correct1 / count,
+                    "val_acc5_ema": 100 * correct5 / count}
+        return {"val_loss": loss / count, "val_acc1": 100 * correct1 / count, "val_acc5": 100 * correct5 / count,
+                "val_images": int(count)}
+
+
+@torch.no_grad()
+def evaluate_model(accelerator, model: torch.nn.Module, loader, normalize: Normalize,
+                   input_dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None):
+    """(summed loss, top-1 hits, top-5 hits, images) and the confusion matrix (true x predicted class) over
+    `loader` (prepared by accelerate): the trainer's evaluation, shared with trainer/evaluate.py."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    for images, labels in loader:
+        with torch.autocast(accelerator.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = model(normalize(images).to(input_dtype)).float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        top5 = logits.topk(5, dim=1).indices
+        # gather_for_metrics drops the samples accelerate duplicated to even out the last batch,
+        # so each test image counts exactly once.
+        losses, top5, labels = accelerator.gather_for_metrics((losses, top5, labels))
+        hits = top5 == labels[:, None]
+        totals += torch.stack([losses.sum().double(), hits[:, 0].sum().double(),
+                               hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=hits.device,
+                                                                            dtype=torch.float64)])
+        confusion += torch.bincount(labels * NUM_CLASSES + top5[:, 0], minlength=NUM_CLASSES * NUM_CLASSES)
+    return totals.cpu(), confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()

@@ -1,0 +1,118 @@
+"""What a run shows and writes down besides its checkpoints, and the one place that decides which process
+writes: the main process of the whole job (accelerate's own `print` speaks once per node). Console lines, the
+progress bar, `steps.jsonl` and `metrics.jsonl` (records.py holds their format), `config.json`, accelerate's
+trackers, and their truncation when a run resumes from a checkpoint.
+
+With --log_with (accelerate's trackers, e.g. tensorboard,mlflow) each tracker gets the run's options on a fresh
+start, `step/train_loss`, `step/lr` and `step/images_per_s` every log_interval steps, and `epoch/*` (the
+metrics.jsonl values) after each epoch, all against the optimizer step, under the project name `cifar-trainer`.
+TensorBoard writes `{save_dir}/cifar-trainer/` (the options as hparams in a timestamped subfolder), and a resumed
+run purges the events logged after its checkpoint, as it truncates the JSONL files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import records
+from .config import ConfigError, TrainConfig, to_dict
+
+
+class RunLog:
+    def __init__(self, accelerator, config: TrainConfig | None = None):
+        """`config`: the training run's (None for a command that only speaks and writes its own files once)."""
+        self.accelerator, self.config = accelerator, config
+        self.save_dir = Path(config.save_dir) if config is not None else None
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (and speaks): the main process of the whole job."""
+        return self.accelerator.is_main_process
+
+    def say(self, *args) -> None:
+        """A line on the console, once per job."""
+        if self.writes:
+            print(*args, flush=True)
+
+    @staticmethod
+    def say_here(*args) -> None:
+        """A line about this process alone (the signal it received), from every process it happens on."""
+        print(*args, flush=True)
+
+    def on_main(self, work, passed_on: tuple[type[Exception], ...] = ()):
+        """Run `work` (reading, hashing or writing the run's files) on the main process only and hand every
+        process its result; an error of a `passed_on` type raised there is raised on every process, which would
+        otherwise wait for the main one in the next collective."""
+        from accelerate.utils import broadcast_object_list
+        outcome = [None]
+        if self.writes:
+            try:
+                outcome[0] = (None, work())
+            except passed_on as error:
+                outcome[0] = ((type(error), str(error)), None)
+        broadcast_object_list(outcome)
+        error, result = outcome[0]
+        if error is not None:
+            kind, message = error
+            raise kind(message)
+        return result
+
+    # --- a session's start and end ----------------------------------------------------------------------
+    def start(self, epochs_done: int, global_step: int, resolved: dict, resumed: dict | None) -> None:
+        """Keep the records up to the step training continues from, write config.json and start the trackers;
+        ConfigError (before the first step) when a tracker cannot start."""
+        cfg = self.config
+        if self.writes:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            records.truncate_records(self.save_dir, epochs_done, global_step)
+            records.write_run_config(self.save_dir, to_dict(cfg), resolved, resumed)
+        if not cfg.log_with:
+            return
+        # TensorBoard purges the events after the checkpoint, as truncate_records does for the JSONL files;
+        # the options are written once, on a fresh start. Trackers that would write into the working folder
+        # write into save_dir.
+        init_kwargs = {"tensorboard": {"purge_step": global_step + 1},
+                       "mlflow": {"run_name": self.save_dir.resolve().name},
+                       "wandb": {"dir": str(self.save_dir), "name": self.save_dir.resolve().name},
+                       "dvclive": {"dir": str(self.save_dir / "dvclive")}}
+        try:
+            self.accelerator.init_trackers(records.TRACKER_PROJECT, config=to_dict(cfg) if global_step == 0 else None,
+                                           init_kwargs=init_kwargs)
+        except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
+            raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+    def end(self) -> None:
+        self.accelerator.end_training()
+
+    def abort(self) -> None:
+        """The run stops on an error: the trackers flush what was logged (the error goes on)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
+    # --- during training ----------------------------------------------------------------------------------
+    def progress_bar(self, total: int, initial: int, desc: str) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                    disable=not (self.config.progress and self.writes))
+
+    def log_step(self, entry: dict) -> None:
+        """A steps.jsonl line (step, epoch, lr, train_loss, images_per_s) and the trackers' step/* values."""
+        if self.writes:
+            records.append_line(self.save_dir / records.STEPS_FILE, entry)
+        # accelerate logs on the main process only (and not at all without --log_with).
+        self.accelerator.log({f"step/{k}": entry[k] for k in ("train_loss", "lr", "images_per_s")},
+                             step=entry["step"])
+
+    def log_epoch(self, metrics: dict) -> None:
+        """A metrics.jsonl line, the trackers' epoch/* values and the epoch's console line."""
+        if self.writes:
+            records.append_line(self.save_dir / records.METRICS_FILE, metrics)
+        self.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
+                             step=metrics["step"])
+        m = metrics
+        ema = f"val_acc1_ema {m['val_acc1_ema']:.2f} % | " if "val_acc1_ema" in m else ""
+        self.say(f"epoch {m['epoch']}/{self.config.epochs} step {m['step']} | train_loss {m['train_loss']:.4f} | "
+                 f"val_loss {m['val_loss']:.4f} | val_acc1 {m['val_acc1']:.2f} % | val_acc5 {m['val_acc5']:.2f} % | "
+                 f"{ema}lr {m['lr']:.3e} | {m['images_per_s']:.0f} img/s | {m['epoch_time_s']:.1f} s")

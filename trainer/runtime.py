@@ -1,0 +1,198 @@
+"""What the run will be, resolved before any data is read or any model built: the Accelerator for the
+topology at hand (CPU or GPU, DDP or DeepSpeed), processes, micro-batch and accumulation, precision and the
+DeepSpeed settings written before `prepare()`, and every refusal that needs no data: a launch that would train
+wrongly without saying so stops here, in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+
+from .config import ConfigError, TrainConfig, env_world_size, resolve_batching
+
+# The half precisions by accelerate's names: the dtype DeepSpeed's engine holds the weights in, and autocast's.
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    """Everything the run resolved from its options and the launcher's environment."""
+    accelerator: Accelerator
+    processes: int
+    rank: int
+    micro_batch_size: int
+    accumulation: int
+    mixed_precision: str  # what `auto` became: no, bf16 or fp16
+    deepspeed: bool
+    zero_stage: int | None
+    # Under DeepSpeed with bf16/fp16 the weights themselves are half precision and autocast does not
+    # apply: a float32 input fails with "Input type (float) and bias type (c10::BFloat16) should be the same".
+    # So inputs are cast to the engine's dtype.
+    input_dtype: torch.dtype
+    # The autocast dtype that the CUDA-graph step (and the float32 EMA's evaluation) apply themselves;
+    # accelerate applies it on the other paths.
+    autocast_dtype: torch.dtype | None
+    half_dtype: torch.dtype | None
+    data_on_accelerator: bool  # the training images live on the GPU (augmented there)
+    cuda_graph: bool  # the whole step is one captured CUDA graph (step.py)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def resolved(self) -> dict:
+        """For config.json, the start-up line and checkpoint metadata."""
+        return {
+            "processes": self.processes,
+            # torchrun / accelerate launch give each process LOCAL_WORLD_SIZE, its node's process count.
+            "num_machines": self.processes // int(os.environ.get("LOCAL_WORLD_SIZE", self.processes)),
+            "micro_batch_size": self.micro_batch_size,
+            "accumulation_steps": self.accumulation,
+            "global_batch_size": self.micro_batch_size * self.accumulation * self.processes,
+            "mixed_precision": self.mixed_precision,
+            "distributed_type": str(self.accelerator.distributed_type).split(".")[-1],
+            "device": str(self.device),
+            "data_on_accelerator": self.data_on_accelerator,
+            "deepspeed_zero_stage": self.zero_stage,
+        }
+
+
+def resolve_runtime(config: TrainConfig) -> Runtime:
+    """The Accelerator and everything the run will be; ConfigError for a set-up that cannot train rightly."""
+    accelerator = create_accelerator(config)
+    processes = accelerator.num_processes
+    micro_batch_size, accumulation = resolve_batching(
+        config.batch_size, processes, config.micro_batch_size, config.max_micro_batch_size)
+    accelerator.gradient_accumulation_steps = accumulation
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
+    if deepspeed:
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config, micro_batch_size,
+                            accumulation)
+    if config.model_ema and zero_stage == 3:
+        raise ConfigError("--model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
+                          "of the weights); use ZeRO-1/2 or DDP")
+    on_cpu = accelerator.device.type == "cpu"
+    if config.data_device == "accelerator" and on_cpu:
+        raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
+    if config.mixes and micro_batch_size % 2:
+        raise ConfigError(f"--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
+                          f"got {micro_batch_size} (set --micro_batch_size or --batch_size)")
+    if config.cuda_graph and accumulation != 1:
+        raise ConfigError(f"--cuda_graph cannot accumulate gradients: use --micro_batch_size "
+                          f"{config.batch_size} (now {micro_batch_size} x {accumulation} steps)")
+    mixed_precision = resolve_mixed_precision(config, on_cpu)
+    return Runtime(
+        accelerator=accelerator, processes=processes, rank=accelerator.process_index,
+        micro_batch_size=micro_batch_size, accumulation=accumulation, mixed_precision=mixed_precision,
+        deepspeed=deepspeed, zero_stage=zero_stage,
+        input_dtype=HALF_DTYPES.get(accelerator.mixed_precision, torch.float32) if deepspeed else torch.float32,
+        autocast_dtype={"bf16": torch.bfloat16}.get(mixed_precision), half_dtype=HALF_DTYPES.get(mixed_precision),
+        # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
+        data_on_accelerator=not on_cpu and config.data_device != "cpu" and config.augment != "randaug",
+        cuda_graph=config.cuda_graph)
+
+
+def configure_deepspeed(ds: dict, config: TrainConfig, micro_batch_size: int, accumulation: int) -> None:
+    """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone; written into
+    accelerate's DeepSpeed config, which `prepare()` hands to the engine."""
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = config.batch_size
+    # accelerate fills "auto" with 1.0 (clipping that DDP would not do) and reads 0.0 as unset, so
+    # the value is written here, the same as the DDP path's. Measured (test_vit, 2 CPU processes, 16 AdamW steps):
+    # with accelerate's 1.0 ZeRO ended 6.8e-3 from DDP, with equal clipping 9.1e-7. 0 means off in DeepSpeed.
+    ds["gradient_clipping"] = config.grad_clip
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # model.safetensors needs the full weights: accelerate's get_state_dict gathers them from the ZeRO-3
+        # shards only when this is on, and `accelerate launch --use_deepspeed --zero_stage 3` leaves it off
+        # (zero3_save_16bit_model); the run would then train a whole epoch and fail at its first save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    # DeepSpeed's throughput timer (synchronized by default) is started in every forward when the engine
+    # has no dataloader, which accelerate never gives it: a full device sync per micro-step. The trainer
+    # measures its own throughput. Key as read by deepspeed.utils.config.get_timers_config.
+    ds["timers"] = {"throughput": {"enabled": False}}
+
+
+def deepspeed_applied(engine) -> dict:
+    """What the DeepSpeed engine applies of configure_deepspeed's settings, read back from it (for config.json)."""
+    return {"train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+            "gradient_clipping": engine.gradient_clipping(),
+            "gather_16bit_weights_on_model_save": engine.zero_gather_16bit_weights_on_model_save(),
+            "throughput_timer": engine._config.timers_config.enabled}
+
+
+def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
+    """`auto`: fp32 on CPU; on a GPU, the half precision an accelerate config asks for, else bf16 where supported.
+
+    A bare `accelerate launch` sets ACCELERATE_MIXED_PRECISION=no whether or not anyone asked, so "no" there
+    cannot be told from the default; fp32 on a GPU takes an explicit --mixed_precision no.
+    """
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if on_cpu:
+        return "no"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no":
+        return launched
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+
+
+def create_accelerator(config: TrainConfig) -> Accelerator:
+    has_cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not has_cuda:
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    on_cpu = config.device == "cpu" or not has_cuda
+    deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # On CPU the process group must be gloo; accelerate picks it for DDP, but under DeepSpeed it only
+    # counts the processes when told: without the gloo handler, 2 CPU processes under DeepSpeed each see
+    # num_processes 1 and DeepSpeed stops on "train_batch_size is not equal to micro_batch_per_gpu * ...".
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
+    # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
+    # accelerate's own TorchDynamoPlugin compiles the prepared model (checkpoint.py strips `_orig_mod.` when saving).
+    dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
+    precision = resolve_mixed_precision(config, on_cpu)
+    if config.cuda_graph:
+        if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
+            raise ConfigError("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile "
+                              "(use --compile alone on other set-ups)")
+        # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
+        # forward wrapper would cache casts.
+        precision = "no"
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
+                              kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
+                              log_with=config.trackers or None, project_dir=config.save_dir)
+    check_process_group(accelerator, launched=env_world_size())
+    # accelerate 1.15 autocasts fp16 only on accelerators: on the CPU it keeps mixed_precision "fp16" but sets
+    # native_amp False and trains in fp32 (measured: a Linear layer's output stays float32). bf16 it does autocast on
+    # the CPU (the same layer's output is bfloat16).
+    # Under DeepSpeed the engine itself holds the weights in the half precision.
+    if precision != "no" and not accelerator.native_amp and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"--mixed_precision {precision} is not applied on {accelerator.device.type} by accelerate "
+                          f"(it would train in fp32); use --mixed_precision bf16 or no")
+    if deepspeed_asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError("the launcher asked for DeepSpeed but accelerate did not enable it; "
+                          "install it with: pip install -e '.[deepspeed]'")
+    if deepspeed_asked and config.device == "cpu" and has_cuda:
+        raise ConfigError("--device cpu is not supported under DeepSpeed on a machine with GPUs")
+    return accelerator
+
+
+def check_process_group(accelerator: Accelerator, launched: int) -> None:
+    """Refuse processes that each believe they are alone: each would train on all the data, silently.
+
+    This is what `accelerate launch --multi_gpu` gives on a machine without GPUs when the Accelerator is
+    not built with cpu=True (measured with accelerate 1.15: DistributedType.NO, num_processes 1 in each of
+    the two processes), and what a launcher whose group failed to form looks like.
+    """
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(f"the launcher started {launched} processes but accelerate sees "
+                          f"{accelerator.num_processes}: they did not join one process group; on CPU use "
+                          f"`accelerate launch --multi_gpu --num_processes N` (or torchrun) with --device cpu/auto")
