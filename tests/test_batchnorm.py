@@ -9,7 +9,7 @@ with 2 processes.
 The learning rate is 1e-30, which leaves the fp32 weights where they were (far below half an ulp), so the
 running statistics after the epoch depend only on which images went through the model in training mode, and
 a plain PyTorch loop can recompute them: the forward passes over exactly the real images of each micro-batch,
-in the trainer's order (the epoch plan of data.py), on the process whose weights are saved (rank 0; DDP
+in the trainer's order (the epoch plan of trainer/data/plan.py), on the process whose weights are saved (rank 0; DDP
 broadcasts rank 0's buffers to the others).
 """
 

@@ -130,7 +130,7 @@ def test_compile_gives_the_eager_losses_and_recompiles_only_for_the_last_step_an
     assert len(eager_steps) == len(compiled_steps) == 5
     for a, b in zip(eager_steps, compiled_steps):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)  # inductor fuses and reorders float ops
-    # Two recompiles in all: the last step's micro-batches of 16 real images (no padding: data.py), and
+    # Two recompiles in all: the last step's micro-batches of 16 real images (no padding: data/plan.py), and
     # evaluation (no_grad).
     recompiles = [line for line in compiled.stderr.splitlines() if "Recompiling function" in line]
     assert len(recompiles) == 2, compiled.stderr[-3000:]
