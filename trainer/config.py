@@ -16,7 +16,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 
@@ -35,19 +35,9 @@ MODEL_PRESETS = {
     "nfnet": ("dm_nfnet_f0.dm_in1k", {}),
     "vit": ("vit_base_patch8_224.augreg_in21k_ft_in1k", {"img_size": (32, 32)}),
 }
-OPTIMIZERS = ("adamw", "sgdm")
-SCHEDULERS = ("cosine", "linear_decay")
-AUGMENTS = ("crop_flip", "randaug", "none")
 # accelerate.utils.LoggerType without "all" (an explicit list keeps the record of what was logged where); written
 # out here because importing accelerate imports torch, which this module avoids.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-# torch.compile's CUDA-graph modes (reduce-overhead, max-autotune) failed on these models with a plain training
-# step ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", one H200,
-# torch 2.11, 2026-11-27); --cuda_graph captures the whole step instead.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-DATA_DEVICES = ("auto", "cpu", "accelerator")
 PATH_FIELDS = ("pretrained_file", "data_dir", "checkpoint", "save_dir")
 
 
@@ -68,7 +58,7 @@ class TrainConfig:
     """Folder that holds `cifar-100-python/`; downloaded there when missing."""
     download: bool = True
     """Download CIFAR-100 into data_dir when it is missing."""
-    augment: str = "crop_flip"
+    augment: Literal["crop_flip", "randaug", "none"] = "crop_flip"
     """`crop_flip`: random crop of the 4-pixel zero-padded image + flip; `randaug`: then timm's RandAugment; `none`."""
     randaug: str = "rand-m9-mstd0.5-inc1"
     """timm RandAugment string of `--augment randaug`: m magnitude (0-10), n ops per image, mstd magnitude std."""
@@ -84,7 +74,7 @@ class TrainConfig:
     """Probability of cutmix rather than mixup for a mixed micro-batch, when both are on."""
     num_workers: int = 0
     """Worker processes that prepare micro-batches on the CPU; 0 prepares them in the training process."""
-    data_device: str = "auto"
+    data_device: Literal["auto", "cpu", "accelerator"] = "auto"
     """Where the training set lives: `accelerator` keeps it on the GPU, `auto` does so whenever training on a GPU."""
 
     # --- optimisation ------------------------------------------------------------------------
@@ -100,13 +90,13 @@ class TrainConfig:
     """Floor that the cosine schedule decays to."""
     weight_decay: float = 1e-2
     """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "sgdm"] = "adamw"
     """`adamw` or `sgdm` (SGD with momentum)."""
     momentum: float = 0.9
     """Momentum of `sgdm`."""
     nesterov: bool = False
     """Nesterov momentum for `sgdm`."""
-    scheduler: str = "cosine"
+    scheduler: Literal["cosine", "linear_decay"] = "cosine"
     """`cosine` (warm-up, then cosine to min_lr) or `linear_decay` (warm-up, then linear to 0)."""
     batch_size: int = 256
     """Global batch: images per optimizer step, summed over processes and accumulation steps."""
@@ -126,15 +116,18 @@ class TrainConfig:
     """Weight of the old average at each optimizer step: ema = decay * ema + (1 - decay) * weights."""
 
     # --- hardware ----------------------------------------------------------------------------
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
     compile: bool = False
     """torch.compile the model (inductor); it compiles training once more for the epoch's shorter last step."""
-    compile_mode: str = "default"
+    # torch.compile's CUDA-graph modes (reduce-overhead, max-autotune) failed on these models with a plain training
+    # step ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", one H200,
+    # torch 2.11, 2026-11-27); --cuda_graph captures the whole step instead.
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode: `default` or `max-autotune-no-cudagraphs` (for CUDA graphs use --cuda_graph)."""
     cuda_graph: bool = False
     """Capture the whole training step as one CUDA graph (one GPU, one process, no accumulation, no BatchNorm): no launch overhead."""
-    mixed_precision: str = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`no`, `bf16`, `fp16`, or `auto`: fp32 on CPU; on GPUs the accelerate config's bf16/fp16, else bf16 where supported."""
 
     # --- evaluation, checkpoints, logging ----------------------------------------------------
@@ -142,7 +135,7 @@ class TrainConfig:
     """Test images per process per forward pass during evaluation."""
     checkpoint: Optional[str] = None
     """Checkpoint folder (`{save_dir}/epoch_N` or `step_N`) to resume from."""
-    resume: Optional[str] = None
+    resume: Optional[Literal["auto"]] = None
     """`auto`: resume from the newest checkpoint in save_dir that verifies; with none, start fresh unless save_dir holds another run."""
     overwrite: bool = False
     """Start a fresh run in a save_dir that holds another one: its checkpoints, records and tracker folders are deleted first."""
@@ -150,9 +143,9 @@ class TrainConfig:
     """Keep only the newest K checkpoints (deleted after a newer one is complete); 0 keeps all."""
     keep_best: bool = False
     """With keep_last, also keep the checkpoint with the best val_acc1."""
-    on_save_error: str = "stop"
+    on_save_error: Literal["stop", "continue"] = "stop"
     """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training."""
-    preempt_signal: str = "SIGTERM"
+    preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"] = "SIGTERM"
     """Signal that makes the run save a checkpoint within two steps and exit with status 75 (also SIGUSR1 and SIGINT always)."""
     save_epochs: int = -1
     """Save a checkpoint every this many epochs; -1: after the last epoch only."""
@@ -166,95 +159,75 @@ class TrainConfig:
     """Also log each log_interval and epoch to accelerate's trackers, comma-separated: tensorboard, mlflow, wandb, ..."""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
+        """The checks of the values themselves: no file is read and no library imported here (check_environment
+        does both), so that a TrainConfig is cheap to build and means the same on every machine."""
         for name in PATH_FIELDS:  # `~` from config files, or `--save_dir=~/x` that the shell leaves alone
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
         for f in dataclasses.fields(self):  # argparse's float() and YAML's .inf take inf and nan
             value = getattr(self, f.name)
-            need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number, got {value}")
-        for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("augment", AUGMENTS),
-                              ("device", DEVICES), ("mixed_precision", PRECISIONS), ("data_device", DATA_DEVICES),
-                              ("compile_mode", COMPILE_MODES)):
+            _need(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number, got {value}")
+        for name, choices in _choices().items():
             value = getattr(self, name)
-            need(value in choices, f"--{name} {value!r} is not one of: {', '.join(choices)}")
-        need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+            allowed = value in choices or (value is None and _optional(name))
+            _need(allowed, _CHOICE_MESSAGES.get(name, "--{name} {value!r} is not one of: {listed}").format(
+                name=name, value=value, listed=", ".join(choices), either=" or ".join(choices)))
+        _need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         # accelerate's set_seed also seeds numpy, whose seeds lie in [0, 2**32 - 1].
-        need(0 <= self.seed < 2**32, f"--seed must lie in [0, 2**32 - 1], got {self.seed}")
-        need(0 <= self.warmup_epochs <= self.epochs,
+        _need(0 <= self.seed < 2**32, f"--seed must lie in [0, 2**32 - 1], got {self.seed}")
+        _need(0 <= self.warmup_epochs <= self.epochs,
              f"--warmup_epochs must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        need(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
-        need(0 <= self.min_lr <= self.learning_rate, f"--min_lr must lie in [0, learning_rate], got {self.min_lr}")
-        need(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
-        need(self.micro_batch_size is None or self.micro_batch_size >= 1,
+        _need(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
+        _need(0 <= self.min_lr <= self.learning_rate, f"--min_lr must lie in [0, learning_rate], got {self.min_lr}")
+        _need(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        _need(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        _need(self.micro_batch_size is None or self.micro_batch_size >= 1,
              f"--micro_batch_size must be at least 1, got {self.micro_batch_size}")
-        need(self.max_micro_batch_size >= 1, f"--max_micro_batch_size must be at least 1, got {self.max_micro_batch_size}")
-        need(self.eval_batch_size >= 1, f"--eval_batch_size must be at least 1, got {self.eval_batch_size}")
-        need(self.grad_clip >= 0, f"--grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        need(0 <= self.label_smoothing < 1, f"--label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        need(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
-        need(self.image_size >= 8, f"--image_size must be at least 8 pixels, got {self.image_size}")
-        need(self.save_epochs == -1 or self.save_epochs >= 1, f"--save_epochs must be -1 or >= 1, got {self.save_epochs}")
-        need(self.log_interval >= 1, f"--log_interval must be at least 1, got {self.log_interval}")
-        need(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")
-        self._check_augmentation(need)
-        need(self.layer_decay is None or 0 < self.layer_decay <= 1,
+        _need(self.max_micro_batch_size >= 1, f"--max_micro_batch_size must be at least 1, got {self.max_micro_batch_size}")
+        _need(self.eval_batch_size >= 1, f"--eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        _need(self.grad_clip >= 0, f"--grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _need(0 <= self.label_smoothing < 1, f"--label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        _need(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        _need(self.image_size >= 8, f"--image_size must be at least 8 pixels, got {self.image_size}")
+        _need(self.save_epochs == -1 or self.save_epochs >= 1, f"--save_epochs must be -1 or >= 1, got {self.save_epochs}")
+        _need(self.log_interval >= 1, f"--log_interval must be at least 1, got {self.log_interval}")
+        _need(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")
+        self._check_augmentation()
+        _need(self.layer_decay is None or 0 < self.layer_decay <= 1,
              f"--layer_decay must lie in (0, 1] (1: no decay), got {self.layer_decay}")
-        need(0 <= self.model_ema_decay < 1, f"--model_ema_decay must lie in [0, 1), got {self.model_ema_decay}")
+        _need(0 <= self.model_ema_decay < 1, f"--model_ema_decay must lie in [0, 1), got {self.model_ema_decay}")
         for name in self.trackers:
-            need(name in TRACKERS, f"--log_with {name!r} is not one of accelerate's trackers: {', '.join(TRACKERS)}")
-            # accelerate drops a tracker whose package is missing with a debug message only: check with its own test.
-            from accelerate.utils import imports
-            package = {"mlflow": "mlflow-skinny", "aim": "'aim<4'"}.get(name, name)
-            need(getattr(imports, f"is_{name}_available")(),
-                 f"--log_with {name} needs the {name} package: pip install {package}")
+            _need(name in TRACKERS, f"--log_with {name!r} is not one of accelerate's trackers: {', '.join(TRACKERS)}")
         if self.pretrained_file is not None:
-            need(Path(self.pretrained_file).is_file(), f"--pretrained_file {self.pretrained_file} does not exist")
-            need(Path(self.pretrained_file).suffix in (".safetensors", ".pth", ".pt", ".bin"),
+            _need(Path(self.pretrained_file).suffix in (".safetensors", ".pth", ".pt", ".bin"),
                  f"--pretrained_file {self.pretrained_file} must be a .safetensors or .pth file")
-        if self.checkpoint is not None:
-            need(Path(self.checkpoint).is_dir(), f"--checkpoint {self.checkpoint} is not a folder")
-            need(self.resume is None, "give either --checkpoint DIR or --resume auto, not both")
-        need(self.resume in (None, "auto"), f"--resume must be auto, got {self.resume!r}")
-        need(not (self.overwrite and (self.resume or self.checkpoint)),
+        _need(self.checkpoint is None or self.resume is None, "give either --checkpoint DIR or --resume auto, not both")
+        _need(not (self.overwrite and (self.resume or self.checkpoint)),
              "--overwrite starts a new run (deleting the one in save_dir); it cannot be combined with --resume or "
              "--checkpoint")
-        need(self.keep_last >= 0, f"--keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
-        need(self.on_save_error in ("stop", "continue"), f"--on_save_error must be stop or continue, got {self.on_save_error!r}")
-        need(self.preempt_signal in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"),
-             f"--preempt_signal must be one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, got {self.preempt_signal!r}")
+        _need(self.keep_last >= 0, f"--keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
 
-    def _check_augmentation(self, need) -> None:
-        need(self.augment != "randaug" or self.data_device != "accelerator",
+    def _check_augmentation(self) -> None:
+        _need(self.augment != "randaug" or self.data_device != "accelerator",
              "--augment randaug runs timm's RandAugment on PIL images on the CPU: use --data_device cpu or auto "
              "(and --num_workers N to spread it over CPU cores)")
         default = next(f.default for f in dataclasses.fields(self) if f.name == "randaug")
-        need(self.augment == "randaug" or self.randaug == default,
+        _need(self.augment == "randaug" or self.randaug == default,
              f"--randaug {self.randaug!r} applies to --augment randaug only (got --augment {self.augment})")
         if self.augment == "randaug":
             sections = self.randaug.split("-")
             known = re.compile(r"(m\d+|n\d+|p\d*\.?\d+|mstd\d*\.?\d+|mmax\d+|inc[01]|tweights|t3aw|t3a)")
             bad = [s for s in sections[1:] if not known.fullmatch(s)]
-            need(sections[0] == "rand" and not bad,
+            _need(sections[0] == "rand" and not bad,
                  f"--randaug {self.randaug!r} is not a timm RandAugment string such as rand-m9-mstd0.5-inc1 "
                  f"(then m<magnitude>, n<ops>, p<prob>, mstd<std>, mmax<max>, inc<0|1>, tweights|t3a|t3aw)"
                  + (f"; unknown section {bad[0]!r}" if bad else ""))
-            from timm.data import rand_augment_transform
-            try:
-                rand_augment_transform(self.randaug, {})
-            except (AssertionError, ValueError, KeyError) as error:
-                raise ConfigError(f"--randaug {self.randaug!r}: timm refuses it "
-                                  f"({type(error).__name__}: {error})") from None
-        need(0 <= self.reprob <= 1, f"--reprob must lie in [0, 1], got {self.reprob}")
-        need(self.mixup >= 0, f"--mixup must be >= 0 (0 = off), got {self.mixup}")
-        need(self.cutmix >= 0, f"--cutmix must be >= 0 (0 = off), got {self.cutmix}")
-        need(0 <= self.mixup_prob <= 1, f"--mixup_prob must lie in [0, 1], got {self.mixup_prob}")
-        need(0 <= self.mixup_switch_prob <= 1, f"--mixup_switch_prob must lie in [0, 1], got {self.mixup_switch_prob}")
-        need(not (self.mixes and self.cuda_graph),
+        _need(0 <= self.reprob <= 1, f"--reprob must lie in [0, 1], got {self.reprob}")
+        _need(self.mixup >= 0, f"--mixup must be >= 0 (0 = off), got {self.mixup}")
+        _need(self.cutmix >= 0, f"--cutmix must be >= 0 (0 = off), got {self.cutmix}")
+        _need(0 <= self.mixup_prob <= 1, f"--mixup_prob must lie in [0, 1], got {self.mixup_prob}")
+        _need(0 <= self.mixup_switch_prob <= 1, f"--mixup_switch_prob must lie in [0, 1], got {self.mixup_switch_prob}")
+        _need(not (self.mixes and self.cuda_graph),
              "--cuda_graph does not support --mixup/--cutmix (the captured step takes class labels, not soft targets)")
 
     @property
@@ -270,6 +243,59 @@ class TrainConfig:
     def timm_name_and_kwargs(self) -> tuple[str, dict]:
         """The timm model name and the keyword arguments the preset (if any) adds."""
         return MODEL_PRESETS.get(self.model, (self.model, {}))
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# The refusal of a value outside its field's Literal choices: this general line, or, for these fields, the line
+# they had before the choices were read from the annotations ({listed}: "a, b, c"; {either}: "a or b").
+_CHOICE_MESSAGES = {
+    "resume": "--resume must be {either}, got {value!r}",
+    "on_save_error": "--on_save_error must be {either}, got {value!r}",
+    "preempt_signal": "--preempt_signal must be one of {listed}, got {value!r}",
+}
+
+
+def _literal(hint) -> Optional[tuple]:
+    """The values of a Literal annotation, also inside Optional[...]; None for any other annotation."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return next((_literal(a) for a in typing.get_args(hint) if typing.get_origin(a) is Literal), None)
+
+
+def _choices() -> dict[str, tuple]:
+    """Each field whose values are a fixed set, with that set, in the order the annotation lists them."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: values for name, hint in hints.items() if (values := _literal(hint)) is not None}
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
+
+
+def check_environment(config: TrainConfig) -> None:
+    """The checks that read the file system or import a library, run by parse_config right after the values'
+    own checks (TrainConfig.__post_init__), before any data is read or any model built."""
+    for name in config.trackers:
+        # accelerate drops a tracker whose package is missing with a debug message only: check with its own test.
+        from accelerate.utils import imports
+        package = {"mlflow": "mlflow-skinny", "aim": "'aim<4'"}.get(name, name)
+        _need(getattr(imports, f"is_{name}_available")(),
+              f"--log_with {name} needs the {name} package: pip install {package}")
+    if config.pretrained_file is not None:
+        _need(Path(config.pretrained_file).is_file(), f"--pretrained_file {config.pretrained_file} does not exist")
+    if config.checkpoint is not None:
+        _need(Path(config.checkpoint).is_dir(), f"--checkpoint {config.checkpoint} is not a folder")
+    if config.augment == "randaug":  # the string's form was checked in __post_init__; here, whether timm takes it
+        from timm.data import rand_augment_transform
+        try:
+            rand_augment_transform(config.randaug, {})
+        except (AssertionError, ValueError, KeyError) as error:
+            raise ConfigError(f"--randaug {config.randaug!r}: timm refuses it "
+                              f"({type(error).__name__}: {error})") from None
 
 
 def resolve_batching(batch_size: int, processes: int, micro_batch_size: Optional[int],
@@ -293,10 +319,13 @@ def resolve_batching(batch_size: int, processes: int, micro_batch_size: Optional
 
 # --- command line -------------------------------------------------------------------------------
 
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+def _value_type(name: str) -> type:
+    """The type of an option's values: X of Optional[X], str of a Literal of strings."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    choices = _literal(hint)
+    if choices is not None:
+        return type(choices[0])
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -315,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs = _field_docs()
     for f in dataclasses.fields(TrainConfig):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kind = _field_type(f)
+        kind = _value_type(f.name)
         help_text = f"{docs.get(f.name, '')} (default: {f.default})"
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
@@ -371,10 +400,9 @@ def typed_value(name: str, value):
     no dot, as a string); never a bool for a number, a float for an int (1.9 must not become 1), or null
     for an option that has no null.
     """
-    hint = typing.get_type_hints(TrainConfig)[name]
-    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    kind = _value_type(name)
     if value is None:
-        if type(None) in typing.get_args(hint):
+        if _optional(name):
             return None
         raise ConfigError(f"{name} must be a {kind.__name__}, got null (it has no null value)")
     if isinstance(value, str) and kind in (int, float):
@@ -394,7 +422,9 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     cli = vars(parser.parse_args(argv))
     values = load_config_file(cli.pop("config")) if "config" in cli else {}
     values.update(cli)
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    check_environment(config)
+    return config
 
 
 def check_writable_folder(path: str, option: str) -> None:
