@@ -8,9 +8,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from conftest import TINY, load_weights, relative_l2, run_trainer
-from trainer.config import TrainConfig
 from trainer.data import EpochPlan, Normalize, Split, TrainSteps, iterate_steps, posterize
-from trainer.loop import Trainer
 from trainer.step import per_image_loss
 
 NUM = 70  # images: batch 32 gives 2 full steps and a last step of 6 real images

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from trainer.config import ConfigError, TrainConfig, parse_config, resolve_batching
+from trainer.config import ConfigError, TrainConfig, parse_config
+from trainer.runtime import resolve_batching
 
 
 def test_defaults_are_the_reference_study():

@@ -36,7 +36,7 @@ CHECKPOINT_ENTRIES = (LATEST_FILE, "epoch_*", "step_*")
 # changed batch_size or seed would continue neither the saved run nor one that config.json describes;
 # layer_decay shapes timm's parameter groups, which the saved optimizer state is matched to (so does
 # weight_decay 0 against > 0, checked apart). Every other option takes effect from the resumed step (see
-# Trainer.resume).
+# CheckpointManager.resume).
 FIXED_ON_RESUME = ("model", "image_size", "optimizer", "batch_size", "seed", "layer_decay")
 # Options about one session rather than the run (how it is started, where its folder is, how it is shown and
 # fed): they may differ between the sessions of one run without being a change.

@@ -1,5 +1,5 @@
-"""One checkpoint folder on disk, beneath the checkpoint manager (checkpoint.py): `{save_dir}/epoch_N/` holds `model.safetensors` (the plain model, loadable by timm), with
---model_ema `model_ema.safetensors` (its exponential moving average, the same timm keys), `state/`
+"""One checkpoint folder on disk, beneath the checkpoint manager (checkpoint.py): `{save_dir}/epoch_N/` holds
+`model.safetensors` (the plain model, loadable by timm), with --model_ema `model_ema.safetensors` (its exponential moving average, the same timm keys), `state/`
 (accelerate's `save_state`: optimizer, scheduler, RNG, progress; under DeepSpeed the engine's shards) and
 `manifest.json` (SHA-256 and size of every file).
 

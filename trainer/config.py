@@ -298,25 +298,6 @@ def check_environment(config: TrainConfig) -> None:
                               f"({type(error).__name__}: {error})") from None
 
 
-def resolve_batching(batch_size: int, processes: int, micro_batch_size: Optional[int],
-                     max_micro_batch_size: int) -> tuple[int, int]:
-    """(micro_batch_size, accumulation_steps) with batch_size = micro x processes x accumulation."""
-    if batch_size % processes:
-        divisors = [p for p in range(1, batch_size + 1) if batch_size % p == 0 and p <= 64]
-        raise ConfigError(f"--batch_size {batch_size} is not divisible by the {processes} processes; "
-                          f"use a batch_size that is a multiple of {processes}, or one of these process counts: "
-                          f"{divisors}")
-    per_process = batch_size // processes
-    valid = [m for m in range(1, per_process + 1) if per_process % m == 0]
-    if micro_batch_size is None:
-        fitting = [m for m in valid if m <= max_micro_batch_size]
-        micro_batch_size = fitting[-1]
-    elif per_process % micro_batch_size:
-        raise ConfigError(f"--micro_batch_size {micro_batch_size} does not divide batch_size {batch_size} / "
-                          f"{processes} processes = {per_process}; valid values: {valid}")
-    return micro_batch_size, per_process // micro_batch_size
-
-
 # --- command line -------------------------------------------------------------------------------
 
 def _value_type(name: str) -> type:

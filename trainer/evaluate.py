@@ -21,13 +21,14 @@ import csv
 import json
 import pickle
 import sys
+import typing
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from trainer.checkpoint import CheckpointError, is_checkpoint  # noqa: E402
-from trainer.config import ConfigError  # noqa: E402
+from trainer.config import ConfigError, TrainConfig  # noqa: E402
 from trainer.data import NUM_CLASSES, DataError  # noqa: E402
 from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
 
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default: evaluation)")
     parser.add_argument("--eval_batch_size", type=int, default=None,
                         help="test images per process per forward pass (default: the run's, else 500)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=typing.get_args(typing.get_type_hints(TrainConfig)["device"]), default="auto")
     parser.add_argument("--ema", action="store_true", help="evaluate a checkpoint's EMA weights")
     args = parser.parse_args(argv)
     try:

@@ -6,7 +6,7 @@ captured graph launches the step's hundreds of kernels at once. torch.compile's 
 and failed on these models with a plain training step ("accessing tensor output of CUDAGraphs that has been
 overwritten by a subsequent run", same machine and date), so the step is captured here as in
 PyTorch's "whole network capture" recipe:
-- every micro-batch has one static shape (with --cuda_graph data.py pads the short last step with weight-0
+- every micro-batch has one static shape (with --cuda_graph data/plan.py pads the short last step with weight-0
   images; models with BatchNorm are refused, since padding would enter their batch statistics);
 - inputs are copied into static buffers; the learning rate and the loss scale are device tensors that
   the optimizer (fused, capturable AdamW or SGD) and the loss read inside the graph;

@@ -4,7 +4,7 @@ A schedule is stepped once per optimizer step (never per micro-batch or per proc
 learning rates is the same on every topology: `lr_at(step)` is the single source of truth, and tests
 check it against the formula. With --layer_decay, timm's factory gives each parameter group an `lr_scale`
 (1 for the head, layer_decay^k for k layers below it) and group g follows lr_at(step) * lr_scale_g; the
-logged lr is the head's, read from the optimizer (loop.py's Trainer.lr_in_use).
+logged lr is the head's, read from the optimizer (Trainer.lr_in_use, loop.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
-from .config import ConfigError, TrainConfig, env_world_size, resolve_batching
+from .config import ConfigError, TrainConfig, env_world_size
 
 # The half precisions by accelerate's names: the dtype DeepSpeed's engine holds the weights in, and autocast's.
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +98,25 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         cuda_graph=config.cuda_graph)
 
 
+def resolve_batching(batch_size: int, processes: int, micro_batch_size: int | None,
+                     max_micro_batch_size: int) -> tuple[int, int]:
+    """(micro_batch_size, accumulation_steps) with batch_size = micro x processes x accumulation."""
+    if batch_size % processes:
+        divisors = [p for p in range(1, batch_size + 1) if batch_size % p == 0 and p <= 64]
+        raise ConfigError(f"--batch_size {batch_size} is not divisible by the {processes} processes; "
+                          f"use a batch_size that is a multiple of {processes}, or one of these process counts: "
+                          f"{divisors}")
+    per_process = batch_size // processes
+    valid = [m for m in range(1, per_process + 1) if per_process % m == 0]
+    if micro_batch_size is None:
+        fitting = [m for m in valid if m <= max_micro_batch_size]
+        micro_batch_size = fitting[-1]
+    elif per_process % micro_batch_size:
+        raise ConfigError(f"--micro_batch_size {micro_batch_size} does not divide batch_size {batch_size} / "
+                          f"{processes} processes = {per_process}; valid values: {valid}")
+    return micro_batch_size, per_process // micro_batch_size
+
+
 def configure_deepspeed(ds: dict, config: TrainConfig, micro_batch_size: int, accumulation: int) -> None:
     """Micro-batch, accumulation, global batch and clipping come from the trainer's options alone; written into
     accelerate's DeepSpeed config, which `prepare()` hands to the engine."""
@@ -156,7 +175,7 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     # num_processes 1 and DeepSpeed stops on "train_batch_size is not equal to micro_batch_per_gpu * ...".
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
     # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
-    # accelerate's own TorchDynamoPlugin compiles the prepared model (checkpoint.py strips `_orig_mod.` when saving).
+    # accelerate's own TorchDynamoPlugin compiles the prepared model (checkpoint_folder.py strips `_orig_mod.` when saving).
     dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
     precision = resolve_mixed_precision(config, on_cpu)
     if config.cuda_graph:

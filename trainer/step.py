@@ -33,7 +33,7 @@ def step_scale(runtime: Runtime, step_images: int) -> float:
     """The factor on each micro-batch's weighted loss sum that makes the step's gradient the mean over its real
     images whatever the topology. DDP averages over W processes and accelerate/DeepSpeed divide by A micro-steps,
     so W*A/step_images: the plain mean for a full step, and the right weight for the smaller last step, whose
-    micro-batches hold fewer images (or weight-0 padding, see data.py)."""
+    micro-batches hold fewer images (or weight-0 padding, see data/plan.py)."""
     return runtime.processes * runtime.accumulation / step_images
 
 
@@ -57,7 +57,7 @@ class EagerStep:
         loss_sum = torch.zeros((), device=rt.device)
         scale = step_scale(rt, step_images)
         for a, (images, labels, weights) in enumerate(micro_batches):
-            # Micro-batch a of this rank starts at position a*W + rank of the step (data.py): past the step's end
+            # Micro-batch a of this rank starts at position a*W + rank of the step (data/plan.py): past the step's end
             # it holds only weight-0 padding, run so that this rank joins the all-reduce. Its gradient is zero,
             # but its forward updates BatchNorm's running statistics (and num_batches_tracked): they are put
             # back after the step (after backward, which may still read the running buffers).

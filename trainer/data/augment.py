@@ -17,7 +17,7 @@ Augmentation randomness, and what it depends on:
   different micro_batch_size mixes differently. Only the real images of a micro-batch are mixed, never the
   weight-0 padding of the epoch's last step; with an odd number of real images the last one stays unmixed.
 With mixup or cutmix the labels become soft targets (micro-batch x 100, rows summing to 1, label smoothing
-folded in by Mixup), and the loss is the soft-target cross-entropy (loop.py).
+folded in by Mixup), and the loss is the soft-target cross-entropy (step.py).
 """
 
 from __future__ import annotations

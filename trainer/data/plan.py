@@ -7,7 +7,7 @@ The sampling rule, the same on every topology:
 - within a step, micro-batch a of rank r takes every (W*A)-th image starting at position a*W + r
   (W processes, A accumulation steps), so the W*A micro-batches of a step partition it;
 - the last step of an epoch holds the remaining N mod B images (80 for CIFAR-100 at B=256) and is
-  trained like any other, its gradient being the mean over those images (see loop.py).
+  trained like any other, its gradient being the mean over those images (see step.py).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ class TrainSteps(torch.utils.data.Dataset):
         In the epoch's short last step a micro-batch holds only its real images (weight 1), so BatchNorm's
         batch and running statistics see no padding; torch.compile compiles its shapes once per run. Two cases are
         filled up to the full micro-batch with weight-0 copies of the step's first image: a micro-batch with
-        no real image at all (it must still run, to join the all-reduce; loop.py puts the module buffers back
-        after it), and every micro-batch when `pad` is set (the static shape of a CUDA graph; loop.py refuses
+        no real image at all (it must still run, to join the all-reduce; step.py puts the module buffers back
+        after it), and every micro-batch when `pad` is set (the static shape of a CUDA graph; models.py refuses
         that for models with batch statistics).
         """
         micro_size = self.batch_size // (self.world * self.accumulation)
