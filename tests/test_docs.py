@@ -23,3 +23,12 @@ def test_ci_runs_the_two_commands_of_the_readme():
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
     assert first_block == ci == ['pip install -e ".[test]"', "python -m pytest"]
+
+
+def test_the_readme_layout_names_every_module_of_the_tree():
+    layout = re.search(r"^## Layout\n(.*?)^```\n(.*?)^```", (REPO / "README.md").read_text(),
+                       re.DOTALL | re.MULTILINE).group(2)
+    named = set(re.findall(r"(?:^|\s)((?:data/)?[a-z_]+\.py)\b", layout))
+    tree = {str(p.relative_to(REPO / "trainer")) for p in (REPO / "trainer").rglob("*.py")
+            if p.name not in ("__init__.py", "__main__.py")}
+    assert named == tree
