@@ -185,7 +185,7 @@ class Trainer:
                     raise FloatingPointError(f"training loss is {mean_loss} at step {progress.global_step} "
                                              f"(epoch {epoch + 1}); stopped before writing a checkpoint")
                 self.log.log_step({"step": progress.global_step, "epoch": epoch + 1, "lr": lr,
-                               "train_loss": mean_loss, "images_per_s": rate})
+                                   "train_loss": mean_loss, "images_per_s": rate})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 interval_loss.zero_()
                 interval_images = 0
