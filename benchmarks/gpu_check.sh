@@ -88,9 +88,9 @@ write_helpers() {
   # learning rates live at the end (finding 1: after a resume they must be tensors on the GPU).
   cat > "$W/run_trainer.py" <<'PY'
 import os, signal, sys
-from trainer import loop, main
+from trainer import loop, main, run_log
 stop_at = int(os.environ.get("STOP_AT", "0"))
-log_step, run = loop.Trainer.log_step, loop.Trainer.run
+log_step, run = run_log.RunLog.log_step, loop.Trainer.run
 def logged(self, entry):
     log_step(self, entry)
     if entry["step"] == stop_at:
@@ -102,7 +102,7 @@ def ran(self):
         lrs = [g["lr"] for g in getattr(self.optimizer, "optimizer", self.optimizer).param_groups]
         print("optimizer lr:", sorted({f"{type(v).__name__} on {v.device.type}" if hasattr(v, "device") else type(v).__name__
                                        for v in lrs}), flush=True)
-loop.Trainer.log_step, loop.Trainer.run = logged, ran
+run_log.RunLog.log_step, loop.Trainer.run = logged, ran
 sys.exit(main.main(sys.argv[1:]))
 PY
   # Per-step losses of two runs compared: PASS when every common step after `after` agrees within `tol`.

@@ -294,3 +294,14 @@ def test_launch_sh_numeric_variables_are_checked(env, message):
     result = subprocess.run([str(REPO / "launch.sh"), "--dry-run"], env={**base, **env}, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2 and result.stderr.splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data_device", "accelerator"], "--data_device accelerator needs a GPU"),
+    (["--mixup", "0.8", "--batch_size", "6", "--micro_batch_size", "3"], "the micro-batch must be even, got 3"),
+])
+def test_refusals_that_need_no_data_come_before_any_is_read(tmp_path, capsys, extra, message):
+    """runtime.py makes them from the options and the launch alone: a missing data set is never reached."""
+    argv = TINY + ["--data_dir", tmp_path / "none", "--no-download", "--save_dir", tmp_path / "run", *extra]
+    assert message in refused(argv, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
