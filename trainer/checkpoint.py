@@ -11,6 +11,7 @@ within an epoch, after optimizer step N), and `{save_dir}/latest` names the newe
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from . import records
@@ -86,7 +87,6 @@ def run_entries(save_dir: Path) -> list[Path]:
 
 def clear_run(save_dir: Path) -> list[Path]:
     """Delete what `save_dir` holds of a run (--overwrite); other files in it stay."""
-    import shutil
     entries = run_entries(save_dir)
     for path in entries:
         if path.is_dir() and not path.is_symlink():
@@ -97,11 +97,14 @@ def clear_run(save_dir: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, config: TrainConfig, runtime, log, model, scheduler, ema, progress, describe):
-        """`model`: the prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress;
-        `describe()`: the run's resolved values (Trainer.resolved), part of every checkpoint's metadata."""
+    def __init__(self, config: TrainConfig, runtime, log, model, scheduler, ema, progress):
+        """`model`: the prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
+        No reference back to the Trainer: a cycle would keep the DDP model, and the process group it holds,
+        alive until interpreter exit, where gloo's teardown can abort the process (seen once while such a cycle
+        existed: exit -6, "terminate called without an active exception", after a complete 2-process run;
+        tests/test_options.py checks that the Trainer is freed when its run returns)."""
         self.config, self.runtime, self.log = config, runtime, log
-        self.model, self.scheduler, self.ema, self.progress, self.describe = model, scheduler, ema, progress, describe
+        self.model, self.scheduler, self.ema, self.progress = model, scheduler, ema, progress
         self.save_dir = Path(config.save_dir)
 
     # --- saving -----------------------------------------------------------------------------------------
@@ -109,16 +112,16 @@ class CheckpointManager:
         every = self.config.save_epochs
         return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
 
-    def save_epoch(self, epoch: int, val_acc1: float) -> None:
-        self.save(epoch_name(epoch), val_acc1)
+    def save_epoch(self, epoch: int, val_acc1: float, resolved: dict) -> None:
+        self.save(epoch_name(epoch), val_acc1, resolved)
 
-    def save_step(self) -> None:
-        self.save(step_name(self.progress.global_step))
+    def save_step(self, resolved: dict) -> None:
+        self.save(step_name(self.progress.global_step), None, resolved)
 
-    def save(self, name: str, val_acc1: float | None = None) -> None:
-        """Collective: every process calls it. A failed write stops the run (SaveError) or, with
-        --on_save_error continue, is reported and training goes on."""
-        resolved = self.describe()
+    def save(self, name: str, val_acc1: float | None, resolved: dict) -> None:
+        """Collective: every process calls it. `resolved`: the run's resolved values (Trainer.resolved), part of
+        the metadata. A failed write stops the run (SaveError) or, with --on_save_error continue, is reported
+        and training goes on."""
         model = self.runtime.accelerator.unwrap_model(self.model)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
@@ -212,10 +215,11 @@ class CheckpointManager:
             f"--resume), or choose another --save_dir")
 
     # --- resuming -------------------------------------------------------------------------------------
-    def resume(self, folder: Path, steps_per_epoch: int) -> dict:
-        """Continue from checkpoint `folder`; returns where from and the options changed since (for config.json)."""
+    def resume(self, folder: Path, here: dict) -> dict:
+        """Continue from checkpoint `folder` (`here`: this run's resolved values, Trainer.resolved); returns where
+        from and the options changed since (for config.json)."""
         saved = read_manifest(folder)
-        here = self.describe()
+        steps_per_epoch = here["steps_per_epoch"]
         changed = self.check_resume_options(folder, saved, here["train_images"])
         rt = self.runtime
         if (saved.get("distributed_type") == "DEEPSPEED") != rt.deepspeed:

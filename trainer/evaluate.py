@@ -152,11 +152,11 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     # cpu=True makes a multi-process launch on a machine without GPUs one gloo group (see trainer/runtime.py).
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
     check_process_group(accelerator, launched=env_world_size())
-    with accelerator.main_process_first():  # a hub model or the data set: fetched once, then read
+    log = RunLog(accelerator)
+    with log.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
         model, norm, options = load_model(source, ema)
         data_dir = data_dir or options.get("data_dir", "./data")
-        folder = ensure_downloaded(data_dir, download=True) if accelerator.is_main_process \
-            else Path(data_dir) / "cifar-100-python"
+        folder = ensure_downloaded(data_dir, download=True) if downloads else Path(data_dir) / "cifar-100-python"
     _, test, class_names = load_cifar100(folder)
     coarse, coarse_names = superclasses(folder)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test.images, test.labels),
@@ -169,7 +169,6 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     loss, correct1, correct5, count = totals.tolist()
     result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
               "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}
-    log = RunLog(accelerator)
     if log.writes:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

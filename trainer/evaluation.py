@@ -27,7 +27,7 @@ class Evaluator:
         if ema:
             input_dtype, autocast_dtype = torch.float32, rt.half_dtype
         else:
-            input_dtype, autocast_dtype = rt.input_dtype, rt.autocast_dtype if rt.cuda_graph else None
+            input_dtype, autocast_dtype = rt.input_dtype, rt.half_dtype if rt.cuda_graph else None
         loss, correct1, correct5, count = evaluate_model(
             rt.accelerator, model, self.loader, self.normalize, input_dtype, autocast_dtype)[0].tolist()
         if ema:

@@ -54,8 +54,8 @@ class Trainer:
         self.log = RunLog(accelerator, config)
         self.save_dir = Path(config.save_dir)
 
-        with accelerator.local_main_process_first():  # one download per node; the others wait
-            folder = ensure_downloaded(config.data_dir, config.download) if accelerator.is_local_main_process \
+        with self.log.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
+            folder = ensure_downloaded(config.data_dir, config.download) if downloads \
                 else Path(config.data_dir) / "cifar-100-python"
         train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
         self.num_train, self.num_test = len(train.labels), len(test.labels)
@@ -64,7 +64,7 @@ class Trainer:
                               f"({self.num_train} images in {folder / 'train'})")
 
         set_seed(config.seed)  # the same initial head on every process and topology
-        with accelerator.main_process_first():  # pretrained weights: download once, then read the cache
+        with self.log.first_on_main():  # pretrained weights: download once, then read the cache
             model = create_model(config)
         self.num_parameters = count_parameters(model)
         check_trainable(model, config, self.num_train, rt.processes, rt.accumulation)
@@ -101,7 +101,7 @@ class Trainer:
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.checkpoints = CheckpointManager(config, rt, self.log, self.model, self.scheduler, self.ema,
-                                             self.progress, self.resolved)
+                                             self.progress)
         self.stop = StopRequest(self.log.say_here)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
@@ -211,7 +211,7 @@ class Trainer:
         cfg = self.config
         folder = self.checkpoints.resume_point()
         self.checkpoints.prepare_save_dir(folder)
-        resumed = self.checkpoints.resume(folder, self.steps_per_epoch) if folder is not None else None
+        resumed = self.checkpoints.resume(folder, self.resolved()) if folder is not None else None
         resolved = self.resolved()
         self.log.start(self.progress.epoch, self.progress.global_step, resolved, resumed)
         r = resolved
@@ -239,7 +239,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             train = self.train_epoch(epoch)
             if train is None:  # asked to stop mid-epoch
-                self.checkpoints.save_step()
+                self.checkpoints.save_step(self.resolved())
                 raise Preempted(f"stopped by {self.stop.cause()} at step {progress.global_step}; "
                                 f"resume with --resume auto")
             val = self.evaluate()
@@ -258,7 +258,7 @@ class Trainer:
             # every process here, and the epoch is saved even when it is not a save epoch.
             stop = StopVote(self.runtime.device).now(self.stop.asked)
             if self.checkpoints.should_save(epoch + 1) or (stop and epoch + 1 < cfg.epochs):
-                self.checkpoints.save_epoch(epoch + 1, val_acc1=metrics["val_acc1"])
+                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], self.resolved())
             if stop and epoch + 1 < cfg.epochs:
                 raise Preempted(f"stopped by {self.stop.cause()} after epoch {epoch + 1}; "
                                 f"resume with --resume auto")

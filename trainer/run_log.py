@@ -12,6 +12,7 @@ run purges the events logged after its checkpoint, as it truncates the JSONL fil
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -35,6 +36,18 @@ class RunLog:
         """A line on the console, once per job."""
         if self.writes:
             print(*args, flush=True)
+
+    @contextlib.contextmanager
+    def first_on_main(self, per_node: bool = False):
+        """The main process (of the job, or of each node with `per_node`) runs the block first, the others
+        after it (accelerate's main_process_first): a download into a shared cache or data folder happens once.
+        Yields whether this process is that one (the one that downloads)."""
+        if per_node:
+            with self.accelerator.local_main_process_first():
+                yield self.accelerator.is_local_main_process
+        else:
+            with self.accelerator.main_process_first():
+                yield self.writes
 
     @staticmethod
     def say_here(*args) -> None:

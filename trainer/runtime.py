@@ -34,9 +34,8 @@ class Runtime:
     # apply: a float32 input fails with "Input type (float) and bias type (c10::BFloat16) should be the same".
     # So inputs are cast to the engine's dtype.
     input_dtype: torch.dtype
-    # The autocast dtype that the CUDA-graph step (and the float32 EMA's evaluation) apply themselves;
-    # accelerate applies it on the other paths.
-    autocast_dtype: torch.dtype | None
+    # The half precision (None: fp32) where the trainer applies autocast itself: in the CUDA-graph step (its
+    # cache must be off while capturing) and the float32 EMA's evaluation; accelerate applies it on other paths.
     half_dtype: torch.dtype | None
     data_on_accelerator: bool  # the training images live on the GPU (augmented there)
     cuda_graph: bool  # the whole step is one captured CUDA graph (step.py)
@@ -92,7 +91,7 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         micro_batch_size=micro_batch_size, accumulation=accumulation, mixed_precision=mixed_precision,
         deepspeed=deepspeed, zero_stage=zero_stage,
         input_dtype=HALF_DTYPES.get(accelerator.mixed_precision, torch.float32) if deepspeed else torch.float32,
-        autocast_dtype={"bf16": torch.bfloat16}.get(mixed_precision), half_dtype=HALF_DTYPES.get(mixed_precision),
+        half_dtype=HALF_DTYPES.get(mixed_precision),
         # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
         data_on_accelerator=not on_cpu and config.data_device != "cpu" and config.augment != "randaug",
         cuda_graph=config.cuda_graph)

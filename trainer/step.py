@@ -93,7 +93,7 @@ class GraphStep:
     def __call__(self, micro_batches: list, step_images: int) -> torch.Tensor:
         if self.graph is None:
             self.graph = CudaGraphStep(self.plain_model, self.optimizer, self.loss, self.input_shape,
-                                       self.runtime.autocast_dtype, self.grad_clip)
+                                       self.runtime.half_dtype, self.grad_clip)
         (images, labels, weights), = micro_batches
         return self.graph(images, labels, weights, step_scale(self.runtime, step_images))
 
