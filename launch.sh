@@ -129,8 +129,9 @@ for sig in TERM INT HUP USR1 USR2; do trap "forward $sig" "$sig"; done
 # In a session of its own, so Ctrl-C in a terminal (which signals the terminal's foreground process group) reaches
 # this script alone and the agent gets it once, from forward(): a second signal while the agent shuts down makes
 # it start again with SIGTERM, and the trainer processes would report SIGTERM for a Ctrl-C. (Under SLURM every
-# process still gets the signal from SLURM as well: the trainer keeps the first one it receives.)
-session=(); if command -v setsid >/dev/null; then session=(setsid); fi
+# process still gets the signal from SLURM as well: the trainer keeps the first one it receives.) setsid runs the
+# launcher in place (its pid is $!) unless it must fork, and then --wait keeps $! alive until the launcher ends.
+session=(); if command -v setsid >/dev/null; then session=(setsid --wait); fi
 "${session[@]}" "${cmd[@]}" "${args[@]}" &
 child=$!
 # `wait` returns early (status > 128) when a trapped signal arrives; wait again until the launcher is gone.
