@@ -82,3 +82,12 @@ def test_a_source_that_is_no_model_or_cannot_be_downloaded_is_one_line(tmp_path)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    """The trainer's own --device check (runtime.runs_on_cpu), in this process."""
+    from trainer.evaluate import main as evaluate_main
+    assert evaluate_main(["local-dir:" + str(tmp_path), "--out", str(tmp_path / "eval"), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == ("error: --device cuda was asked for but no CUDA GPU is visible; use --device "
+                                       "cpu or auto\n")
+    assert not (tmp_path / "eval").exists()

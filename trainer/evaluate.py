@@ -131,7 +131,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     from accelerate import Accelerator
 
     from trainer.data import Normalize, ensure_downloaded, load_cifar100
-    from trainer.runtime import check_process_group
+    from trainer.runtime import check_process_group, runs_on_cpu
     from trainer.evaluation import evaluate_model
     from trainer.run_log import RunLog
     from trainer.config import env_world_size
@@ -140,10 +140,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:  # the confusion figure, written after the evaluation
         raise ConfigError("trainer.evaluate draws its confusion figure with matplotlib: pip install -e '.[report]'")
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    on_cpu = device == "cpu" or not has_cuda
+    on_cpu = runs_on_cpu(device)
     # On a GPU a checkpoint is evaluated in its run's precision, as the trainer did (under DeepSpeed the trainer's
     # weights themselves were half precision: the numbers then agree within rounding). The CPU runs fp32.
     from_checkpoint = is_checkpoint(Path(source).expanduser())

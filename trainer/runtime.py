@@ -163,11 +163,18 @@ def resolve_mixed_precision(config: TrainConfig, on_cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "no"
 
 
-def create_accelerator(config: TrainConfig) -> Accelerator:
+def runs_on_cpu(device: str) -> bool:
+    """Whether `--device` (auto, cpu or cuda) means the CPU here; ConfigError for cuda without a visible GPU.
+    Shared with trainer/evaluate.py."""
     has_cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not has_cuda:
+    if device == "cuda" and not has_cuda:
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    on_cpu = config.device == "cpu" or not has_cuda
+    return device == "cpu" or not has_cuda
+
+
+def create_accelerator(config: TrainConfig) -> Accelerator:
+    on_cpu = runs_on_cpu(config.device)
+    has_cuda = torch.cuda.is_available()
     deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # On CPU the process group must be gloo; accelerate picks it for DDP, but under DeepSpeed it only
     # counts the processes when told: without the gloo handler, 2 CPU processes under DeepSpeed each see
