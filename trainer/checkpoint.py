@@ -27,8 +27,10 @@ __all__ = ["CheckpointManager", "CheckpointError", "SaveError", "MODEL_FILE", "M
            "read_manifest", "verify", "rotate", "load_weights", "run_entries", "clear_run", "final_checkpoint",
            "has_checkpoint", "is_checkpoint", "weights_file"]
 
-# What the checkpoints leave in a run's save_dir (records.RECORD_ENTRIES is the rest of the run).
-CHECKPOINT_ENTRIES = (LATEST_FILE, "epoch_*", "step_*")
+# The checkpoint folders (epoch_name, step_name), and all the checkpoints leave in a run's save_dir
+# (records.RECORD_ENTRIES is the rest of the run).
+CHECKPOINT_PATTERNS = ("epoch_*", "step_*")
+CHECKPOINT_ENTRIES = (LATEST_FILE, *CHECKPOINT_PATTERNS)
 
 # Options that a resume cannot change, each refused in one line before anything is written: the weights and
 # the optimizer's moments belong to one model trained at one image size (a ViT's position embeddings have its
@@ -71,7 +73,7 @@ def final_checkpoint(run_dir: Path, epochs: int) -> Path | None:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return any(is_checkpoint(p) for pattern in ("epoch_*", "step_*") for p in Path(run_dir).glob(pattern))
+    return any(is_checkpoint(p) for pattern in CHECKPOINT_PATTERNS for p in Path(run_dir).glob(pattern))
 
 
 def weights_file(folder: Path, ema: bool = False) -> Path:
@@ -193,7 +195,7 @@ class CheckpointManager:
         # --resume auto, and no checkpoint verifies. Starting again from step 0 is a resume from the run's start
         # only when the folder holds no checkpoint at all and its records were written with these same options
         # (a run killed before its first save): anything else would wipe a history that cannot be written again.
-        checkpoints = [p.name for p in held if p.is_dir() and p.name.startswith(("epoch_", "step_"))]
+        checkpoints = [p.name for p in records.entries(save_dir, CHECKPOINT_PATTERNS) if p.is_dir()]
         try:
             before = json.loads((save_dir / records.CONFIG_FILE).read_text())["options"]
         except (OSError, ValueError, KeyError, TypeError):
