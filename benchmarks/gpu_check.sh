@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
-# The GPU check of the trainer, as one prepared run in stages, most important first. Each stage writes its
-# result file under $OUT the moment it finishes (benchmark rows as each is measured), and has a time budget,
-# so the whole fits one device command (600 s) with room to spare: about 540 s on one H100/H200.
-#   a  correctness (budget 200 s): eager vs --cuda_graph per-step losses for both study models (20 steps,
+# The GPU check of the trainer, as prepared runs in stages, most important first. Each stage writes its result
+# file under $OUT the moment it finishes (benchmark rows as each is measured), and has a time budget. The whole
+# takes about 800 s on one H200 (measured 2026-12-04: stage a needed more than 200 s, b more than 150 s), more than
+# one device command (600 s), so run it as two commands of at most $GPU_CHECK_BUDGET (540) s each:
+# `--stage a`, then `--stage b,c,d`.
+#   a  correctness (budget 300 s): eager vs --cuda_graph per-step losses for both study models (20 steps,
 #      2 epochs, the learning rate rising every step); a --cuda_graph run stopped after step 6 by the preemption
 #      signal and resumed from its step checkpoint continues the uninterrupted run's losses, its lr tensors on
 #      the GPU; 2 epochs with --num_workers 2 and the data on the CPU (--cuda_graph, --reprob) give the same
 #      losses as with the data on the GPU.                                          -> $OUT/a_correctness.txt
-#   b  throughput (150 s): python -m trainer.bench, raw step vs trainer, both models, eager and cuda_graph,
+#   b  throughput (240 s): python -m trainer.bench, raw step vs trainer, both models, eager and cuda_graph,
 #      augmentation crop_flip and none; then NFNet with --channels_last.          -> $OUT/b_throughput/bench.md,
 #                                                                                    $OUT/b_throughput_cl/bench.md
-#   c  ZeRO-2 vs the plain trainer at world size 1 (90 s; needs deepspeed)          -> $OUT/c_zero2/bench.md
-#   d  torch.compile, last (whatever is left of the 540 s)                          -> $OUT/d_compile/bench.md
-# $OUT/summary.txt: versions, then one line per stage (ok / FAILED / skipped, seconds); $OUT/log.txt: all output.
-# Exit status: the number of stages that failed (0: all passed or skipped).
+#   c  ZeRO-2 vs the plain trainer at world size 1 (150 s; needs deepspeed)         -> $OUT/c_zero2/bench.md,
+#      then a ZeRO-2 run with --model_ema (the float32 EMA follows DeepSpeed's half-precision weights)
+#                                                                                    $OUT/c_zero2_ema.txt
+#   d  torch.compile, last (whatever is left of the budget; running out of it there is "stopped", not a failure)
+#                                                                                  -> $OUT/d_compile/bench.md
+# First, before any stage, what decides whether the check can run at all: the versions (pip show), the room in
+# /dev/shm and /tmp (df), the GPU (nvidia-smi), and the work folder chosen: the first of $GPU_CHECK_WORK, /dev/shm,
+# /tmp and the repository's .gpu_check_work with $GPU_CHECK_NEED_MB free (a ViT-B/8 checkpoint is ~1.4 GB and the
+# resume check holds two; a container's /dev/shm is often 64 MB).
+# $OUT/summary.txt: that preamble, then one line per stage (ok / FAILED / stopped / skipped, seconds); $OUT/log.txt:
+# all output. Exit status: the number of stages that failed (0: all passed, skipped or stopped at the time left).
 #
 # Usage, in the repository root:
-#   OUT=results bash benchmarks/gpu_check.sh         # a GPU machine (the device tool sets OUT itself)
+#   OUT=results bash benchmarks/gpu_check.sh --stage a       # a GPU machine (the device tool sets OUT itself):
+#   OUT=results bash benchmarks/gpu_check.sh --stage b,c,d   # the preamble, then those stages; no --stage: all
 #   bash benchmarks/gpu_check.sh --cpu-smoke         # the same stages on the CPU, tiny models, a few steps
 #                                                    # (what needs CUDA is skipped, saying so); tests/test_gpu_check.py
 #   bash benchmarks/gpu_check.sh --make-wheels       # on a machine with PyPI: DeepSpeed and its needs into .whl/
 # The GPU image has no DeepSpeed (Python 3.12, torch 2.11, accelerate 1.15): stage c installs the wheels of
-# .whl/ when that folder is there (put .whl/ in .git/info/exclude and carry it), and is skipped otherwise.
+# .whl/ ($GPU_CHECK_WHEELS) when that folder is there (put .whl/ in .git/info/exclude and carry it), and is skipped
+# otherwise; wheels that fail to install are reported, and the stages still import the repository's trainer.
 # pydantic pins one exact pydantic-core, so both are pinned here together.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +47,9 @@ if [[ ${1:-} == --make-wheels ]]; then
   mkdir -p .whl
   # deepspeed is a source distribution that builds in seconds (no CUDA ops compiled at install).
   $PY -m pip wheel --no-deps -w .whl deepspeed==0.19.8
+  # timm: the lowest the project allows (setup.cfg); the image's may be older (1.0.29 on 2026-12-04), which refuses
+  # --model_ema under DeepSpeed half precision (runtime.py's check_ema_precision) instead of running stage c's EMA run.
+  $PY -m pip download --no-deps --only-binary=:all: -d .whl timm==1.0.31
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 \
@@ -47,19 +61,19 @@ if [[ ${1:-} == --make-wheels ]]; then
 fi
 
 SMOKE=0
-STAGE=
+STAGES=a,b,c,d  # --stage: the stages this run does (the preamble always runs)
+RUN_STAGE=      # --run-stage: one stage, in the child process the main run starts for it under its time limit
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu-smoke) SMOKE=1 ;;
-    --stage) STAGE=$2; shift ;;
-    *) echo "error: unknown argument $1 (use --cpu-smoke or --make-wheels)" >&2; exit 2 ;;
+    --stage) STAGES=${2:-}; shift
+      [[ $STAGES =~ ^[abcd](,[abcd])*$ ]] || { echo "error: --stage takes stages a-d, comma-separated (got '$STAGES')" >&2; exit 2; } ;;
+    --run-stage) RUN_STAGE=$2; shift ;;
+    *) echo "error: unknown argument $1 (use --cpu-smoke, --stage a,b,c,d or --make-wheels)" >&2; exit 2 ;;
   esac
   shift
 done
 export SMOKE OUT REPO PY BUDGET PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Work folder (data, runs, checkpoints): in memory where /dev/shm exists; shared by the stages (exported).
-export GPU_CHECK_WORK=${GPU_CHECK_WORK:-$( [[ -d /dev/shm && -w /dev/shm ]] && echo /dev/shm || echo /tmp )/gpu_check_$$}
-W=$GPU_CHECK_WORK
 
 if [[ $SMOKE == 1 ]]; then
   VIT=test_vit NFNET=test_nfnet BATCH=16 STEPS=4 TEST=50 BENCH_STEPS=2 REPEATS=1
@@ -122,6 +136,31 @@ print(f"{'PASS' if ok else 'FAIL'} {label}: steps {after + 1}-{max(A, default=0)
       f"max relative loss difference {rel:.2e} (tolerance {tol:g}); loss first/last {A[min(A)]['train_loss']:.4f}/"
       f"{A[max(A)]['train_loss']:.4f} vs {B[min(B)]['train_loss']:.4f}/{B[max(B)]['train_loss']:.4f}")
 sys.exit(0 if ok else 1)
+PY
+  # Evaluation without a host sync per batch (trainer/evaluation.py): its loop under CUDA's sync debug mode, which
+  # warns at every synchronising call; the two copies of the results to the host at its end are the only ones.
+  cat > "$W/eval_sync.py" <<'PY'
+import warnings, torch, timm
+from accelerate import Accelerator
+from trainer.data import Normalize
+from trainer.evaluation import evaluate_model
+accelerator = Accelerator()
+model = timm.create_model("test_vit", num_classes=100, img_size=(32, 32)).cuda()
+loader = [(torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, device="cuda"),
+           torch.randint(0, 100, (50,), device="cuda")) for _ in range(4)]
+normalize = Normalize((0.5,) * 3, (0.5,) * 3, 32, "cuda")
+evaluate_model(accelerator, model, loader, normalize)  # warm-up: cuBLAS and the allocator
+torch.cuda.synchronize()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+    evaluate_model(accelerator, model, loader, normalize)
+    torch.cuda.set_sync_debug_mode("default")
+# (torch also warns once that the mode is a prototype: not a synchronising call)
+syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+ok = len(syncs) <= 2
+print(f"{'PASS' if ok else 'FAIL'} evaluation of 4 batches: {len(syncs)} synchronising calls (at most the 2 final copies)")
+raise SystemExit(0 if ok else 1)
 PY
   if [[ ! -d $W/data ]]; then
     $PY -m trainer.synthetic "$W/data" --num_train $((BATCH * STEPS)) --num_test "$TEST" >/dev/null
@@ -196,6 +235,12 @@ stage_a() {
   train "${VIT}_resident" "${extra[@]}" || failed=1
   compare "$W/${VIT}_workers/steps.jsonl" "$W/${VIT}_resident/steps.jsonl" \
     "$VIT: --num_workers 2 with CPU-side data vs data on the device, --reprob 0.5, 2 epochs" "$TOL_SAME" 0 || failed=1
+  if [[ $SMOKE == 1 ]]; then
+    say "skipped: evaluation's synchronising calls (CUDA's sync debug mode needs CUDA)"
+  else
+    $PY "$W/eval_sync.py" 2>&1 | grep -E "^(PASS|FAIL)|Error" | record
+    [[ ${PIPESTATUS[0]} == 0 ]] || failed=1
+  fi
   return $failed
 }
 
@@ -211,8 +256,27 @@ stage_c() {
     say "skipped: deepspeed is not importable (make the wheels with --make-wheels and carry .whl)"
     return 0
   fi
+  RESULT=c_zero2_ema.txt
+  write_helpers
+  # --model_ema under ZeRO-2: DeepSpeed holds the weights in bf16 (fp32 in the CPU smoke), the EMA stays float32
+  # and is updated from them every step (runtime.py's check_ema_precision refuses a timm too old for that).
+  local name=zero2_ema
+  $PY -m accelerate.commands.launch --config_file accelerate_configs/zero2.yaml --num_processes 1 trainer/main.py \
+    --model "$VIT" --no-pretrained --data_dir "$W/data" --save_dir "$W/$name" --epochs 1 --warmup_epochs 0 \
+    --batch_size "$BATCH" --eval_batch_size 250 --model_ema --no-progress "${DEVICE_ARGS[@]}" > "$W/$name.log" 2>&1
+  local status=$?
+  grep -E "^(epoch|error)|Error" "$W/$name.log" | sed "s/^/  [$name] /" | record
+  if [[ $status == 0 ]] && grep -q '"val_acc1_ema"' "$W/$name/metrics.jsonl" 2>/dev/null; then
+    say "PASS $VIT: ZeRO-2 with --model_ema, 1 epoch, the EMA evaluated ($(grep -o '"mixed_precision": "[a-z0-9]*"' "$W/$name/config.json" | head -1))"
+  else
+    say "FAIL $VIT: ZeRO-2 with --model_ema exited $status"; tail -5 "$W/$name.log" | record
+  fi
+  local ema_status=$([[ $status == 0 ]] && echo 0 || echo 1)
+  rm -rf "$W/$name"
+  RESULT=
   # The plain trainer at world size 1 has no DDP wrapper; its row is the reference of the ZeRO-2 rows.
-  bench c_zero2 --models "$VIT" --modes eager --augment crop_flip --zero2
+  bench c_zero2 --models "$VIT" --modes eager --augment crop_flip --zero2 || return 1
+  return "$ema_status"
 }
 
 stage_d() {
@@ -223,29 +287,63 @@ stage_d() {
   bench d_compile --models "$models" --modes compile --augment crop_flip --no-zero2
 }
 
-if [[ -n $STAGE ]]; then
-  "stage_$STAGE"
+if [[ -n $RUN_STAGE ]]; then
+  W=$GPU_CHECK_WORK
+  "stage_$RUN_STAGE"
   exit $?
 fi
 
-# --- the run ----------------------------------------------------------------------------------------------
-mkdir -p "$OUT" "$W"
+# --- the preamble: what decides whether the check can run at all ----------------------------------------------
+mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" .whl/*.whl \
-    && export PYTHONPATH=$W/site:$REPO || echo "could not install the wheels of .whl/"
-else
-  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+NEED_MB=${GPU_CHECK_NEED_MB:-$([[ $SMOKE == 1 ]] && echo 200 || echo 6000)}
+free_mb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print int($4 / 1024) }'; }
+choose_work() {  # the first candidate folder that is writable and has NEED_MB free; else the one with the most
+  local best= best_free=-1 candidate free
+  for candidate in ${GPU_CHECK_WORK:+"$GPU_CHECK_WORK"} /dev/shm /tmp "$REPO/.gpu_check_work"; do
+    mkdir -p "$candidate" 2>/dev/null && [[ -w $candidate ]] || continue
+    free=$(free_mb "$candidate"); free=${free:-0}
+    if ((free >= NEED_MB)); then echo "$candidate"; return; fi
+    echo "work folder: $candidate has $free MB free, under the $NEED_MB MB needed; passed over" >&2
+    ((free > best_free)) && best=$candidate best_free=$free
+  done
+  echo "work folder: no candidate has $NEED_MB MB free; using $best ($best_free MB)" >&2
+  echo "$best"
+}
+{ date -u; [[ $SMOKE == 1 ]] && echo "cpu-smoke: tiny models, a few steps, on the CPU"
+  $PY -m pip show torch timm accelerate 2>/dev/null | grep -E "^(Name|Version|Location):" | paste - - - \
+    || echo "pip show: failed"
+  df -h /dev/shm /tmp "$REPO" 2>&1
+  if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 | head -20; else echo "nvidia-smi: not found"; fi
+} | tee "$OUT/summary.txt"
+export GPU_CHECK_WORK=$(choose_work 2> >(tee -a "$OUT/summary.txt" >&2))/gpu_check_$$
+W=$GPU_CHECK_WORK
+mkdir -p "$W"
+echo "work folder: $W" | tee -a "$OUT/summary.txt"
+# The repository first on the path whatever happens to the wheels: a failed install must not make every stage
+# fail to import `trainer`.
+ORIGINAL_PYTHONPATH=${PYTHONPATH:-}
+export PYTHONPATH=$REPO${ORIGINAL_PYTHONPATH:+:$ORIGINAL_PYTHONPATH}
+WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
+      "$WHEELS"/*.whl; then
+    export PYTHONPATH=$REPO:$W/site${ORIGINAL_PYTHONPATH:+:$ORIGINAL_PYTHONPATH}
+  else
+    echo "wheels: could not install those of $WHEELS; going on without them" | tee -a "$OUT/summary.txt"
+  fi
 fi
-{ date -u; [[ $SMOKE == 1 ]] && echo "cpu-smoke: tiny models, a few steps, on the CPU"; nvidia-smi -L 2>/dev/null
-  $PY -c "import sys, torch, timm, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
+{ $PY -c "import sys, torch, timm, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
   $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>/dev/null | tail -1 | grep . \
     || echo "deepspeed: not importable"
-} | tee "$OUT/summary.txt"
+  $PY -c "import trainer; print('trainer from', trainer.__file__)" 2>&1 | tail -1
+  echo "PYTHONPATH=$PYTHONPATH"
+} | tee -a "$OUT/summary.txt"
 
 start=$SECONDS failures=0
-for stage in a:200 b:150 c:90 d:0; do
+for stage in a:300 b:240 c:150 d:0; do
   name=${stage%%:*} budget=${stage##*:}
+  [[ ,$STAGES, == *,$name,* ]] || continue
   [[ $SMOKE == 1 ]] && budget=0
   left=$((BUDGET - (SECONDS - start)))
   [[ $budget == 0 || $budget -gt $left ]] && budget=$left
@@ -254,12 +352,15 @@ for stage in a:200 b:150 c:90 d:0; do
   fi
   echo "=== stage $name (budget ${budget} s) ==="
   t0=$SECONDS
-  timeout --kill-after=10 "$budget" bash "$SCRIPT" --stage "$name" $([[ $SMOKE == 1 ]] && echo --cpu-smoke)
+  timeout --kill-after=10 "$budget" bash "$SCRIPT" --run-stage "$name" $([[ $SMOKE == 1 ]] && echo --cpu-smoke)
   status=$?
   rm -f "$OUT"/*/bench.json "$OUT"/*/bench.jsonl  # left by a stage stopped at its budget; bench.md has the rows
   case $status in
     0) result=ok ;;
-    124|137) result="FAILED: over its ${budget} s budget (rows measured so far are kept)"; failures=$((failures + 1)) ;;
+    # Stage d has no budget of its own, only the time the others left: running out of it measured less, it did
+    # not fail.
+    124|137) if [[ $name == d ]]; then result="stopped at the ${budget} s left (rows measured so far are kept)"
+             else result="FAILED: over its ${budget} s budget (rows measured so far are kept)"; failures=$((failures + 1)); fi ;;
     *) result=FAILED; failures=$((failures + 1)) ;;
   esac
   echo "stage $name: $result ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"

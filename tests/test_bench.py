@@ -72,3 +72,17 @@ def test_channels_last_puts_the_weights_in_that_layout(monkeypatch, cifar_dir, t
          if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]))
     bench.trainer_step_time(config, steps=1, repeats=1, channels_last=True)
     assert layouts and all(all(epoch) and epoch for epoch in layouts)
+
+
+def test_raw_and_trainer_rows_run_with_the_same_cudnn_autotuning(monkeypatch, tmp_path):
+    # The trainer turns cudnn.benchmark on globally when it is built on a GPU; a benchmark that left it off for the
+    # rows measured before the first trainer would compare raw rows without autotuning against trainer rows with it.
+    seen = []
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(bench, "train_flops_per_image", lambda config, device: 1.0)
+    monkeypatch.setattr(bench, "raw_step_time", lambda *a, **k: seen.append(("raw", torch.backends.cudnn.benchmark))
+                        or 1.0)
+    monkeypatch.setattr(bench, "trainer_step_time",
+                        lambda *a, **k: seen.append(("trainer", torch.backends.cudnn.benchmark)) or 1.0)
+    bench.run(["test_vit"], ["eager"], ["none"], batch_size=8, steps=1, repeats=1, zero2=False, workdir=tmp_path)
+    assert seen == [("raw", True), ("trainer", True)]

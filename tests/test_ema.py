@@ -123,3 +123,62 @@ def test_model_ema_is_refused_under_zero3(cifar_dir, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: --model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
                       "of the weights); use ZeRO-1/2 or DDP"]
+
+
+def test_a_float32_ema_follows_a_bf16_model_with_the_timm_the_project_requires():
+    # DeepSpeed bf16/fp16 casts the prepared module to half precision while the EMA, made before prepare(), stays
+    # float32. timm before 1.0.31 raised here ("expected dtype float for 'end' but got dtype c10::BFloat16").
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=100, img_size=(32, 32))
+    ema = ModelEmaV3(model, decay=0.75)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model)
+    for key, value in ema.module.state_dict().items():
+        assert value.dtype == torch.float32
+        expected = before[key] * 0.75 + model.state_dict()[key].float() * 0.25
+        assert torch.allclose(value, expected, atol=1e-6), key
+
+
+@pytest.mark.parametrize("timm_version, deepspeed, precision, refused", [
+    ("1.0.30", True, "bf16", True), ("1.0.20", True, "fp16", True), ("1.0.31", True, "bf16", False),
+    ("1.0.30", False, "bf16", False), ("1.0.30", True, "no", False)])
+def test_model_ema_under_deepspeed_half_precision_is_refused_with_an_older_timm(timm_version, deepspeed, precision,
+                                                                               refused):
+    from trainer.config import ConfigError
+    from trainer.runtime import check_ema_precision
+    if not refused:
+        check_ema_precision(True, deepspeed, precision, timm_version)
+        return
+    with pytest.raises(ConfigError, match=rf"--model_ema under DeepSpeed {precision} needs timm >= 1.0.31 "
+                                          rf"\(installed: {timm_version}\)"):
+        check_ema_precision(True, deepspeed, precision, timm_version)
+
+
+def test_a_step_the_gradient_scaler_skipped_advances_neither_the_schedule_nor_the_ema(cifar_dir, tmp_path,
+                                                                                      monkeypatch):
+    # fp16 needs a GPU, so accelerate's own report of a skipped step (AcceleratedOptimizer.step_was_skipped, set
+    # when the scaler found inf/NaN gradients and did not call optimizer.step) is stood in for.
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), device="cpu",
+                                  mixed_precision="no", epochs=2, warmup_epochs=1, batch_size=32, model_ema=True,
+                                  model_ema_decay=0.5, progress=False, save_dir=str(tmp_path)))
+    trainer.train_steps.set_epoch(0)
+    ema = lambda: {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}  # noqa: E731
+    for skipped in (True, False):
+        monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: skipped))
+        lr, scheduled, averaged = trainer.lr_in_use(), trainer.scheduler.last_epoch, ema()
+        trainer.train_step(trainer.train_steps[0], 32)
+        ema_moved = any(not torch.equal(v, averaged[k]) for k, v in ema().items())
+        assert (trainer.scheduler.last_epoch - scheduled, trainer.lr_in_use() != lr, ema_moved) == \
+            ((0, False, False) if skipped else (1, True, True)), skipped
+    trainer.accelerator.end_training()

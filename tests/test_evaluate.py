@@ -91,3 +91,35 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == ("error: --device cuda was asked for but no CUDA GPU is visible; use --device "
                                        "cpu or auto\n")
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluation_counts_every_image_once_in_its_totals_and_confusion_matrix():
+    # The counts are accumulated on the device without a host sync per batch (evaluation.py); this checks they are
+    # still the plain counts: batches of 7, 7 and 3 images, a model whose logits are fixed per image.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from trainer.data import NUM_CLASSES, Normalize
+    from trainer.evaluation import evaluate_model
+    AcceleratorState._reset_state(reset_partial_state=True)
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, NUM_CLASSES, (17,), generator=generator)
+    logits = torch.randn(17, NUM_CLASSES, generator=generator)
+    logits[:9, :] -= 100
+    logits[torch.arange(9), labels[:9]] = 100  # the first 9 right, the others mostly wrong
+    images = torch.arange(17, dtype=torch.uint8)[:, None, None, None].expand(17, 3, 2, 2).contiguous()
+
+    class Lookup(torch.nn.Module):  # the logits of image i, read from its pixel value (undone normalisation)
+        def forward(self, x):
+            return logits[(x[:, 0, 0, 0] * 0.5 + 0.5).mul(255).round().long()]
+
+    loader = [(images[i:i + 7], labels[i:i + 7]) for i in range(0, 17, 7)]
+    totals, confusion = evaluate_model(Accelerator(cpu=True), Lookup(), loader, Normalize((0.5,) * 3, (0.5,) * 3, 2))
+    predicted = logits.argmax(dim=1)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
+    assert totals.tolist() == pytest.approx([loss.item(), (predicted == labels).sum().item(), top5.item(), 17])
+    expected = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
+    for true, guess in zip(labels.tolist(), predicted.tolist()):
+        expected[true, guess] += 1
+    assert torch.equal(confusion, expected)

@@ -1,6 +1,8 @@
 """benchmarks/gpu_check.sh --cpu-smoke: the device check's stages run on the CPU with tiny models, so the script
 cannot rot between the rare sessions that have a GPU. What needs CUDA is skipped, saying so."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -9,35 +11,82 @@ import pytest
 from conftest import REPO, child_env
 
 
+def stand_ins(root, small_folder):
+    """A junk wheel (its install fails) and a `df` that reports 1 MB free in `small_folder`: the two ways the check
+    failed on its own before (every stage then failed to import `trainer`; every save failed in a small /dev/shm)."""
+    wheels, bin_ = root / "wheels", root / "bin"
+    wheels.mkdir()
+    (wheels / "junk-1.0-py3-none-any.whl").write_text("not a wheel")
+    bin_.mkdir()
+    real_df = shutil.which("df")
+    (bin_ / "df").write_text(f"""#!/bin/sh
+for last; do :; done
+if [ "$last" = "{small_folder}" ]; then
+  echo "Filesystem 1024-blocks Used Available Capacity Mounted on"; echo "tmpfs 1024 0 1024 0% $last"
+else exec {real_df} "$@"; fi
+""")
+    (bin_ / "df").chmod(0o755)
+    return dict(GPU_CHECK_WHEELS=str(wheels), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}",
+                GPU_CHECK_WORK=str(small_folder))
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
+    out, root = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("stand_ins")
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, capture_output=True,
                             text=True, timeout=3000,
-                            env=child_env(OUT=str(out), PYTHON=sys.executable, GPU_CHECK_WORK=str(out / "work")))
-    return result, out
+                            env=child_env(OUT=str(out), PYTHON=sys.executable, **stand_ins(root, root / "small")))
+    return result, out, root / "small"
 
 
 def test_every_stage_runs_and_passes(smoke):
-    result, out = smoke
+    result, out, _ = smoke
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     for stage in "abcd":
         assert f"stage {stage}: ok" in summary, summary
 
 
+def test_the_preamble_says_what_decides_whether_it_can_run_and_it_runs_despite_bad_wheels_and_a_small_folder(smoke):
+    _, out, small = smoke
+    summary = (out / "summary.txt").read_text()
+    assert "Name: torch\tVersion: " in summary and "Name: timm\tVersion: " in summary  # pip show
+    assert "Filesystem" in summary and "nvidia-smi" not in summary.split("Filesystem")[0]  # df before the rest
+    assert f"work folder: {small} has 1 MB free, under the 200 MB needed; passed over" in summary
+    (chosen,) = [line for line in summary.splitlines() if line.startswith("work folder: /") and "passed" not in line]
+    assert not chosen.startswith(f"work folder: {small}"), chosen
+    assert "wheels: could not install those of" in summary
+    assert f"trainer from {REPO}" in summary  # the repository's trainer, first on the path
+    assert any(line.split(":")[0] == f"PYTHONPATH={REPO}" for line in summary.splitlines()), summary
+
+
+def test_stage_picks_the_stages_and_a_bad_one_is_one_line(tmp_path):
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--stage", "b"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            env=child_env(OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_WORK=str(tmp_path)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    stages = [line for line in (tmp_path / "summary.txt").read_text().splitlines() if line.startswith("stage ")]
+    assert len(stages) == 1 and stages[0].startswith("stage b: ok"), stages
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--stage", "e"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env=child_env(OUT=str(tmp_path / "bad")))
+    assert (bad.returncode, bad.stderr) == (2, "error: --stage takes stages a-d, comma-separated (got 'e')\n")
+
+
 def test_correctness_checks_pass_and_cuda_only_ones_say_why_they_were_skipped(smoke):
-    _, out = smoke
+    _, out, _ = smoke
     lines = (out / "a_correctness.txt").read_text().splitlines()
     passed = [line for line in lines if line.startswith("PASS")]
     assert len(passed) == 2 and "resumed from step_2 vs uninterrupted" in passed[0] and "--num_workers 2" in passed[1]
     assert not [line for line in lines if line.startswith("FAIL")]
     assert sum("--cuda_graph vs eager (CUDA graphs need CUDA)" in line for line in lines) == 2
     assert "skipped: cuda_graph rows (CUDA graphs need CUDA)" in (out / "log.txt").read_text()
+    assert "skipped: evaluation's synchronising calls (CUDA's sync debug mode needs CUDA)" in lines
+    assert (out / "c_zero2_ema.txt").read_text().splitlines()[-1].startswith(
+        "PASS test_vit: ZeRO-2 with --model_ema, 1 epoch, the EMA evaluated")
 
 
 def test_each_benchmark_stage_leaves_its_table_and_few_files(smoke):
-    _, out = smoke
+    _, out, _ = smoke
     tables = {name: (out / name / "bench.md").read_text() for name in
               ("b_throughput", "b_throughput_cl", "c_zero2", "d_compile")}
     assert tables["b_throughput"].count("| test_vit |") == 3 and tables["b_throughput"].count("| test_nfnet |") == 3

@@ -147,3 +147,42 @@ def test_progress_bar_shows_only_when_asked(cifar_dir, tmp_path):
     hidden = run_trainer(args + ["--save_dir", tmp_path / "off"])
     assert "epoch 1/1: 100%" in shown.stderr and "loss=" in shown.stderr  # tqdm with the interval's loss
     assert "epoch 1/1: " not in hidden.stderr
+
+
+def test_compiled_full_steps_after_the_short_last_step_still_run_the_static_full_step_graph(cifar_dir, tmp_path,
+                                                                                             monkeypatch):
+    # Without static shapes, the short last step (32 of 288 images at 64 per step) makes dynamo recompile with a
+    # symbolic batch size and try that newest graph first: every full step of the next epoch ran the slower
+    # dynamic-shape graph. Dynamo's "eager" backend, recording each graph and each call, stands in for inductor.
+    from accelerate.state import AcceleratorState
+
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+    symbolic, calls = [], []  # per compiled graph: whether a size is symbolic; per forward: the graph it ran
+
+    def recording_backend(graph_module, example_inputs):
+        index = len(symbolic)
+        symbolic.append(any(isinstance(size, torch.SymInt) for x in example_inputs
+                            for size in (x.shape if isinstance(x, torch.Tensor) else [x])))
+
+        def forward(*args):
+            calls.append(index)
+            return graph_module.forward(*args)
+        return forward
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(
+        model, **{**options, "backend": recording_backend, "mode": None}))
+    torch._dynamo.reset()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), save_dir=str(tmp_path),
+                                  device="cpu", mixed_precision="no", epochs=2, warmup_epochs=0, batch_size=64,
+                                  augment="none", progress=False, compile=True))
+    try:
+        for epoch in range(2):
+            trainer.progress.step_in_epoch = 0  # as train_epochs does between epochs
+            trainer.train_epoch(epoch)
+    finally:
+        torch._dynamo.reset()
+    assert not any(symbolic), symbolic
+    full, short = calls[0], calls[4]
+    assert full != short and calls == [full] * 4 + [short] + [full] * 4 + [short], calls

@@ -79,7 +79,7 @@ def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: i
                                 tuple(images.shape), torch.bfloat16 if bf16 else None, 0.0)
         weights = torch.ones(batch, device=device)
         return time_steps(lambda: graphed(images, labels, weights, 1 / batch), steps, repeats, device)
-    forward = torch.compile(model) if mode == "compile" else model
+    forward = torch.compile(model, dynamic=False) if mode == "compile" else model  # as the trainer's (runtime.py)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -138,6 +138,9 @@ def run(models: list[str], modes: list[str], augments: list[str], batch_size: in
         zero2: bool, workdir: Path, channels_last: bool = False, written=lambda row: None) -> list[dict]:
     """Every row, each also handed to `written` the moment it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The trainer turns cuDNN's autotuning on for its one static training shape (loop.py), globally; set here
+    # before any row, so raw and trainer rows, whichever runs first, all run with it.
+    torch.backends.cudnn.benchmark = True
     data_dir = workdir / "data"
     write_fake_cifar100(data_dir, num_train=batch_size * steps, num_test=batch_size, num_classes=100)
     (workdir / "run").mkdir()  # the trainer writes steps.jsonl there
@@ -231,6 +234,7 @@ def main(argv=None) -> int:
     from .records import hardware, library_versions
     header = (f"{hardware()}; " + ", ".join(f"{k} {v}" for k, v in library_versions().items())
               + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps"
+              + ", cudnn.benchmark on"
               + (", channels_last" if args.channels_last else ""))
     if args.out:
         # Written as the run goes: the header now, then each row the moment it is measured, so a time limit

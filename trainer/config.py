@@ -119,7 +119,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
     compile: bool = False
-    """torch.compile the model (inductor); it compiles training once more for the epoch's shorter last step."""
+    """torch.compile the model (inductor), with static shapes: the epoch's shorter last step and evaluation each compile once more, and full steps keep their own graph."""
     # torch.compile's CUDA-graph modes (reduce-overhead, max-autotune) failed on these models with a plain training
     # step ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", one H200,
     # torch 2.11, 2026-11-27); --cuda_graph captures the whole step instead.

@@ -55,8 +55,10 @@ def evaluate_model(accelerator, model: torch.nn.Module, loader, normalize: Norma
         # so each test image counts exactly once.
         losses, top5, labels = accelerator.gather_for_metrics((losses, top5, labels))
         hits = top5 == labels[:, None]
-        totals += torch.stack([losses.sum().double(), hits[:, 0].sum().double(),
-                               hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=hits.device,
-                                                                            dtype=torch.float64)])
-        confusion += torch.bincount(labels * NUM_CLASSES + top5[:, 0], minlength=NUM_CLASSES * NUM_CLASSES)
+        # No host sync per batch on a GPU: the image count is added as a host number (torch.tensor(n, device=...)
+        # would be a blocking copy), and the confusion counts are scattered in place (torch.bincount on CUDA reads
+        # the labels' min and max back to the host to size its output).
+        totals[:3] += torch.stack([losses.sum().double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+        totals[3] += len(labels)
+        confusion.index_add_(0, labels * NUM_CLASSES + top5[:, 0], torch.ones_like(labels))
     return totals.cpu(), confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()

@@ -87,7 +87,11 @@ class Trainer:
             from timm.utils import ModelEmaV3
             # A float32 copy made before prepare(): DeepSpeed's bf16/fp16 engine converts the model, not its EMA.
             self.ema = ModelEmaV3(model, decay=config.model_ema_decay)
-        fused = rt.device.type == "cuda" and not rt.deepspeed
+        # Not fused under fp16: with a fused optimizer the gradient scaler hands its inf/NaN flag to the kernel,
+        # which skips the update inside, so accelerate (which sees a skip as optimizer.step not being called) cannot
+        # tell a skipped step, and the schedule and the EMA would advance over it (train_step); knowing it would
+        # take a device read every step. Unfused, the scaler reads the flag on the host anyway.
+        fused = rt.device.type == "cuda" and not rt.deepspeed and rt.mixed_precision != "fp16"
         optimizer = create_optimizer(config, model, fused=fused, capturable=config.cuda_graph)
         # The scheduler is not passed to prepare(): accelerate would step it once per process
         # (or, under DeepSpeed, inside the engine); it is stepped here once per optimizer step.
@@ -132,6 +136,10 @@ class Trainer:
     def train_step(self, micro_batches: list, step_images: int) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns the summed per-image loss (on device)."""
         loss_sum = self.step(micro_batches, step_images)
+        # fp16: a step the gradient scaler skipped (inf/NaN gradients; DeepSpeed's overflow alike) wrote no weight,
+        # so the schedule and the EMA do not advance either, as in the HF Trainer.
+        if self.accelerator.optimizer_step_was_skipped:
+            return loss_sum
         self.scheduler.step()
         if self.ema is not None:  # once per optimizer step, from the weights it just wrote
             self.ema.update(self.plain_model)

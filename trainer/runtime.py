@@ -76,6 +76,7 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     if config.model_ema and zero_stage == 3:
         raise ConfigError("--model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
                           "of the weights); use ZeRO-1/2 or DDP")
+    check_ema_precision(config.model_ema, deepspeed, accelerator.mixed_precision)
     on_cpu = accelerator.device.type == "cpu"
     if config.data_device == "accelerator" and on_cpu:
         raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
@@ -95,6 +96,24 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
         data_on_accelerator=not on_cpu and config.data_device != "cpu" and config.augment != "randaug",
         cuda_graph=config.cuda_graph)
+
+
+# The first timm whose ModelEmaV3 updates a float32 EMA from half-precision weights: before it, its update calls
+# torch._foreach_lerp_(float32 EMA, bf16 weights), which raises "expected dtype float for 'end' but got dtype
+# c10::BFloat16". setup.cfg asks for it; an environment that runs the repository without installing it may be older.
+TIMM_EMA_FROM_HALF = "1.0.31"
+
+
+def check_ema_precision(model_ema: bool, deepspeed: bool, mixed_precision: str, timm_version: str | None = None):
+    """Refuse --model_ema where DeepSpeed holds the weights in bf16/fp16 (the EMA stays float32) and timm is too
+    old to update it from them: the run would fail at its first optimizer step."""
+    from packaging.version import Version
+    import timm
+    timm_version = timm_version or timm.__version__
+    if model_ema and deepspeed and mixed_precision in HALF_DTYPES and \
+            Version(timm_version) < Version(TIMM_EMA_FROM_HALF):
+        raise ConfigError(f"--model_ema under DeepSpeed {mixed_precision} needs timm >= {TIMM_EMA_FROM_HALF} "
+                          f"(installed: {timm_version}): pip install -U timm, or use --mixed_precision no or DDP")
 
 
 def resolve_batching(batch_size: int, processes: int, micro_batch_size: int | None,
@@ -182,7 +201,11 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and env_world_size() > 1 else []
     # cpu=True would silently drop the DeepSpeed plugin; DeepSpeed finds the CPU by itself when there is no GPU.
     # accelerate's own TorchDynamoPlugin compiles the prepared model (checkpoint_folder.py strips `_orig_mod.` when saving).
-    dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode)
+    # dynamic=False: the epoch's short last step (and evaluation's batches) would otherwise make dynamo recompile
+    # with a symbolic batch size, and since it tries its newest cache entry first, every later full step would
+    # run that slower dynamic-shape graph. Static, each shape compiles once and keeps its own graph.
+    dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode,
+                               dynamic=False)
     precision = resolve_mixed_precision(config, on_cpu)
     if config.cuda_graph:
         if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
