@@ -172,6 +172,8 @@ class TrainConfig:
             allowed = value in choices or (value is None and _optional(name))
             _need(allowed, _CHOICE_MESSAGES.get(name, "--{name} {value!r} is not one of: {listed}").format(
                 name=name, value=value, listed=", ".join(choices), either=" or ".join(choices)))
+        # An empty path is the current folder to every file function: the run would mix with whatever is there.
+        _need(self.save_dir.strip() != "", "--save_dir is empty: name the run's folder (e.g. --save_dir runs/vit)")
         _need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         # accelerate's set_seed also seeds numpy, whose seeds lie in [0, 2**32 - 1].
         _need(0 <= self.seed < 2**32, f"--seed must lie in [0, 2**32 - 1], got {self.seed}")
