@@ -144,7 +144,7 @@ class TrainConfig:
     keep_best: bool = False
     """With keep_last, also keep the checkpoint with the best val_acc1."""
     on_save_error: Literal["stop", "continue"] = "stop"
-    """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training."""
+    """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training (the final checkpoint and a preempted run's always stop, exit 1)."""
     preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"] = "SIGTERM"
     """Signal that makes the run save a checkpoint within two steps and exit with status 75 (also SIGUSR1 and SIGINT always)."""
     save_epochs: int = -1
