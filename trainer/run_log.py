@@ -87,20 +87,23 @@ class RunLog:
                        "mlflow": {"run_name": self.save_dir.resolve().name},
                        "wandb": {"dir": str(self.save_dir), "name": self.save_dir.resolve().name},
                        "dvclive": {"dir": str(self.save_dir / "dvclive")}}
-        before = set(records.entries(self.save_dir, records.RECORD_ENTRIES)) if self.writes else set()
-        try:
-            self.accelerator.init_trackers(records.TRACKER_PROJECT, config=to_dict(cfg) if global_step == 0 else None,
-                                           init_kwargs=init_kwargs)
-        except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
-            self.abort()  # the trackers that did start close their files
-            if self.writes:
+
+        def start() -> None:  # accelerate starts trackers on the main process only; every process learns a refusal
+            before = set(records.entries(self.save_dir, records.RECORD_ENTRIES))
+            try:
+                self.accelerator.init_trackers(records.TRACKER_PROJECT,
+                                               config=to_dict(cfg) if global_step == 0 else None,
+                                               init_kwargs=init_kwargs)
+            except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
+                self.abort()  # the trackers that did start close their files
                 for path in set(records.entries(self.save_dir, records.RECORD_ENTRIES)) - before:
                     if path.is_dir():
                         shutil.rmtree(path)
                     else:
                         path.unlink()
-            raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+                raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        self.on_main(start, (ConfigError,))
 
     def start(self, epochs_done: int, global_step: int, resolved: dict, resumed: dict | None) -> None:
         """Keep the records up to the step training continues from and write config.json (after
