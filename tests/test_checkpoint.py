@@ -206,9 +206,11 @@ def test_a_full_disk_stops_the_run_and_leaves_the_previous_checkpoint_valid(cifa
 
 def test_on_save_error_continue_trains_on(cifar_dir, small_disk):
     result = run_trainer(args_for(cifar_dir, small_disk, "--on_save_error", "continue"), check=False)
-    assert result.returncode == 0
     assert [m["epoch"] for m in read_jsonl(small_disk / "metrics.jsonl")] == list(range(1, EPOCHS + 1))
     checkpoint.verify(small_disk / "epoch_1")
+    # ... but not past a final checkpoint that could not be written either (the disk holds one).
+    assert result.returncode == 1
+    assert "the one this run ends with, could not be written" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])

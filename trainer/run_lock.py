@@ -49,6 +49,7 @@ class RunLock:
         self.fd: int | None = None
         self.created_dir = False
         self.record: dict = {}
+        self.beats = 0
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -118,8 +119,10 @@ class RunLock:
 
     # --- holding it -----------------------------------------------------------------------------------
     def _write(self) -> None:
-        data = (json.dumps({**self.record, "heartbeat": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-                + "\n").encode()
+        # The count makes every write differ from the last, whatever the clock's resolution: a watcher compares bytes.
+        self.beats += 1
+        data = (json.dumps({**self.record, "heartbeat": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "beats": self.beats}) + "\n").encode()
         os.pwrite(self.fd, data, 0)
         os.ftruncate(self.fd, len(data))
         os.fsync(self.fd)
