@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -149,6 +150,43 @@ def test_refusals_before_training_leave_nothing_behind(data, tmp_path, capsys):
         assert a_file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["a_file", "notes.safetensors", "notes.pth", "nfnet.safetensors", "nulls.yaml"])
+
+
+def snapshot(folder) -> dict:
+    """Every file and folder under `folder` with its bytes."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("trackers", ["mlflow", "tensorboard,mlflow"])
+def test_a_tracker_that_does_not_start_deletes_and_writes_nothing(data, tmp_path, capsys, monkeypatch, trackers):
+    # No MLflow settings: MLflow's default store is refused as the tracker starts, after the data and model are built.
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    base = TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8"]
+    run = tmp_path / "run"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        assert main([str(a) for a in base + ["--save_dir", run]]) == 0
+    finally:  # the run installed its own
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    (run / ".tmp-step_1").mkdir()  # left by a killed save: the start that is refused leaves it too
+    before = snapshot(run)
+    for extra in (["--overwrite"], ["--resume", "auto"]):
+        message = refused(base + ["--save_dir", run, "--log_with", trackers, *extra], capsys)
+        assert message.startswith(f"error: --log_with {trackers}: the tracker did not start"), message
+        assert snapshot(run) == before
+    fresh = tmp_path / "fresh"
+    refused(base + ["--save_dir", fresh, "--log_with", trackers], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_empty_save_dir_is_refused(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = refused(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", ""], capsys)
+    assert message == "error: --save_dir is empty: name the run's folder (e.g. --save_dir runs/vit)"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="as root every folder is writable: a read-only one cannot be made")

@@ -11,7 +11,10 @@ within an epoch, after optimizer step N), and `{save_dir}/latest` names the newe
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import records
@@ -28,9 +31,16 @@ __all__ = ["CheckpointManager", "CheckpointError", "SaveError", "MODEL_FILE", "M
            "has_checkpoint", "is_checkpoint", "weights_file"]
 
 # The checkpoint folders (epoch_name, step_name), and all the checkpoints leave in a run's save_dir
-# (records.RECORD_ENTRIES is the rest of the run).
+# (records.RECORD_ENTRIES is the rest of the run). A checkpoint's name is exactly `epoch_N` or `step_N`: other
+# folders in save_dir, such as trainer.export's default `epoch_N_export`, are not the run's.
 CHECKPOINT_PATTERNS = ("epoch_*", "step_*")
-CHECKPOINT_ENTRIES = (LATEST_FILE, *CHECKPOINT_PATTERNS)
+CHECKPOINT_NAME = re.compile(r"(epoch|step)_[0-9]+")
+# Where a resume sets aside the checkpoints later than the one it continues from (see CheckpointManager.commit).
+SUPERSEDED_DIR = "superseded"
+CHECKPOINT_ENTRIES = (LATEST_FILE, SUPERSEDED_DIR)
+# Where --overwrite moves the previous run until the new one has started (a refusal puts it back); left by a kill
+# in between, it is deleted by the next start's commit(), as --overwrite asked.
+SET_ASIDE_DIR = ".overwritten"
 
 # Options that a resume cannot change, each refused in one line before anything is written: the weights and
 # the optimizer's moments belong to one model trained at one image size (a ViT's position embeddings have its
@@ -81,10 +91,16 @@ def weights_file(folder: Path, ema: bool = False) -> Path:
     return Path(folder) / (MODEL_EMA_FILE if ema else MODEL_FILE)
 
 
+def checkpoint_folders(save_dir: Path) -> list[Path]:
+    """The folders of `save_dir` named as checkpoints (complete or not), sorted."""
+    return sorted(p for pattern in CHECKPOINT_PATTERNS for p in Path(save_dir).glob(pattern)
+                  if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
+
+
 def run_entries(save_dir: Path) -> list[Path]:
     """Everything a run leaves in its save_dir, sorted: a fresh start refuses a folder that holds any of it, and
-    --overwrite deletes it."""
-    return records.entries(save_dir, records.RECORD_ENTRIES + CHECKPOINT_ENTRIES)
+    --overwrite deletes it (and nothing else)."""
+    return sorted(records.entries(save_dir, records.RECORD_ENTRIES + CHECKPOINT_ENTRIES) + checkpoint_folders(save_dir))
 
 
 def clear_run(save_dir: Path) -> list[Path]:
@@ -108,22 +124,25 @@ class CheckpointManager:
         self.config, self.runtime, self.log = config, runtime, log
         self.model, self.scheduler, self.ema, self.progress = model, scheduler, ema, progress
         self.save_dir = Path(config.save_dir)
+        self.note = None  # check_save_dir's line about the start, said once the start is committed
 
     # --- saving -----------------------------------------------------------------------------------------
     def should_save(self, epoch: int) -> bool:
         every = self.config.save_epochs
         return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
 
-    def save_epoch(self, epoch: int, val_acc1: float, resolved: dict) -> None:
-        self.save(epoch_name(epoch), val_acc1, resolved)
+    def save_epoch(self, epoch: int, val_acc1: float, resolved: dict, preempted: bool = False) -> None:
+        """`preempted`: the run stops after this save (the preemption signal)."""
+        self.save(epoch_name(epoch), val_acc1, resolved, required=preempted or epoch == self.config.epochs)
 
     def save_step(self, resolved: dict) -> None:
-        self.save(step_name(self.progress.global_step), None, resolved)
+        self.save(step_name(self.progress.global_step), None, resolved, required=True)
 
-    def save(self, name: str, val_acc1: float | None, resolved: dict) -> None:
+    def save(self, name: str, val_acc1: float | None, resolved: dict, required: bool = False) -> None:
         """Collective: every process calls it. `resolved`: the run's resolved values (Trainer.resolved), part of
         the metadata. A failed write stops the run (SaveError) or, with --on_save_error continue, is reported
-        and training goes on."""
+        and training goes on; `required` (the final checkpoint, or the one a preempted run exits with) stops it
+        whatever --on_save_error says: the run would otherwise end, with 0 or 75, without it."""
         model = self.runtime.accelerator.unwrap_model(self.model)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
@@ -137,6 +156,9 @@ class CheckpointManager:
         ema = self.ema.module.state_dict() if self.ema is not None else None
         path = save_folder(self.runtime.accelerator, self.log, self.model, self.save_dir, name, info, ema=ema)
         if path is None:
+            if required:
+                raise SaveError(f"stopped: checkpoint {self.save_dir / name}, the one this run ends with, could not "
+                                f"be written; earlier checkpoints are intact (resume from them with --resume auto)")
             if self.config.on_save_error == "stop":
                 raise SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
                                 f"earlier checkpoints are intact (--on_save_error continue trains on)")
@@ -151,22 +173,74 @@ class CheckpointManager:
     def resume_point(self) -> Path | None:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
-        if self.config.resume == "auto":  # with none found, prepare_save_dir decides whether to start fresh
+        if self.config.resume == "auto":  # with none found, check_save_dir decides whether to start fresh
             return self.log.on_main(lambda: newest_valid(self.save_dir, say=self.log.say), (CheckpointError,))
         return None
 
-    def prepare_save_dir(self, folder: Path | None) -> None:
-        """Before anything is written: remove what killed saves left, then refuse (CheckpointError, on every
-        process) a start that would overwrite, wipe or mix up the run in save_dir, or with --overwrite delete it.
-        `folder`: the checkpoint to resume from."""
-        note = self.log.on_main(lambda: self._prepare_save_dir(folder), (CheckpointError,))
-        if note:
-            self.log.say(note)
+    # The run's folder is changed only after every refusal (the caller holds its lock, run_lock.py): check_save_dir
+    # refuses; resume() may refuse; set_aside() moves a run that --overwrite replaces out of the way (the trackers,
+    # which may still refuse, start next and write into the folder); then commit() deletes it, or put_back()
+    # restores it after a refusal.
+    def check_save_dir(self, folder: Path | None) -> None:
+        """Refuse (CheckpointError, on every process) a start that would overwrite, wipe or mix up the run in
+        save_dir; changes nothing. `folder`: the checkpoint to resume from."""
+        self.note = self.log.on_main(lambda: self._check_save_dir(folder), (CheckpointError,))
 
-    def _prepare_save_dir(self, folder: Path | None) -> str | None:
+    def set_aside(self) -> None:
+        """--overwrite: move the previous run's entries into SET_ASIDE_DIR (main process)."""
+        def move():
+            entries = run_entries(self.save_dir)
+            if entries:
+                aside = self.save_dir / SET_ASIDE_DIR
+                aside.mkdir()
+                for path in entries:
+                    os.rename(path, aside / path.name)
+        if self.config.overwrite:
+            self.log.on_main(move)
+
+    def put_back(self) -> None:
+        """The start was refused after set_aside(): the previous run returns as it was."""
+        def restore():
+            aside = self.save_dir / SET_ASIDE_DIR
+            if aside.is_dir():
+                for path in aside.iterdir():
+                    os.rename(path, self.save_dir / path.name)
+                aside.rmdir()
+        self.log.on_main(restore)
+
+    def commit(self, folder: Path | None) -> None:
+        """Every refusal is past: remove what killed saves left, delete the run --overwrite set aside, and, on a
+        resume, move the checkpoints later than `folder` to superseded/, so that --resume auto never continues the
+        run that this one abandons (going back to an earlier checkpoint)."""
+        def work():
+            remove_stale(self.save_dir)
+            shutil.rmtree(self.save_dir / SET_ASIDE_DIR, ignore_errors=True)
+            return self._supersede(folder) if folder is not None else None
+        superseded = self.log.on_main(work)
+        for line in (self.note, superseded):
+            if line:
+                self.log.say(line)
+
+    def _supersede(self, folder: Path) -> str | None:
+        save_dir, folder = self.save_dir, Path(folder)
+        if folder.resolve().parent != save_dir.resolve():
+            return None
+        step = read_manifest(folder).get("global_step", -1)
+        later = [p for p in checkpoint_folders(save_dir) if read_manifest(p).get("global_step", -1) > step]
+        if not later:
+            return None
+        aside = save_dir / SUPERSEDED_DIR / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in later:
+            os.rename(path, aside / path.name)
+        tmp = save_dir / (LATEST_FILE + ".tmp")
+        tmp.write_text(folder.name + "\n")
+        os.replace(tmp, save_dir / LATEST_FILE)
+        return (f"moved the checkpoints after {folder.name} ({', '.join(p.name for p in later)}), which this run "
+                f"replaces, to {aside}; --resume auto no longer picks them (delete that folder when not needed)")
+
+    def _check_save_dir(self, folder: Path | None) -> str | None:
         cfg, save_dir = self.config, self.save_dir
-        if save_dir.is_dir():
-            remove_stale(save_dir)
         held = run_entries(save_dir)
         what = ", ".join(p.name for p in held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
 
@@ -185,8 +259,7 @@ class CheckpointManager:
             return None
         if not held:
             return f"--resume auto: no valid checkpoint in {save_dir}, starting fresh" if cfg.resume else None
-        if cfg.overwrite:
-            clear_run(save_dir)
+        if cfg.overwrite:  # deleted by set_aside() and commit(), once nothing can refuse the start
             return f"--overwrite: deleted the previous run in {save_dir} ({what})"
         if cfg.resume != "auto":
             raise CheckpointError(
@@ -195,7 +268,7 @@ class CheckpointManager:
         # --resume auto, and no checkpoint verifies. Starting again from step 0 is a resume from the run's start
         # only when the folder holds no checkpoint at all and its records were written with these same options
         # (a run killed before its first save): anything else would wipe a history that cannot be written again.
-        checkpoints = [p.name for p in records.entries(save_dir, CHECKPOINT_PATTERNS) if p.is_dir()]
+        checkpoints = [p.name for p in checkpoint_folders(save_dir)]
         try:
             before = json.loads((save_dir / records.CONFIG_FILE).read_text())["options"]
         except (OSError, ValueError, KeyError, TypeError):

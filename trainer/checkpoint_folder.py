@@ -189,7 +189,13 @@ def list_checkpoints(save_dir: Path) -> list[Path]:
 
 def newest_valid(save_dir: Path, say=print) -> Path | None:
     """The newest checkpoint in `save_dir` that verifies, saying which ones were passed over and why."""
-    for folder in list_checkpoints(save_dir):
+    folders = list_checkpoints(save_dir)
+    for folder in folders:
+        # A manifest that cannot be read gives no step: such a checkpoint sorts last and would be passed over
+        # without a word, whichever it is.
+        if "global_step" not in read_manifest(folder):
+            say(f"warning: skipping checkpoint {folder}: {folder / MANIFEST_FILE} is unreadable (its step is unknown)")
+    for folder in (f for f in folders if "global_step" in read_manifest(f)):
         try:
             verify(folder)
             return folder

@@ -144,7 +144,7 @@ class TrainConfig:
     keep_best: bool = False
     """With keep_last, also keep the checkpoint with the best val_acc1."""
     on_save_error: Literal["stop", "continue"] = "stop"
-    """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training."""
+    """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training (the final checkpoint and a preempted run's always stop, exit 1)."""
     preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"] = "SIGTERM"
     """Signal that makes the run save a checkpoint within two steps and exit with status 75 (also SIGUSR1 and SIGINT always)."""
     save_epochs: int = -1
@@ -172,6 +172,8 @@ class TrainConfig:
             allowed = value in choices or (value is None and _optional(name))
             _need(allowed, _CHOICE_MESSAGES.get(name, "--{name} {value!r} is not one of: {listed}").format(
                 name=name, value=value, listed=", ".join(choices), either=" or ".join(choices)))
+        # An empty path is the current folder to every file function: the run would mix with whatever is there.
+        _need(self.save_dir.strip() != "", "--save_dir is empty: name the run's folder (e.g. --save_dir runs/vit)")
         _need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         # accelerate's set_seed also seeds numpy, whose seeds lie in [0, 2**32 - 1].
         _need(0 <= self.seed < 2**32, f"--seed must lie in [0, 2**32 - 1], got {self.seed}")

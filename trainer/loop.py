@@ -22,6 +22,7 @@ from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, scheduled_lr
 from .preemption import Preempted, StopRequest, StopVote
+from .run_lock import RunLock
 from .run_log import RunLog
 from .runtime import deepspeed_applied, resolve_runtime
 from .step import create_step
@@ -216,10 +217,28 @@ class Trainer:
 
     # --- the whole run ------------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        # The run owns its save_dir from before anything there is read, cleaned, deleted or written until it ends;
+        # the main process holds the lock and every process learns a refusal (run_lock.py).
+        lock = RunLock(self.save_dir)
+        self.log.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
+        try:
+            return self.run_owned()
+        finally:
+            lock.release()
+
+    def run_owned(self) -> list[dict]:
         cfg = self.config
         folder = self.checkpoints.resume_point()
-        self.checkpoints.prepare_save_dir(folder)
+        # Every refusal before the folder changes (see CheckpointManager.check_save_dir).
+        self.checkpoints.check_save_dir(folder)
         resumed = self.checkpoints.resume(folder, self.resolved()) if folder is not None else None
+        self.checkpoints.set_aside()
+        try:
+            self.log.start_trackers(self.progress.global_step)
+        except ConfigError:
+            self.checkpoints.put_back()
+            raise
+        self.checkpoints.commit(folder)
         resolved = self.resolved()
         self.log.start(self.progress.epoch, self.progress.global_step, resolved, resumed)
         r = resolved
@@ -266,7 +285,8 @@ class Trainer:
             # every process here, and the epoch is saved even when it is not a save epoch.
             stop = StopVote(self.runtime.device).now(self.stop.asked)
             if self.checkpoints.should_save(epoch + 1) or (stop and epoch + 1 < cfg.epochs):
-                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], self.resolved())
+                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], self.resolved(),
+                                            preempted=stop and epoch + 1 < cfg.epochs)
             if stop and epoch + 1 < cfg.epochs:
                 raise Preempted(f"stopped by {self.stop.cause()} after epoch {epoch + 1}; "
                                 f"resume with --resume auto")

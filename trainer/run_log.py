@@ -13,6 +13,7 @@ run purges the events logged after its checkpoint, as it truncates the JSONL fil
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -73,14 +74,10 @@ class RunLog:
         return result
 
     # --- a session's start and end ----------------------------------------------------------------------
-    def start(self, epochs_done: int, global_step: int, resolved: dict, resumed: dict | None) -> None:
-        """Keep the records up to the step training continues from, write config.json and start the trackers;
-        ConfigError (before the first step) when a tracker cannot start."""
+    def start_trackers(self, global_step: int) -> None:
+        """Start accelerate's trackers (before the records are touched: a tracker that cannot start is a refusal);
+        ConfigError, with what they created in save_dir removed, when one cannot."""
         cfg = self.config
-        if self.writes:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            records.truncate_records(self.save_dir, epochs_done, global_step)
-            records.write_run_config(self.save_dir, to_dict(cfg), resolved, resumed)
         if not cfg.log_with:
             return
         # TensorBoard purges the events after the checkpoint, as truncate_records does for the JSONL files;
@@ -90,12 +87,31 @@ class RunLog:
                        "mlflow": {"run_name": self.save_dir.resolve().name},
                        "wandb": {"dir": str(self.save_dir), "name": self.save_dir.resolve().name},
                        "dvclive": {"dir": str(self.save_dir / "dvclive")}}
-        try:
-            self.accelerator.init_trackers(records.TRACKER_PROJECT, config=to_dict(cfg) if global_step == 0 else None,
-                                           init_kwargs=init_kwargs)
-        except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
-            raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+        def start() -> None:  # accelerate starts trackers on the main process only; every process learns a refusal
+            before = set(records.entries(self.save_dir, records.RECORD_ENTRIES))
+            try:
+                self.accelerator.init_trackers(records.TRACKER_PROJECT,
+                                               config=to_dict(cfg) if global_step == 0 else None,
+                                               init_kwargs=init_kwargs)
+            except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
+                self.abort()  # the trackers that did start close their files
+                for path in set(records.entries(self.save_dir, records.RECORD_ENTRIES)) - before:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        self.on_main(start, (ConfigError,))
+
+    def start(self, epochs_done: int, global_step: int, resolved: dict, resumed: dict | None) -> None:
+        """Keep the records up to the step training continues from and write config.json (after
+        start_trackers)."""
+        if self.writes:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            records.truncate_records(self.save_dir, epochs_done, global_step)
+            records.write_run_config(self.save_dir, to_dict(self.config), resolved, resumed)
 
     def end(self) -> None:
         self.accelerator.end_training()
