@@ -132,3 +132,79 @@ def assert_resumed(run_dir, folder, before: dict[str, list[str]], output: str) -
         assert after[name][:len(lines)] == lines, f"{name}: the lines written before {folder} were rewritten"
     later = [json.loads(s)["step"] for s in after["steps.jsonl"][len(kept["steps.jsonl"]):]]
     assert later and later[0] > step, f"steps.jsonl after the kept lines: {later}"
+
+
+# --- The two tiers -------------------------------------------------------------------------------------------
+# `python -m pytest -m "not launches"` is the fast tier: no test in it starts a process (no launcher, no trainer
+# subprocess, no shell script), so it answers "did I break something?" in about a minute. The full suite is
+# `python -m pytest`. The mark is checked, not trusted: every process a test starts (in its own body or in the
+# fixtures set up for it) goes through subprocess.Popen, and one started by a test without the mark fails that
+# test. (LAUNCH_MARKS=record lists such tests in launches_unmarked.txt instead, to mark a whole suite at once.)
+import subprocess as _subprocess  # noqa: E402
+
+_current_item = None
+_popen_init = _subprocess.Popen.__init__
+
+
+# Quick commands run in-process: every run records its git commit (records.py); platform.processor() (MLflow
+# calls it at import) runs uname.
+_NOT_LAUNCHES = {"git", "uname"}
+
+
+def _checked_popen_init(self, *args, **kwargs):
+    item = _current_item
+    command = args[0] if args else kwargs.get("args")
+    program = Path(command[0] if isinstance(command, (list, tuple)) else str(command).split()[0]).name
+    if item is not None and item.get_closest_marker("launches") is None and program not in _NOT_LAUNCHES:
+        if os.environ.get("LAUNCH_MARKS") == "record":
+            with open(REPO / "launches_unmarked.txt", "a") as f:
+                f.write(item.nodeid + "\n")
+        else:
+            raise AssertionError(f"{item.nodeid} starts a process ({command!r}) "
+                                 f"but is not marked @pytest.mark.launches: the fast tier (-m 'not launches') "
+                                 f"would run it")
+    _popen_init(self, *args, **kwargs)
+
+
+_subprocess.Popen.__init__ = _checked_popen_init
+
+
+def launching(fixture_function):
+    """Mark a fixture (under its @pytest.fixture) that starts processes: every test that uses it, directly or through
+    another fixture, is marked `launches` (a module-scoped fixture starts them for the first such test only, so the
+    check above could not see the others)."""
+    fixture_function.launches = True
+    return fixture_function
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        definitions = definitions.name2fixturedefs.values() if definitions else ()
+        if any(getattr(d.func, "launches", False) for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.launches)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "launches: the test starts processes (the full suite only; "
+                                       "the fast tier is -m 'not launches')")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    global _current_item
+    _current_item = item  # module- and session-scoped fixtures are set up here, for the first test that uses them
+    try:
+        yield
+    finally:
+        _current_item = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    global _current_item
+    _current_item = item
+    try:
+        yield
+    finally:
+        _current_item = None

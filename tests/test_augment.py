@@ -148,6 +148,7 @@ def test_losses_are_timms_per_image():
     assert soft.shape == (6,) and soft.mean() == pytest.approx(SoftTargetCrossEntropy()(logits, targets).item())
 
 
+@pytest.mark.launches
 def test_one_and_two_processes_train_the_same_with_every_augmentation(cifar_dir, tmp_path):
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "1", "--batch_size", "64", "--micro_batch_size", "16",
                    "--augment", "randaug", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",

@@ -62,6 +62,7 @@ def reference_buffers(data_dir, weights: dict, world: int, accumulation: int) ->
 # images, evaluation), minutes on a 2-core CPU; the 2-process eager run covers DDP.
 @pytest.mark.parametrize("processes, compile", [(1, False), (2, False), (1, True)],
                          ids=["1proc-accumulate", "2proc", "1proc-accumulate-compile"])
+@pytest.mark.launches
 def test_batchnorm_statistics_see_only_real_images(data_dir, tmp_path, processes, compile):
     save_dir = tmp_path / "run"
     run_trainer(ARGS + ["--data_dir", data_dir, "--save_dir", save_dir] + (["--compile"] if compile else []),
@@ -80,6 +81,7 @@ def test_batchnorm_statistics_see_only_real_images(data_dir, tmp_path, processes
             torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.launches
 def test_a_model_that_cannot_train_on_one_image_is_refused_before_training(data_dir, tmp_path):
     # At 32x32 test_resnet ends in a 1x1 feature map: BatchNorm refuses a training batch of one image, and the
     # last step of 2 images over 4 micro-batches would give it one (at the end of the first epoch).

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, child_env
@@ -12,6 +13,7 @@ from trainer import bench
 from trainer.config import TrainConfig
 
 
+@pytest.mark.launches
 def test_benchmark_prints_raw_and_trainer_rows(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "trainer.bench", "--models", "test_vit", "--modes", "eager", "--batch_size", "32",
@@ -32,6 +34,7 @@ def test_benchmark_prints_raw_and_trainer_rows(tmp_path):
     assert [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()] == rows
 
 
+@pytest.mark.launches
 def test_each_row_is_on_disk_as_soon_as_it_is_measured(tmp_path):
     # A time limit that stops the run (gpu_check.sh's timeouts) must not lose the rows measured before it.
     process = subprocess.Popen(
@@ -54,6 +57,7 @@ def test_each_row_is_on_disk_as_soon_as_it_is_measured(tmp_path):
     assert "| test_vit | raw | eager, channels_last | - |" in markdown
 
 
+@pytest.mark.launches
 def test_channels_last_puts_the_weights_in_that_layout(monkeypatch, cifar_dir, tmp_path):
     made = []
     create_model = bench.create_model

@@ -14,6 +14,7 @@ import torch
 
 from conftest import (MAIN, REPO, TINY, assert_resumed, child_env, load_weights, read_jsonl, record_lines,
                       relative_l2, run_trainer)
+from conftest import launching
 from trainer import checkpoint, records
 
 EPOCHS = 3
@@ -26,6 +27,7 @@ def args_for(cifar_dir, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
+@launching
 def uninterrupted(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     run_trainer(args_for(cifar_dir, root))
@@ -158,6 +160,7 @@ def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(cifar_dir, tmp
     same_run(run_dir, uninterrupted)
 
 
+@pytest.mark.launches
 def test_resume_auto_in_an_empty_folder_starts_fresh(cifar_dir, tmp_path):
     result = run_trainer(args_for(cifar_dir, tmp_path, "--resume", "auto", "--epochs", 1, "--warmup_epochs", 0))
     assert "no valid checkpoint" in result.stdout and (tmp_path / "epoch_1").is_dir()
@@ -176,12 +179,14 @@ def test_rotation_keeps_the_newest_k_and_the_best(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_45"]
 
 
+@pytest.mark.launches
 def test_keep_last_during_a_run(cifar_dir, tmp_path):
     run_trainer(args_for(cifar_dir, tmp_path, "--keep_last", 1))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [f"epoch_{EPOCHS}"]
 
 
 @pytest.fixture()
+@launching
 def small_disk(tmp_path):
     """A 7 MB file system: room for one test_vit checkpoint (~5 MB) but not two."""
     if os.geteuid() != 0:
@@ -229,6 +234,7 @@ def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, un
         [m["val_acc1"] for m in read_jsonl(uninterrupted / "metrics.jsonl")]
 
 
+@pytest.mark.launches
 def test_a_nan_loss_stops_with_the_step_and_writes_no_checkpoint(cifar_dir, tmp_path):
     result = run_trainer(args_for(cifar_dir, tmp_path, "--learning_rate", "1e30"), check=False)
     assert result.returncode == 1
@@ -307,6 +313,7 @@ def saves_fail(monkeypatch):
     monkeypatch.setattr(checkpoint_folder, "_publish", full)
 
 
+@pytest.mark.launches
 def test_a_failed_final_save_is_a_failure_even_with_on_save_error_continue(cifar_dir, tmp_path, saves_fail, capsys):
     code, out, err = run_here(args_for(cifar_dir, tmp_path, "--epochs", 1, "--on_save_error", "continue"), capsys)
     assert code == 1

@@ -22,6 +22,7 @@ import torch
 
 from conftest import (REPO, TINY, assert_lrs_follow_the_schedule, assert_resumed, load_weights, read_jsonl,
                       record_lines, relative_l2, run_trainer)
+from conftest import launching
 from trainer.synthetic import write_fake_cifar100
 
 # Why 1e-5: DeepSpeed reduces the gradients in its own flat buckets (reduce-scatter under ZeRO-2/3) and
@@ -43,6 +44,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+@launching
 def launch(data_dir, tmp_path_factory):
     """launch(config, *extra) -> save_dir: each distinct run happens once per module (DDP baseline included)."""
     root = tmp_path_factory.mktemp("deepspeed")
@@ -218,6 +220,7 @@ def test_launch_sh_zero3_trains_like_ddp(launch, data_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
+@launching
 def zero3_from_flags(data_dir, tmp_path_factory):
     """accelerate's documented way, with no config file: `accelerate launch --use_deepspeed --zero_stage 3
     --num_processes 2 trainer/main.py --device cpu ...` (accelerate then leaves zero3_save_16bit_model off)."""

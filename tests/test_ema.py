@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from conftest import REPO, TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer
+from conftest import REPO, TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer, launching
 from trainer import checkpoint
 from trainer.main import main
 
@@ -26,6 +26,7 @@ def args_for(cifar_dir, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
+@launching
 def ema_run(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
     run_trainer(args_for(cifar_dir, root))
@@ -114,6 +115,7 @@ def test_ema_is_updated_once_per_optimizer_step(cifar_dir, tmp_path):
     assert averaged == {f"{k}_ema": plain[k] for k in ("val_loss", "val_acc1", "val_acc5")}
 
 
+@pytest.mark.launches
 def test_model_ema_is_refused_under_zero3(cifar_dir, tmp_path):
     result = run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", 1, "--batch_size", 32, "--model_ema",
                                  "--save_dir", tmp_path],

@@ -70,6 +70,7 @@ def test_processes_that_did_not_join_one_group_are_refused():
     check_process_group(Accelerator(cpu=True), launched=1)
 
 
+@pytest.mark.launches
 def test_unknown_option_exits_2_from_the_command_line():
     result = subprocess.run([sys.executable, MAIN, "--learning_rat", "0.1"], cwd=REPO, capture_output=True,
                             text=True, env=child_env())
@@ -78,6 +79,7 @@ def test_unknown_option_exits_2_from_the_command_line():
     assert result.stderr == "error: unrecognized arguments: --learning_rat 0.1 (see --help)\n"
 
 
+@pytest.mark.launches
 def test_unreachable_pretrained_weights_fail_fast_naming_the_alternatives(data, tmp_path):
     # An empty cache and a hub address that refuses connections: the real path, without waiting on retries.
     env = child_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0")

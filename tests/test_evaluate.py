@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, free_port, read_jsonl, run_trainer
+from conftest import REPO, TINY, child_env, free_port, read_jsonl, run_trainer, launching
 from trainer.data import read_split
 from trainer.export import main as export_main
 
@@ -17,6 +17,7 @@ EVALUATE = str(REPO / "trainer" / "evaluate.py")
 
 
 @pytest.fixture(scope="module")
+@launching
 def run(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_run")
     run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", 2, "--batch_size", 64, "--save_dir", root])
@@ -74,6 +75,7 @@ def test_an_exported_folder_and_its_local_dir_name_give_the_same_numbers(run, tm
         assert got["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 
 
+@pytest.mark.launches
 def test_a_source_that_is_no_model_or_cannot_be_downloaded_is_one_line(tmp_path):
     for source, says, env in ((tmp_path / "nothing_here", "nothing_here", {}),
                               ("hf-hub:someone/cifar100-nothing", "cannot be reached",

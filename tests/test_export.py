@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from conftest import REPO, TINY, child_env, free_port, load_weights, run_trainer
+from conftest import REPO, TINY, child_env, free_port, load_weights, run_trainer, launching
 from trainer import checkpoint
 from trainer.data import CIFAR100_CLASSES, read_class_names
 from trainer.export import main as export_main
@@ -18,6 +18,7 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
+@launching
 def run(cifar_dir, tmp_path_factory):
     """A DDP run on 2 CPU processes with an EMA that differs from the weights (decay 0.5)."""
     root = tmp_path_factory.mktemp("export_run")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, child_env
+from conftest import REPO, child_env, launching
 
 
 def stand_ins(root, small_folder):
@@ -31,6 +31,7 @@ else exec {real_df} "$@"; fi
 
 
 @pytest.fixture(scope="module")
+@launching
 def smoke(tmp_path_factory):
     out, root = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("stand_ins")
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, capture_output=True,
@@ -60,6 +61,7 @@ def test_the_preamble_says_what_decides_whether_it_can_run_and_it_runs_despite_b
     assert any(line.split(":")[0] == f"PYTHONPATH={REPO}" for line in summary.splitlines()), summary
 
 
+@pytest.mark.launches
 def test_stage_picks_the_stages_and_a_bad_one_is_one_line(tmp_path):
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--stage", "b"], cwd=REPO,
                             capture_output=True, text=True, timeout=600,

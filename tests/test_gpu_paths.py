@@ -207,6 +207,7 @@ trainer.accelerator.end_training()
 '''
 
 
+@pytest.mark.launches
 def test_compile_under_ddp_all_reduces_only_on_the_last_micro_step(cifar_dir, tmp_path):
     # Finding 6: with --compile, unwrap_model(keep_torch_compile=True) re-parents the compiled wrapper, and
     # accelerate's no_sync then finds nothing to call: every micro-step all-reduced.

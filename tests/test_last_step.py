@@ -67,6 +67,7 @@ def expected(data_dir):
 
 
 @pytest.mark.parametrize("processes, micro_batch", [(1, 16), (2, 16)], ids=["1proc_x4_accumulation", "2proc_x2_accumulation"])
+@pytest.mark.launches
 def test_short_last_step_is_the_mean_over_its_real_images(data_dir, expected, tmp_path, processes, micro_batch):
     initial, final = expected
     result = run_trainer(TINY + OPTIONS + ["--data_dir", data_dir, "--micro_batch_size", micro_batch,

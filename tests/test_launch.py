@@ -95,6 +95,7 @@ def accelerate_layout(command: list[str]) -> dict:
 
 # --- GPU counting --------------------------------------------------------------------------------
 
+@pytest.mark.launches
 def test_without_nvidia_smi_it_runs_one_process_on_the_cpu(fake_bin):
     rc, lines, command = launch(fake_bin, *TRAINER_ARGS)
     assert rc == 0
@@ -102,6 +103,7 @@ def test_without_nvidia_smi_it_runs_one_process_on_the_cpu(fake_bin):
     assert "no GPU found" in lines[0]
 
 
+@pytest.mark.launches
 def test_nvidia_smi_listing_no_gpu_means_the_cpu(fake_bin):
     fake_nvidia_smi(fake_bin, 0)
     rc, _, command = launch(fake_bin, *TRAINER_ARGS)
@@ -109,6 +111,7 @@ def test_nvidia_smi_listing_no_gpu_means_the_cpu(fake_bin):
     assert command == ["python", MAIN, *TRAINER_ARGS]
 
 
+@pytest.mark.launches
 def test_one_gpu_runs_one_process_with_the_single_gpu_config(fake_bin):
     fake_nvidia_smi(fake_bin, 1)
     rc, _, command = launch(fake_bin, *TRAINER_ARGS)
@@ -119,6 +122,7 @@ def test_one_gpu_runs_one_process_with_the_single_gpu_config(fake_bin):
     assert layout["trainer_args"] == TRAINER_ARGS  # on a GPU no --device cpu
 
 
+@pytest.mark.launches
 def test_four_gpus_run_ddp_over_all_of_them(fake_bin):
     fake_nvidia_smi(fake_bin, 4)
     rc, lines, command = launch(fake_bin, *TRAINER_ARGS)
@@ -129,6 +133,7 @@ def test_four_gpus_run_ddp_over_all_of_them(fake_bin):
     assert "ddp: 1 node(s) x 4 process(es), 4 GPU(s) per node" in lines[0]
 
 
+@pytest.mark.launches
 def test_gpus_and_nproc_per_node_override_the_count(fake_bin):
     fake_nvidia_smi(fake_bin, 4)
     rc, _, command = launch(fake_bin, *TRAINER_ARGS, env={"GPUS": "8", "NPROC_PER_NODE": "2"})
@@ -137,6 +142,7 @@ def test_gpus_and_nproc_per_node_override_the_count(fake_bin):
     assert accelerate_layout(command)["config"] == str(CONFIGS / "multi_gpu.yaml")
 
 
+@pytest.mark.launches
 def test_several_cpu_processes_use_the_cpu_config_and_device_cpu(fake_bin):
     rc, _, command = launch(fake_bin, *TRAINER_ARGS, env={"NPROC_PER_NODE": "2"})
     assert rc == 0
@@ -148,6 +154,7 @@ def test_several_cpu_processes_use_the_cpu_config_and_device_cpu(fake_bin):
 
 # --- several nodes ---------------------------------------------------------------------------------
 
+@pytest.mark.launches
 def test_nodes_from_the_environment(fake_bin):
     fake_nvidia_smi(fake_bin, 8)
     env = {"NNODES": "3", "NODE_RANK": "2", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "23456"}
@@ -159,6 +166,7 @@ def test_nodes_from_the_environment(fake_bin):
     assert "ddp: 3 node(s) x 8 process(es), 8 GPU(s) per node" in lines[0]
 
 
+@pytest.mark.launches
 def test_cpu_nodes_one_process_each(fake_bin):
     # The layout test_multinode.py runs for real over 127.0.0.1.
     env = {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "1", "GPUS": "0", "MASTER_ADDR": "127.0.0.1",
@@ -174,6 +182,7 @@ SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLUR
          "SLURM_GPUS_ON_NODE": "4"}
 
 
+@pytest.mark.launches
 def test_slurm_job_fills_nodes_rank_master_and_gpus(fake_bin):
     fake_scontrol(fake_bin, "gpu[07-08]", ["gpu07", "gpu08"])
     fake_nvidia_smi(fake_bin, 8)  # the whole node's GPUs; the job was given 4 (SLURM_GPUS_ON_NODE wins)
@@ -184,6 +193,7 @@ def test_slurm_job_fills_nodes_rank_master_and_gpus(fake_bin):
         "ip": "gpu07", "port": 29500, "trainer_args": TRAINER_ARGS}
 
 
+@pytest.mark.launches
 def test_explicit_variables_override_slurm(fake_bin):
     fake_scontrol(fake_bin, "gpu[07-08]", ["gpu07", "gpu08"])
     env = dict(SLURM, NNODES="4", NODE_RANK="3", MASTER_ADDR="head.example", MASTER_PORT="31000", GPUS="2")
@@ -197,6 +207,7 @@ def test_explicit_variables_override_slurm(fake_bin):
 # --- strategies ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.launches
 def test_strategy_picks_its_deepspeed_config(fake_bin, strategy):
     fake_nvidia_smi(fake_bin, 2)
     rc, lines, command = launch(fake_bin, "--strategy", strategy, *TRAINER_ARGS)
@@ -207,6 +218,7 @@ def test_strategy_picks_its_deepspeed_config(fake_bin, strategy):
     assert lines[0].startswith(f"launch.sh: {strategy}: ")
 
 
+@pytest.mark.launches
 def test_strategy_equals_form_and_deepspeed_on_cpu(fake_bin):
     rc, _, command = launch(fake_bin, "--strategy=zero3", *TRAINER_ARGS, env={"NPROC_PER_NODE": "2"})
     assert rc == 0
@@ -217,12 +229,14 @@ def test_strategy_equals_form_and_deepspeed_on_cpu(fake_bin):
 
 @pytest.mark.parametrize("args", [["--strategy", "zero4"], ["--strategy=ZeRO2"], ["--strategy", ""], ["--strategy"]],
                          ids=["unknown", "wrong-case", "empty", "missing"])
+@pytest.mark.launches
 def test_bad_strategy_exits_2_with_one_line(fake_bin, args):
     rc, lines, _ = launch(fake_bin, "--model", "test_vit", *args)  # last, so "missing" has no value to take
     assert rc == 2
     assert len(lines) == 1 and lines[0].startswith("error: --strategy"), lines
 
 
+@pytest.mark.launches
 def test_ddp_with_one_process_exits_2_with_one_line(fake_bin):
     rc, lines, _ = launch(fake_bin, "--strategy", "ddp")
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --strategy ddp needs more than one"), lines
@@ -231,6 +245,7 @@ def test_ddp_with_one_process_exits_2_with_one_line(fake_bin):
 # --- what actually runs ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gpus", [0, 4])
+@pytest.mark.launches
 def test_the_printed_command_is_what_runs_in_the_callers_folder(fake_bin, tmp_path, gpus):
     fake_nvidia_smi(fake_bin, gpus)
     caller = tmp_path / "somewhere else"

@@ -20,6 +20,7 @@ def few_images(tmp_path_factory):
 
 @pytest.mark.parametrize("preset, timm_name, parameters", [
     ("nfnet", "dm_nfnet_f0.dm_in1k", 68.0e6), ("vit", "vit_base_patch8_224.augreg_in21k_ft_in1k", 85.0e6)])
+@pytest.mark.launches
 def test_study_models_train_one_step(few_images, tmp_path, preset, timm_name, parameters):
     args = [a for a in TINY if a not in ("test_vit",)]
     args[args.index("--model") + 1:args.index("--model") + 1] = [preset]

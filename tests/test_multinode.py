@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl, relative_l2, run_trainer
+from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl, relative_l2, run_trainer, launching
 from trainer.synthetic import write_fake_cifar100
 
 # Two correct topologies differ only by float re-association. Measured here: 2.9e-6 relative L2 after
@@ -65,6 +65,7 @@ def run_two_nodes(args: list[str], port: int) -> list[subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
+@launching
 def runs(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
     nodes = run_two_nodes(args_for(data_dir, root / "two_nodes"), free_port())

@@ -128,6 +128,7 @@ def test_keep_best_keeps_the_best_checkpoint_besides_the_newest(cifar_dir, tmp_p
     assert saved_after(False) == ["epoch_3"]
 
 
+@pytest.mark.launches
 def test_the_trainer_is_freed_as_soon_as_its_run_returns(cifar_dir, tmp_path):
     """No reference cycle through the Trainer: it holds the prepared (under DDP, wrapped) model and so the process
     group, which must go while Python is fully alive; released at interpreter exit instead, gloo's teardown can

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl
+from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl, launching
 from trainer import checkpoint
 from trainer.synthetic import write_fake_cifar100
 
@@ -133,6 +133,7 @@ def assert_resumes_only_what_was_left(run_dir: Path, saved: Path, output: str, r
 
 
 @pytest.fixture(scope="module")
+@launching
 def reference(data_dir, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("uninterrupted")
     result = subprocess.run([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], cwd=REPO, env=launch_env(),
@@ -218,6 +219,7 @@ def test_signal_at_the_end_of_an_epoch_that_is_not_a_save_epoch_saves_it(data_di
 
 
 @pytest.mark.parametrize("status, requeued", [(75, True), (0, False), (1, False)])
+@pytest.mark.launches
 def test_sbatch_requeues_only_a_preempted_run(tmp_path, status, requeued):
     bin_dir = fake_slurm(tmp_path / "bin", f'echo "$@" > {tmp_path / "srun.log"}; exit {status}')
     result = subprocess.run(["bash", str(SBATCH), "--epochs", "7"], cwd=REPO, capture_output=True, text=True,
@@ -232,6 +234,7 @@ def test_sbatch_requeues_only_a_preempted_run(tmp_path, status, requeued):
         assert any(option in line for line in header), option
 
 
+@pytest.mark.launches
 def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
     """Ctrl-C signals the terminal's foreground process group: launch.sh and the launcher, which passes it on to
     the trainer processes (they run in sessions of their own)."""
@@ -245,6 +248,7 @@ def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
     assert output.count(f"stopped by SIGINT at step {checkpoint.read_manifest(saved)['global_step']};") == 2
 
 
+@pytest.mark.launches
 def test_ctrl_c_before_training_is_one_line_and_status_130(cifar_dir, tmp_path):
     process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"),
                                 *args_for(cifar_dir, tmp_path)], cwd=REPO, env=child_env(),
@@ -282,6 +286,7 @@ print("signals", len(stops))
 """
 
 
+@pytest.mark.launches
 def test_dataloader_workers_survive_a_signal_as_they_start():
     """SLURM and torch's launcher signal the DataLoader workers too; they must leave the stop to their trainer."""
     result = subprocess.run([sys.executable, "-c", STARTING_WORKERS_SIGNALLED], cwd=REPO, env=child_env(),

@@ -212,6 +212,7 @@ def test_unwritable_save_dir_is_refused_without_creating_it(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.launches
 def test_study_save_dir_that_is_a_file_is_one_line(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
@@ -286,6 +287,7 @@ def test_weights_that_do_not_fit_beyond_the_head_are_refused(tmp_path, change, m
         create_model(TrainConfig(model="test_vit", pretrained_file=str(tmp_path / "w.safetensors")))
 
 
+@pytest.mark.launches
 def test_another_architectures_weights_are_refused_in_one_line(data, tmp_path):
     # A real process: in pytest's own process, timm's logged "Unexpected keys" warning would not reach stderr.
     nfnet = weights_file(tmp_path / "nfnet.safetensors", "test_nfnet")
@@ -326,6 +328,7 @@ def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
     ({"GPUS": "0", "NODE_RANK": "-1"}, "NODE_RANK must be a whole number >= 0, got '-1'"),
     ({"GPUS": "0", "MASTER_PORT": "http"}, "MASTER_PORT must be a whole number >= 1, got 'http'"),
 ])
+@pytest.mark.launches
 def test_launch_sh_numeric_variables_are_checked(env, message):
     steering = ("GPUS", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
     base = {k: v for k, v in os.environ.items() if k not in steering and not k.startswith("SLURM_")}

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import TINY, read_jsonl, run_trainer
+from conftest import TINY, read_jsonl, run_trainer, launching
 from trainer.main import main
 from trainer.optim import lr_at
 
@@ -20,6 +20,7 @@ def args_for(cifar_dir, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
+@launching
 def first_run(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("first")
     run_trainer(args_for(cifar_dir, root))

@@ -40,6 +40,7 @@ def owned_by(process, run_dir):
     wait_until(process, holds, "it took the lock")
 
 
+@pytest.mark.launches
 def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_dir, tmp_path, capsys):
     first = start(args_for(cifar_dir, tmp_path, epochs=3))
     owned_by(first, tmp_path)
@@ -60,6 +61,7 @@ def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.launches
 def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp_path, capsys):
     first = start(args_for(cifar_dir, tmp_path))
     owned_by(first, tmp_path)
@@ -79,6 +81,8 @@ def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp
         checkpoint.verify(tmp_path / f"epoch_{epoch}")
 
 
+@pytest.mark.launches
+@pytest.mark.launches
 def test_the_lock_of_a_killed_trainer_is_taken_over(cifar_dir, tmp_path):
     args = args_for(cifar_dir, tmp_path, "--resume", "auto")
     first = start(args)

@@ -11,7 +11,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from conftest import REPO, TINY, assert_resumed, child_env, read_jsonl, record_lines
+from conftest import REPO, TINY, assert_resumed, child_env, read_jsonl, record_lines, launching
 from test_report import FIGURE_PIXELS, markdown_tables
 from trainer.study import main as study_main
 
@@ -27,6 +27,7 @@ def study(*args, check=True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
+@launching
 def tiny_study(cifar_dir, tmp_path_factory):
     """The reference study with test_vit for every model; 2 epochs, a checkpoint after each, so one can resume."""
     save_dir = tmp_path_factory.mktemp("study")
@@ -120,6 +121,7 @@ def test_changed_settings_stop_before_any_run(tiny_study, capsys):
                           f"settings (epochs 2 -> 3)")
 
 
+@pytest.mark.launches
 def test_failing_run_stops_the_study_naming_run_and_log(tmp_path):
     # A launcher that prints the arguments it got and fails: no trainer needed.
     launcher = f"{sys.executable} -c 'import sys; print(sys.argv[1:]); sys.exit(3)'"
@@ -134,6 +136,7 @@ def test_failing_run_stops_the_study_naming_run_and_log(tmp_path):
     assert args[-4:] == ["--save_dir", str(tmp_path / "nfnet_adamw_cosine"), "--resume", "auto"]
 
 
+@pytest.mark.launches
 def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
     launcher = (f"{sys.executable} -c 'import signal, sys, time; "
                 f"signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); print(\"ready\", flush=True); time.sleep(60)'")

@@ -27,6 +27,7 @@ def mlflow_metrics(store) -> dict[str, list[tuple[int, float]]]:
             for key in run.data.metrics}
 
 
+@pytest.mark.launches
 def test_tensorboard_and_mlflow_hold_the_logged_values_and_a_resume_replaces_the_steps_after_its_checkpoint(
         cifar_dir, tmp_path, monkeypatch):
     # 288 images at 64 per step: 5 steps per epoch; logged every 2 steps and at the end of each epoch.
@@ -93,6 +94,7 @@ def test_an_unknown_or_missing_tracker_stops_before_anything_is_written(log_with
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.launches
 def test_a_tracker_that_does_not_start_is_one_line_before_training(cifar_dir, tmp_path):
     # MLflow 3.17 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: an error of the tracker's own set-up.
     env = child_env(MLFLOW_TRACKING_URI=f"file:{tmp_path / 'mlruns'}")

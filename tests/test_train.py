@@ -10,6 +10,7 @@ import torch
 
 from conftest import (TINY, assert_lrs_follow_the_schedule, assert_resumed, load_weights, read_jsonl,
                       record_lines, relative_l2, run_trainer)
+from conftest import launching
 
 # Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
 # of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (measured 2026-11-27). 1e-5 sits between.
@@ -17,6 +18,7 @@ TOPOLOGY_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
+@launching
 def one_vs_two(cifar_dir, tmp_path_factory):
     """The same run as 1 process x 4 accumulation steps and as 2 processes x 2 accumulation steps."""
     root = tmp_path_factory.mktemp("topology")
@@ -78,6 +80,7 @@ def test_startup_lines_state_the_resolved_batching(one_vs_two):
     assert two.stdout.count("model test_vit") == 1  # printed by the main process only
 
 
+@pytest.mark.launches
 def test_a_short_run_learns(cifar_dir, tmp_path):
     # `python -m trainer` is the single-process fallback; crop+flip augmentation on.
     run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", "4", "--batch_size", "32", "--augment", "crop_flip",
@@ -87,6 +90,7 @@ def test_a_short_run_learns(cifar_dir, tmp_path):
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
 
 
+@pytest.mark.launches
 def test_resume_from_epoch_checkpoint_continues_to_the_same_weights(cifar_dir, tmp_path):
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "3", "--batch_size", "32", "--save_epochs", "1",
                    "--augment", "crop_flip", "--save_dir", tmp_path / "run"]
@@ -117,6 +121,7 @@ def test_checkpoint_weights_load_in_timm(one_vs_two):
     assert all(torch.equal(state[k], saved[k]) for k in saved)
 
 
+@pytest.mark.launches
 def test_compile_gives_the_eager_losses_and_recompiles_only_for_the_last_step_and_evaluation(tmp_path):
     from conftest import child_env
     from trainer.synthetic import write_fake_cifar100
@@ -141,6 +146,7 @@ def test_compile_gives_the_eager_losses_and_recompiles_only_for_the_last_step_an
     assert weights.keys() == load_weights(tmp_path / "eager/epoch_1/model.safetensors").keys()
 
 
+@pytest.mark.launches
 def test_progress_bar_shows_only_when_asked(cifar_dir, tmp_path):
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "1", "--batch_size", "64"]
     shown = run_trainer([a for a in args if a != "--no-progress"] + ["--progress", "--save_dir", tmp_path / "on"])
