@@ -199,15 +199,48 @@ def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, referenc
     assert_resumes_only_what_was_left(save_dir, saved, resumed.stdout, reference)
 
 
+# Loaded by every Python process of the launch through PYTHONPATH: in the trainer process of rank 1, the first
+# evaluation (the end of epoch 1) starts by sending its own process SIGTERM. The signal lands in that window by an
+# event, not by a race that a loaded machine can lose (a test process polling for the epoch's end, then signalling
+# while evaluation may already be over).
+SIGNAL_IN_EVALUATION = """
+import importlib.abc, importlib.util, os, signal, sys
+
+class SignalInEvaluation(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "trainer.evaluation":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            evaluate = module.Evaluator.__call__
+
+            def signalled(self, *args, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return evaluate(self, *args, **kwargs)
+            module.Evaluator.__call__ = signalled
+        spec.loader.exec_module = patched
+        return spec
+
+if os.environ.get("RANK") == "1":
+    sys.meta_path.insert(0, SignalInEvaluation())
+"""
+
+
+@pytest.mark.launches
 def test_signal_at_the_end_of_an_epoch_that_is_not_a_save_epoch_saves_it(data_dir, reference, tmp_path):
-    """Signalled in the epoch's last step or its evaluation: the epoch is saved (it used to be lost)."""
-    save_dir, log = tmp_path / "run", tmp_path / "out.log"
+    """Signalled in the epoch's evaluation: the epoch is saved (it used to be lost)."""
+    save_dir, log, hook = tmp_path / "run", tmp_path / "out.log", tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_IN_EVALUATION)
     args = args_for(data_dir, save_dir, "--save_epochs", -1, "--resume", "auto")  # only the last epoch saves
-    run = start([LAUNCH, "--strategy", "ddp", *args], log, launch_env())
-    # The epoch's last step writes its steps.jsonl line, then evaluation starts.
-    wait_until(lambda: (save_dir / "steps.jsonl").is_file() and (save_dir / "steps.jsonl").read_text(), run, log)
-    kill_one_rank(run, 1)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    run = start([LAUNCH, "--strategy", "ddp", *args], log, launch_env(PYTHONPATH=path))
     output = finish(run, log)
+    assert output.count("received SIGTERM") == 1, output[-5000:]  # rank 1's own, in its first evaluation
     assert run.returncode == 75, output[-5000:]
     assert output.count("after epoch 1; resume with --resume auto") == 2
     assert [p.name for p in checkpoint.list_checkpoints(save_dir)] == ["epoch_1"]
