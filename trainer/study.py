@@ -30,17 +30,20 @@ import dataclasses
 import importlib.util
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from .checkpoint import final_checkpoint, has_checkpoint
-from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, check_writable_folder, parse_config
+from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, TrainConfig, check_writable_folder,
+                     parse_config, refuse)
 from .records import METRICS_FILE
 from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
+CIFAR_FOLDER = "cifar-100-python"  # trainer/data/cifar.py's, written out: importing trainer.data imports torch
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--resume": "the runner resumes with --resume auto itself",
@@ -81,7 +84,14 @@ def check_overrides(overrides: list[str]) -> None:
 def launcher(args) -> list[str]:
     """The command that runs one training run; the run's options are appended to it."""
     if args.launcher:
-        return shlex.split(args.launcher)
+        try:
+            command = shlex.split(args.launcher)
+        except ValueError as error:  # an unclosed quote
+            raise StudyError(f"--launcher {args.launcher!r} does not parse as a command ({error})") from None
+        if not command or shutil.which(command[0]) is None:  # found out now, not after the first run's log
+            raise StudyError(f"--launcher {args.launcher!r}: {command[0] if command else 'no command'} is not a "
+                             f"program that can be run (not on PATH, or not executable)")
+        return command
     if args.processes == 1:
         return [sys.executable, str(Path(__file__).with_name("main.py"))]
     # launch.sh picks the accelerate config for the GPUs it finds (or the CPU one); a bare `accelerate
@@ -97,11 +107,30 @@ def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
     path = run_dir / "config.json"
     if not path.is_file():
         return
-    previous = json.loads(path.read_text()).get("options", {})
+    try:
+        previous = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise StudyError(f"{path} is not valid JSON ({str(error).splitlines()[0]}); restore it from a copy, or "
+                         f"delete that run's folder to start it again") from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("options", {}), dict):
+        raise StudyError(f"{path} does not hold a run's options; restore it from a copy, or delete that run's "
+                         f"folder to start it again")
+    previous = previous.get("options", {})
     changed = [f"{k} {previous.get(k)} -> {getattr(config, k)}" for k in keys if previous.get(k) != getattr(config, k)]
     if changed:
         raise StudyError(f"{run_dir} holds a run started with other settings ({', '.join(changed)}); "
                          f"use another --save_dir, or delete that folder to start it again")
+
+
+def check_data(config: TrainConfig) -> None:
+    """A run that would stop on missing data stops the study now, before any run folder or log is written."""
+    folder = Path(config.data_dir) / CIFAR_FOLDER
+    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    if missing and not config.download:
+        raise StudyError(f"CIFAR-100 not found in {config.data_dir} ({folder / missing[0]} is missing) and "
+                         f"--no-download is set; fix --data_dir or allow the download")
+    if missing:
+        check_writable_folder(config.data_dir, "--data_dir")  # where the first run will download it
 
 
 def is_complete(run_dir: Path, epochs: int) -> bool:
@@ -149,6 +178,7 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
         args = to_args(study.settings(name)) + overrides + ["--save_dir", str(run_dir)]
         config = parse_config(args)
         check_same_settings(run_dir, config, study.settings(name))
+        check_data(config)
         plans.append((name, run_dir, args, config.epochs))
     for i, (name, run_dir, args, epochs) in enumerate(plans, 1):
         head = f"study [{i}/{len(plans)}] {name}"
@@ -179,7 +209,7 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m trainer.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument is a trainer option given to every run.", allow_abbrev=False)
     parser.add_argument("--study", default=str(DEFAULT_STUDY),
@@ -206,8 +236,7 @@ def main(argv=None) -> int:
         # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
         return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides)
     except (StudyError, ReportError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refuse(error)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""A launch's checks made once, in one process, before launch.sh starts the workers.
+
+    python trainer/main.py --check_launch PROCESSES STRATEGY [trainer options]     # what launch.sh runs
+
+Inside the workers a refusal is printed by every process and reported by torch's elastic agent as a
+ChildFailedError traceback (exit 1). Here it is one line and exit 2, before any worker starts: the options and
+config file, --save_dir, what the process count and ZeRO stage allow (runtime.check_layout, the workers' own
+check), the data (downloaded here, once per node, when missing: the workers then read it), and the model with
+its weights (models.create_model and check_trainable, the workers' own). What needs the process group (the
+accelerator, a checkpoint's resume) is still checked by the workers.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError, check_writable_folder, parse_config
+
+
+def check_launch(argv: list[str], processes: int, strategy: str) -> None:
+    """ConfigError, DataError or CheckpointError for what the launch of `processes` workers under `strategy`
+    (launch.sh's: single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload) would refuse."""
+    config = parse_config(argv)  # first, before torch is imported: the options' own refusals in a fraction of a second
+    check_writable_folder(config.save_dir, "--save_dir")
+    from .data import ensure_downloaded, load_cifar100
+    from .models import check_trainable, create_model
+    from .runtime import check_layout, runs_on_cpu
+
+    zero_stage = int(strategy[4]) if strategy.startswith("zero") else None
+    _, accumulation = check_layout(config, processes, zero_stage, runs_on_cpu(config.device))
+    train, _, _ = load_cifar100(ensure_downloaded(config.data_dir, config.download))
+    if config.batch_size > len(train.labels):  # the worker's message (trainer/loop.py)
+        raise ConfigError(f"--batch_size {config.batch_size} is larger than the training set "
+                          f"({len(train.labels)} images in {config.data_dir}/cifar-100-python/train)")
+    check_trainable(create_model(config), config, len(train.labels), processes, accumulation)
