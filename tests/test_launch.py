@@ -348,3 +348,51 @@ def test_workers_refusal_is_one_line_and_exit_2_when_every_worker_refused(fake_b
     fake_python(fake_bin, check_status=0, workers="".join(REFUSED.format(r) for r in ranks))
     rc, lines, _ = launch(fake_bin, env={"NPROC_PER_NODE": "2"}, dry_run=False)
     assert rc == status and lines[2:] == ["error: --x is wrong"], lines  # printed once, whatever the exit
+
+
+# --- the same, with the real trainer and launcher (2 CPU processes) ----------------------------------------
+
+def real_launch(tmp_path, *args, **env):
+    import sys
+    from conftest import TINY, child_env, free_port
+    from trainer.synthetic import write_fake_cifar100
+    if not (tmp_path / "data").exists():
+        write_fake_cifar100(tmp_path / "data", num_train=16, num_test=8)
+    steering = {k: v for k, v in child_env().items() if k not in STEERING and not k.startswith("SLURM_")}
+    # The venv's python first on PATH: launch.sh runs `python`.
+    steering["PATH"] = f"{Path(sys.executable).parent}:{steering.get('PATH', '')}"
+    env = {**steering, "GPUS": "0", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env}
+    argv = [*TINY, "--data_dir", tmp_path / "data", "--save_dir", tmp_path / "run", "--batch_size", "8", *args]
+    return subprocess.run([LAUNCH, *map(str, argv)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+
+
+def errors(result) -> list[str]:
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+def test_real_refusal_before_the_workers_is_one_line(tmp_path):
+    result = real_launch(tmp_path, "--learning_rate", "-1")
+    assert result.returncode == 2 and errors(result) == ["error: --learning_rate must be positive, got -1.0"]
+    assert len(result.stderr.splitlines()) == 3  # launch.sh's two lines, then the refusal
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_refusal_inside_the_workers_is_one_line_and_exit_2(tmp_path):
+    # accelerate's refusal of fp16 on the CPU needs the Accelerator: every worker makes it, none prints it.
+    result = real_launch(tmp_path, "--mixed_precision", "fp16")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert errors(result) == ["error: --mixed_precision fp16 is not applied on cpu by accelerate (it would train in "
+                              "fp32); use --mixed_precision bf16 or no"]
+
+
+def test_a_node_that_cannot_reach_the_master_says_which_settings_to_check(tmp_path):
+    from conftest import free_port
+    port = free_port()  # nothing listens there: node 0 was never started
+    result = real_launch(tmp_path, NNODES="2", NODE_RANK="1", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port), RENDEZVOUS_TIMEOUT="1")
+    assert result.returncode == 1
+    (line,) = errors(result)
+    assert line.startswith(f"error: node NODE_RANK=1 of NNODES=2 could not reach the master node at "
+                           f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}"), line
