@@ -262,6 +262,9 @@ class Trainer:
             if stop and epoch + 1 < cfg.epochs:
                 raise Preempted(f"stopped by {self.stop.cause()} after epoch {epoch + 1}; "
                                 f"resume with --resume auto")
+            if stop:  # the signal's own line promised 75: say why the status is 0
+                self.log.say(f"{self.stop.cause()} arrived in the last epoch's last step or evaluation: the run is "
+                             f"complete and saved (epoch {epoch + 1}), exit status 0, nothing to resume")
         return history
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict:
