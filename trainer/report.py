@@ -275,8 +275,10 @@ def load_runs(paths, study: Study) -> list[Run]:
 
 
 def link(file: str) -> str:
-    """A Markdown link target: in <...>, so a file name with spaces or parentheses stays one link (CommonMark)."""
-    return f"<{file}>"
+    """A Markdown link target: percent-encoded, so a file name with spaces or parentheses stays one link (a bare
+    CommonMark destination ends at a space); a plain name is unchanged."""
+    from urllib.parse import quote
+    return quote(file)
 
 
 # --- tables -------------------------------------------------------------------------------------
