@@ -363,6 +363,10 @@ COMMAND_REFUSALS = [
     ("study-missing-data", "study",
      lambda c: [*study_file(c.tmp), "--save_dir", c.tmp / "s", "--data_dir", c.tmp / "none", "--no-download"],
      "CIFAR-100 not found in {tmp}/none"),
+    # The trainer's own checks of every run (trainer/precheck.py, in one subprocess), before any run folder or log.
+    ("study-precheck", "study",
+     lambda c: [*study_file(c.tmp), "--save_dir", c.tmp / "s", "--data_dir", c.data, "--model", "no_such_model"],
+     "--model 'no_such_model' is neither a preset (nfnet, vit) nor a timm model name"),
     ("report-no-val_acc1", "report", lambda c: [damaged_report_run(c.tmp, lines_without("val_acc1"))],
      "{tmp}/r/metrics.jsonl: line 2 has no number val_acc1 (got None)"),
     ("report-val_acc1-null", "report", lambda c: [damaged_report_run(c.tmp, lines_without("null"))],
@@ -424,6 +428,28 @@ def test_every_command_refuses_in_one_line_and_writes_nothing(trained, data, tmp
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     checkpoint.verify(trained / "epoch_1")
     assert {p: p.read_bytes() for p in (data / "cifar-100-python").iterdir()} == data_before
+
+
+@pytest.mark.parametrize("launch, extra, message", [
+    (["3", "ddp"], [], "--batch_size 8 is not divisible by the 3 processes"),
+    (["2", "zero3"], ["--model_ema"], "--model_ema is not supported under DeepSpeed ZeRO-3"),
+    (["2", "ddp"], ["--batch_size", "32"], "--batch_size 32 is larger than the training set (16 images"),
+    (["2", "ddp"], ["--data_dir", "{tmp}/none", "--no-download"], "CIFAR-100 not found"),
+    (["2", "ddp"], ["--model", "no_such_model"], "--model 'no_such_model' is neither a preset"),
+    (["2", "ddp"], ["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
+    (["x", "ddp"], [], "--check_launch needs PROCESSES STRATEGY"),
+    (["2", "ddp"], ["--epochs", "1"], None),  # nothing to refuse: exit 0
+], ids=["processes", "zero3-ema", "batch", "data", "model", "option", "usage", "fine"])
+def test_launch_sh_checks_a_launch_once_before_its_workers(data, tmp_path, capsys, launch, extra, message):
+    """What launch.sh runs before it starts several workers (trainer/precheck.py), in this process: what the
+    process count or ZeRO stage cannot train, the data and the model, one line, exit 2, nothing written."""
+    argv = ["--check_launch", *launch, *TINY, "--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run",
+            *[a.format(tmp=tmp_path) for a in extra]]
+    if message is None:
+        assert main([str(a) for a in argv]) == 0 and capsys.readouterr().err == ""
+    else:
+        assert message in refused(argv, capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("env, message", [

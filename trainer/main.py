@@ -34,11 +34,9 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        if argv[:1] == ["--check_launch"]:  # launch.sh, before it starts the workers (trainer/precheck.py)
-            from trainer.precheck import check_launch
-            if len(argv) < 3 or not argv[1].isdigit():
-                raise ConfigError("--check_launch needs PROCESSES STRATEGY before the trainer's options")
-            check_launch(argv[3:], int(argv[1]), argv[2])
+        if argv[:1] == ["--check_launch"]:  # launch.sh and the study, before they start a run (trainer/precheck.py)
+            from trainer import precheck
+            precheck.main(argv[1:])
             return 0
         config = parse_config(argv)
         check_writable_folder(config.save_dir, "--save_dir")  # before anything is downloaded, built or written

@@ -1,6 +1,7 @@
 """A launch's checks made once, in one process, before launch.sh starts the workers.
 
     python trainer/main.py --check_launch PROCESSES STRATEGY [trainer options]     # what launch.sh runs
+    python trainer/main.py --check_launch PROCESSES STRATEGY --runs JSON           # the study: a list of runs
 
 Inside the workers a refusal is printed by every process and reported by torch's elastic agent as a
 ChildFailedError traceback (exit 1). Here it is one line and exit 2, before any worker starts: the options and
@@ -12,7 +13,20 @@ accelerator, a checkpoint's resume) is still checked by the workers.
 
 from __future__ import annotations
 
+import json
+
 from .config import ConfigError, check_writable_folder, parse_config
+
+
+def main(argv: list[str]) -> None:
+    """`PROCESSES STRATEGY [trainer options]`, or `PROCESSES STRATEGY --runs JSON` (a list of trainer argument
+    lists, each checked in turn in this one process: the study checks all its runs before the first starts)."""
+    if len(argv) < 2 or not argv[0].isdigit() or int(argv[0]) < 1:
+        raise ConfigError("--check_launch needs PROCESSES STRATEGY before the trainer's options")
+    processes, strategy, rest = int(argv[0]), argv[1], argv[2:]
+    runs = json.loads(rest[1]) if rest[:1] == ["--runs"] and len(rest) == 2 else [rest]
+    for run in runs:
+        check_launch([str(a) for a in run], processes, strategy)
 
 
 def check_launch(argv: list[str], processes: int, strategy: str) -> None:

@@ -10,7 +10,9 @@ Every argument that is not one of the options below is a trainer option (`python
 given to every run after the study file's values, so it wins over them: `--model test_vit` replaces the
 model of all experiments. Run it again with the same arguments after an interruption: a complete run (its
 last epoch in metrics.jsonl and its `epoch_N/` checkpoint on disk) is skipped, any other is started, or
-resumed with `--resume auto` from its newest valid checkpoint. A run folder started with other values of
+resumed with `--resume auto` from its newest valid checkpoint. Before the first run starts, every run still to do
+is checked as the trainer checks it before training (options, data, model and weights; not with --launcher, which
+may run another program): bad input stops the study in one line, exit 2, with nothing written. A run folder started with other values of
 the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them.
 
 Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. A run that completes has its
@@ -171,7 +173,26 @@ def evaluate_run(head: str, run_dir: Path, epochs: int) -> bool:
     return status == 0
 
 
-def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str]) -> int:
+def check_runs(plans, processes: int) -> None:
+    """The checks the trainer makes before it trains (trainer/precheck.py: options, data, model and weights), for
+    every run still to do, in one subprocess (the runner never imports torch), before any run folder or log is
+    written: a run that would stop on missing data or unreachable weights stops the study now, in one line."""
+    runs = [args for _, run_dir, args, epochs in plans if not is_complete(run_dir, epochs)]
+    if not runs:
+        return
+    cmd = [sys.executable, str(Path(__file__).with_name("main.py")), "--check_launch", str(processes),
+           "ddp" if processes > 1 else "single", "--runs", json.dumps(runs)]
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    refusal = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    if result.returncode == 2 and refusal:
+        raise StudyError(refusal[-1][len("error: "):])
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise StudyError(f"checking the runs' options failed with exit status {result.returncode} (above)")
+
+
+def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str], processes: int = 1,
+              run_package_trainer: bool = False) -> int:
     plans = []
     for name in study.experiments:  # every run's options are checked before the first one starts
         run_dir = save_dir / name
@@ -180,6 +201,8 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
         check_same_settings(run_dir, config, study.settings(name))
         check_data(config)
         plans.append((name, run_dir, args, config.epochs))
+    if run_package_trainer:
+        check_runs(plans, processes)
     for i, (name, run_dir, args, epochs) in enumerate(plans, 1):
         head = f"study [{i}/{len(plans)}] {name}"
         if is_complete(run_dir, epochs):
@@ -234,7 +257,9 @@ def main(argv=None) -> int:
         check_writable_folder(args.save_dir, "--save_dir")
         study = load_study(args.study)
         # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
-        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides)
+        # The trainer's own checks of every run first, unless --launcher runs something of the user's.
+        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
+                         run_package_trainer=not args.launcher)
     except (StudyError, ReportError, ConfigError) as error:
         return refuse(error)
 
