@@ -430,6 +430,17 @@ def test_every_command_refuses_in_one_line_and_writes_nothing(trained, data, tmp
     assert {p: p.read_bytes() for p in (data / "cifar-100-python").iterdir()} == data_before
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export", "report"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, capsys, monkeypatch, command):
+    # As root every folder is writable; os.access is what the check asks, so here it stands in for a read-only one.
+    # Without the check, evaluate would fail after the whole evaluation, with a traceback.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    source = trained if command == "report" else trained / "epoch_1"
+    assert command_main(command)([str(source), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'out'} cannot be created: {tmp_path} is not writable\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("launch, extra, message", [
     (["3", "ddp"], [], "--batch_size 8 is not divisible by the 3 processes"),
     (["2", "zero3"], ["--model_ema"], "--model_ema is not supported under DeepSpeed ZeRO-3"),
