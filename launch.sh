@@ -40,7 +40,7 @@ while (($#)); do
     --strategy) (($# >= 2)) || { echo "error: --strategy needs a value" >&2; exit 2; }; strategy=$2; shift 2 ;;
     --strategy=*) strategy="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,26p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -182,12 +182,12 @@ for file in "$TRAINER_EXIT_STATUS_DIR"/local_rank_*; do
   if [[ "$code" == "$PREEMPTED" ]]; then preempted=$((preempted + 1)); fi
   if [[ "$code" == 2 ]]; then
     refused=$((refused + 1))
-    new=1; for seen in "${lines[@]}"; do [[ "$seen" != "$line" ]] || new=0; done
+    new=1; for seen in ${lines[@]+"${lines[@]}"}; do [[ "$seen" != "$line" ]] || new=0; done  # bash < 4.4: set -u
     if [[ -n "$line" ]] && ((new)); then lines+=("$line"); fi
   fi
 done
 # The processes printed no refusal themselves: each distinct line once, whatever the exit.
-((${#lines[@]} == 0)) || printf '%s\n' "${lines[@]}" >&2
+((${#lines[@]} == 0)) || printf '%s\n' ${lines[@]+"${lines[@]}"} >&2
 if ((status != 0 && preempted == NPROC_PER_NODE)); then
   echo "launch.sh: all $NPROC_PER_NODE trainer processes of this node saved and stopped for preemption:" \
        "exit $PREEMPTED" >&2
