@@ -10,10 +10,11 @@ Every argument that is not one of the options below is a trainer option (`python
 given to every run after the study file's values, so it wins over them: `--model test_vit` replaces the
 model of all experiments. Run it again with the same arguments after an interruption: a complete run (its
 last epoch in metrics.jsonl and its `epoch_N/` checkpoint on disk) is skipped, any other is started, or
-resumed with `--resume auto` from its newest valid checkpoint. Before the first run starts, every run still to do
-is checked as the trainer checks it before training (options, data, model and weights; not with --launcher, which
-may run another program): bad input stops the study in one line, exit 2, with nothing written. A run folder started with other values of
-the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them.
+resumed with `--resume auto` from its newest valid checkpoint. A run folder started with other values of
+the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them. Before the
+first run starts, every run still to do is checked as the trainer checks it before training (options, data, model
+and weights; not with --launcher, which may run another program): bad input stops the study in one line, exit 2,
+with nothing written.
 
 Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. A run that completes has its
 final checkpoint evaluated by `python -m trainer.evaluate` (one process; output in the same log) into
@@ -182,7 +183,7 @@ def check_runs(plans, processes: int) -> None:
         return
     cmd = [sys.executable, str(Path(__file__).with_name("main.py")), "--check_launch", str(processes),
            "ddp" if processes > 1 else "single", "--runs", json.dumps(runs)]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # stdout shown: a download's progress
     refusal = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     if result.returncode == 2 and refusal:
         raise StudyError(refusal[-1][len("error: "):])
