@@ -396,3 +396,22 @@ def test_a_node_that_cannot_reach_the_master_says_which_settings_to_check(tmp_pa
     (line,) = errors(result)
     assert line.startswith(f"error: node NODE_RANK=1 of NNODES=2 could not reach the master node at "
                            f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}"), line
+
+
+def test_a_refusing_worker_waits_for_the_other_workers_of_its_node(tmp_path, monkeypatch):
+    """torch's agent stops the other workers as soon as one exits: a refusing worker leaves its line for launch.sh,
+    then waits (seconds at most) until every worker of its node has left its status, so launch.sh can see that all
+    refused. In this process, with a second worker that refuses 0.3 s later."""
+    import threading
+    import time
+    from trainer.main import tell_launch_sh
+    monkeypatch.setenv("TRAINER_EXIT_STATUS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    other = threading.Timer(0.3, lambda: (tmp_path / "local_rank_1").write_text("2\nerror: --x is wrong\n"))
+    other.start()
+    start = time.monotonic()
+    assert tell_launch_sh(2, "error: --x is wrong")
+    assert 0.3 <= time.monotonic() - start < 3
+    assert (tmp_path / "local_rank_0").read_text() == "2\nerror: --x is wrong\n"
+    other.join()
