@@ -1,5 +1,6 @@
 """What the user asked for, or a refusal: one line `error: ...`, exit status 2, before training, nothing left behind."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -333,8 +334,6 @@ def study_with_corrupt_config(tmp, data):
     (tmp / "s" / "a" / "config.json").write_text('{"options": ')
     return [*study_file(tmp), "--save_dir", tmp / "s", "--data_dir", data]
 
-
-import json  # noqa: E402
 
 # (id, command, argv(c) with c: tmp, data, run (a real run folder), ckpt (its checkpoint), what the line says)
 COMMAND_REFUSALS = [
