@@ -40,8 +40,9 @@ def check_launch(argv: list[str], processes: int, strategy: str) -> None:
 
     zero_stage = int(strategy[4]) if strategy.startswith("zero") else None
     _, accumulation = check_layout(config, processes, zero_stage, runs_on_cpu(config.device))
-    train, _, _ = load_cifar100(ensure_downloaded(config.data_dir, config.download))
+    folder = ensure_downloaded(config.data_dir, config.download)
+    train, _, _ = load_cifar100(folder)
     if config.batch_size > len(train.labels):  # the worker's message (trainer/loop.py)
         raise ConfigError(f"--batch_size {config.batch_size} is larger than the training set "
-                          f"({len(train.labels)} images in {config.data_dir}/cifar-100-python/train)")
+                          f"({len(train.labels)} images in {folder / 'train'})")
     check_trainable(create_model(config), config, len(train.labels), processes, accumulation)
