@@ -36,13 +36,11 @@ def check_launch(argv: list[str], processes: int, strategy: str) -> None:
     check_writable_folder(config.save_dir, "--save_dir")
     from .data import ensure_downloaded, load_cifar100
     from .models import check_trainable, create_model
-    from .runtime import check_layout, runs_on_cpu
+    from .runtime import check_batch_fits, check_layout, runs_on_cpu
 
     zero_stage = int(strategy[4]) if strategy.startswith("zero") else None
     _, accumulation = check_layout(config, processes, zero_stage, runs_on_cpu(config.device))
     folder = ensure_downloaded(config.data_dir, config.download)
     train, _, _ = load_cifar100(folder)
-    if config.batch_size > len(train.labels):  # the worker's message (trainer/loop.py)
-        raise ConfigError(f"--batch_size {config.batch_size} is larger than the training set "
-                          f"({len(train.labels)} images in {folder / 'train'})")
+    check_batch_fits(config.batch_size, len(train.labels), folder / "train")
     check_trainable(create_model(config), config, len(train.labels), processes, accumulation)

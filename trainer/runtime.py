@@ -107,6 +107,13 @@ def check_layout(config: TrainConfig, processes: int, zero_stage: int | None, on
     return micro_batch_size, accumulation
 
 
+def check_batch_fits(batch_size: int, images: int, train_file) -> None:
+    """Refuse a global batch larger than the training set: every step would be mostly weight-0 padding."""
+    if batch_size > images:
+        raise ConfigError(f"--batch_size {batch_size} is larger than the training set ({images} images in "
+                          f"{train_file})")
+
+
 CUDA_GRAPH_SETUP = ("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile (use --compile "
                     "alone on other set-ups)")
 
