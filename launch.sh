@@ -14,10 +14,13 @@
 #   GPUS            GPUs per node (default: counted with nvidia-smi; 0 without it)
 #   NPROC_PER_NODE  processes per node (default: GPUS, or 1 on a CPU-only machine)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several nodes (static rendezvous); under SLURM they
-#                   default to SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST, 29500.
+#                   default to SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST, 29500. NODE_RANK
+#                   lies in [0, NNODES); nodes other than 0 need MASTER_ADDR (node 0's address).
+#   RENDEZVOUS_TIMEOUT  seconds a node other than 0 tries to reach MASTER_ADDR:MASTER_PORT (default 600, torch's)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds the launcher gives its processes to save after a preemption
 #                   signal before it kills them (default here 110, torch's own 30; keep it below the warning
 #                   time of SLURM's --signal=TERM@N).
+# Several processes: the trainer's options are checked once before the workers start (one line, exit 2).
 # Exit status: the trainer's (0 done, 2 bad input, 75 preempted after saving: run again with --resume auto), also
 # when the signal reached this script and the launcher too (as SLURM delivers it), or 1.
 set -euo pipefail
@@ -37,7 +40,7 @@ while (($#)); do
     --strategy) (($# >= 2)) || { echo "error: --strategy needs a value" >&2; exit 2; }; strategy=$2; shift 2 ;;
     --strategy=*) strategy="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,22p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$repo/launch.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -64,12 +67,32 @@ need_count() {  # NAME MIN: the variable must be a whole number >= MIN
   echo "error: $1 must be a whole number >= $2, got '${!1}'" >&2; exit 2
 }
 need_count GPUS 0
+master_given=${MASTER_ADDR:+1} nproc_given=${NPROC_PER_NODE:+1}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
-NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS > 0 ? GPUS : 1))}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS > 0 ? GPUS : 1))} RENDEZVOUS_TIMEOUT=${RENDEZVOUS_TIMEOUT:-600}
 need_count NNODES 1; need_count NODE_RANK 0; need_count MASTER_PORT 1; need_count NPROC_PER_NODE 1
+need_count RENDEZVOUS_TIMEOUT 1
+# Checked here, in one line: a port above 65535 ends in Python's OverflowError, a NODE_RANK that no node 0 counts
+# and a node other than 0 looking for node 0 on its own 127.0.0.1 both wait for a rendezvous that never comes.
+((MASTER_PORT <= 65535)) || { echo "error: MASTER_PORT must lie in [1, 65535], got $MASTER_PORT" >&2; exit 2; }
+if ((NODE_RANK >= NNODES)); then
+  echo "error: NODE_RANK must lie in [0, NNODES - 1] = [0, $((NNODES - 1))], got $NODE_RANK" >&2; exit 2
+fi
+if ((NODE_RANK > 0)) && [[ -z "$master_given" ]]; then
+  echo "error: node NODE_RANK=$NODE_RANK needs MASTER_ADDR, the address of node 0 (NODE_RANK=0)" >&2; exit 2
+fi
 
 if [[ "$strategy" == auto ]]; then
   if ((NNODES > 1 || NPROC_PER_NODE > 1)); then strategy=ddp; else strategy=single; fi
+elif [[ "$strategy" == single ]]; then
+  # One process in all: several nodes (each would train alone, into the same --save_dir) or an explicit
+  # NPROC_PER_NODE above 1 contradict it. A node's GPU count alone does not: single uses one of them.
+  if ((NNODES > 1)) || { [[ -n "$nproc_given" ]] && ((NPROC_PER_NODE > 1)); }; then
+    echo "error: --strategy single runs one process, but NNODES=$NNODES x NPROC_PER_NODE=$NPROC_PER_NODE were" \
+         "asked for; use --strategy ddp (or a ZeRO stage), or unset them" >&2
+    exit 2
+  fi
+  NPROC_PER_NODE=1
 fi
 case "$strategy" in
   single) config=single_gpu.yaml; ((GPUS > 0)) || config="" ;;
@@ -78,14 +101,18 @@ case "$strategy" in
   *) config=$strategy.yaml ;;
 esac
 
+processes=$((NNODES * NPROC_PER_NODE)) direct=0
 if [[ "$strategy" == single && -z "$config" ]]; then
   what="one process on the CPU (no GPU found)"
-  cmd=(python "$repo/trainer/main.py")
+  cmd=(python "$repo/trainer/main.py") direct=1
 else
   what="$strategy: $NNODES node(s) x $NPROC_PER_NODE process(es), $GPUS GPU(s) per node, config $config"
-  cmd=(accelerate launch --config_file "$repo/accelerate_configs/$config" --num_processes $((NNODES * NPROC_PER_NODE))
-       --num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR"
-       --main_process_port "$MASTER_PORT" "$repo/trainer/main.py")
+  # `accelerate launch` (trainer/accelerate_launch.py runs it), quiet where the trainer processes said why they
+  # stopped; the rendezvous timeout reaches torch's static rendezvous (its "timeout", in seconds).
+  cmd=(python "$repo/trainer/accelerate_launch.py" --config_file "$repo/accelerate_configs/$config"
+       --num_processes "$processes" --num_machines "$NNODES" --machine_rank "$NODE_RANK"
+       --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --rdzv_conf "timeout=$RENDEZVOUS_TIMEOUT"
+       "$repo/trainer/main.py")
   # accelerate's --multi_gpu launcher refuses a single process; one process of DDP is plain single.
   if [[ "$strategy" == ddp ]] && ((NNODES * NPROC_PER_NODE == 1)); then
     echo "error: --strategy ddp needs more than one process (set NPROC_PER_NODE or GPUS)" >&2; exit 2
@@ -101,8 +128,15 @@ line=$(printf '%q ' "${cmd[@]}" "${args[@]}")
 echo "launch.sh: ${line% }" >&2
 ((dry_run)) && exit 0
 
-# One process: the trainer itself receives the signals and exits 75 after saving.
-[[ "${cmd[0]}" == python ]] && exec "${cmd[@]}" "${args[@]}"
+# One process: the trainer itself receives the signals, exits 75 after saving and prints its own refusal.
+((direct)) && exec "${cmd[@]}" "${args[@]}"
+# Several: every refusal that needs no process group, once, in one process, before any worker starts
+# (trainer/precheck.py); a refusal inside the workers would be printed by each and end in torch's traceback.
+if ((processes > 1)); then
+  status=0
+  python "$repo/trainer/main.py" --check_launch "$processes" "$strategy" "${args[@]}" || status=$?
+  ((status == 0)) || exit "$status"
+fi
 
 # Several: SLURM signals every process of the job step: this script, accelerate's launcher (torch's elastic
 # agent) and the trainer processes; Ctrl-C in a terminal signals this script (see setsid below). The agent forwards the signal to its workers, SIGKILLs them after
@@ -139,13 +173,26 @@ child=$!
 while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
 status=0
 wait "$child" || status=$?
-preempted=0
+# Each trainer process left its status (75 preempted, 2 refused) and, for a refusal, its one line (trainer/main.py).
+preempted=0 refused=0 lines=()
 for file in "$TRAINER_EXIT_STATUS_DIR"/local_rank_*; do
-  if [[ -f "$file" && "$(<"$file")" == "$PREEMPTED" ]]; then preempted=$((preempted + 1)); fi
+  [[ -f "$file" ]] || continue
+  code="" line=""
+  { IFS= read -r code || true; IFS= read -r line || true; } < "$file"
+  if [[ "$code" == "$PREEMPTED" ]]; then preempted=$((preempted + 1)); fi
+  if [[ "$code" == 2 ]]; then
+    refused=$((refused + 1))
+    new=1; for seen in ${lines[@]+"${lines[@]}"}; do [[ "$seen" != "$line" ]] || new=0; done  # bash < 4.4: set -u
+    if [[ -n "$line" ]] && ((new)); then lines+=("$line"); fi
+  fi
 done
+# The processes printed no refusal themselves: each distinct line once, whatever the exit.
+((${#lines[@]} == 0)) || printf '%s\n' ${lines[@]+"${lines[@]}"} >&2
 if ((status != 0 && preempted == NPROC_PER_NODE)); then
   echo "launch.sh: all $NPROC_PER_NODE trainer processes of this node saved and stopped for preemption:" \
        "exit $PREEMPTED" >&2
   status=$PREEMPTED
+elif ((status != 0 && refused == NPROC_PER_NODE)); then
+  status=2
 fi
 exit "$status"

@@ -39,7 +39,7 @@ def test_config_file_errors_name_the_file_and_the_key(tmp_path):
     with pytest.raises(ConfigError, match="bad.yaml: unknown option.*learning_rat"):
         parse_config(["--config", str(path)])
     path.write_text("epochs: many\n")
-    with pytest.raises(ConfigError, match="epochs must be a int, got 'many'"):
+    with pytest.raises(ConfigError, match="epochs must be an int, got 'many'"):
         parse_config(["--config", str(path)])
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "missing.yaml")])

@@ -196,6 +196,17 @@ def test_zero3_checkpoint_with_another_process_count_is_refused(launch, data_dir
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert line.startswith(f"error: {resumed / 'epoch_1'} holds ZeRO-3 state sharded over 2 processes; resume it "
                            f"with 2 processes"), line
+    # Through launch.sh, the refusal that only the workers can make (it reads the checkpoint): the line once, exit 2,
+    # without torch's ChildFailedError.
+    import subprocess
+    from conftest import child_env, free_port
+    args = TINY + ["--data_dir", data_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
+                   "--micro_batch_size", "16", "--save_dir", resumed, "--checkpoint", resumed / "epoch_1"]
+    env = child_env(NPROC_PER_NODE="1", GPUS="0", MASTER_PORT=str(free_port()))
+    result = subprocess.run([str(REPO / "launch.sh"), "--strategy", "zero3", *map(str, args)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if "error" in line.lower()] == [line]
 
 
 def test_launch_sh_zero3_trains_like_ddp(launch, data_dir, tmp_path):

@@ -132,7 +132,10 @@ def test_push_to_hub_without_network_stops_in_one_line_before_writing(run, tmp_p
     unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = subprocess.run([sys.executable, "-m", "trainer.export", str(folder), "--out", str(tmp_path / "out"),
                              "--push_to_hub", "someone/cifar100-test-vit"], cwd=REPO,
-                            env=child_env(HF_ENDPOINT=unreachable), capture_output=True, text=True, timeout=120)
+                            # HF_HUB_OFFLINE=0: many clusters set it to 1, which makes the hub client report offline
+                            # mode instead of the unreachable address (the second case below).
+                            env=child_env(HF_ENDPOINT=unreachable, HF_HUB_OFFLINE="0"), capture_output=True, text=True,
+                            timeout=120)
     assert "cannot be reached" in one_line_error(result)
     offline = subprocess.run([sys.executable, "-m", "trainer.export", str(folder), "--out", str(tmp_path / "out"),
                               "--push_to_hub", "someone/cifar100-test-vit"], cwd=REPO,

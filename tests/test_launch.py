@@ -82,9 +82,12 @@ def option(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
+ACCELERATE_LAUNCH = str(REPO / "trainer" / "accelerate_launch.py")  # `accelerate launch`, quiet where it explains
+
+
 def accelerate_layout(command: list[str]) -> dict:
     """What an `accelerate launch ... trainer/main.py ARGS` command asks for, and the trainer's arguments."""
-    assert command[:2] == ["accelerate", "launch"], command
+    assert command[:2] == ["python", ACCELERATE_LAUNCH], command
     main = command.index(MAIN)
     head = command[:main]
     return {"config": option(head, "--config_file"), "processes": int(option(head, "--num_processes")),
@@ -308,3 +311,122 @@ def test_deepspeed_configs_leave_batching_and_clipping_to_the_trainer(strategy):
     assert ds["offload_param_device"] == ("cpu" if offload and ds["zero_stage"] == 3 else "none")
     # ZeRO-3 can write a whole model.safetensors only when it gathers the weights (else get_state_dict raises).
     assert ds["zero3_save_16bit_model"] is (ds["zero_stage"] == 3)
+
+
+# --- refusals: one line, exit 2 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"MASTER_PORT": "70000"}, [], "MASTER_PORT must lie in [1, 65535], got 70000"),
+    ({"NNODES": "2", "NODE_RANK": "5", "MASTER_ADDR": "h"}, [], "NODE_RANK must lie in [0, NNODES - 1] = [0, 1], got 5"),
+    ({"NNODES": "2", "NODE_RANK": "1"}, [], "node NODE_RANK=1 needs MASTER_ADDR, the address of node 0"),
+    ({"RENDEZVOUS_TIMEOUT": "0"}, [], "RENDEZVOUS_TIMEOUT must be a whole number >= 1, got '0'"),
+    ({"NPROC_PER_NODE": "2"}, ["--strategy", "single"], "--strategy single runs one process, but NNODES=1 x "
+                                                         "NPROC_PER_NODE=2 were asked for"),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h"}, ["--strategy", "single"],
+     "--strategy single runs one process, but NNODES=2 x NPROC_PER_NODE=1 were asked for"),
+    (SLURM, ["--strategy", "single"], "--strategy single runs one process, but NNODES=2 x NPROC_PER_NODE=4"),
+], ids=["port", "rank", "master", "timeout", "single-nproc", "single-nodes", "single-slurm"])
+def test_node_settings_are_refused_in_one_line(fake_bin, env, args, message):
+    fake_scontrol(fake_bin, "gpu[07-08]", ["gpu07", "gpu08"])
+    rc, lines, _ = launch(fake_bin, *args, "--model", "test_vit", env=env)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_single_on_a_multi_gpu_node_runs_one_process(fake_bin):
+    fake_nvidia_smi(fake_bin, 8)
+    rc, _, command = launch(fake_bin, "--strategy", "single", *TRAINER_ARGS)
+    assert rc == 0
+    layout = accelerate_layout(command)
+    assert (layout["config"], layout["processes"]) == (str(CONFIGS / "single_gpu.yaml"), 1)
+
+
+def fake_python(fake_bin: Path, check_status: int, workers: str = "", launcher_status: int = 1) -> None:
+    """`python`: exits check_status for launch.sh's --check_launch; as the launcher, leaves the workers' status files
+    (`workers`: shell lines writing into $TRAINER_EXIT_STATUS_DIR) and exits launcher_status."""
+    refusal = 'echo "error: checked" >&2; ' if check_status else ""
+    write_script(fake_bin / "python", f'if [ "$2" = "--check_launch" ]; then {refusal}exit {check_status}; fi\n'
+                                      f': > "{fake_bin}/launched"\n{workers}\nexit {launcher_status}\n')
+
+
+def test_options_are_checked_once_before_any_worker_starts(fake_bin):
+    fake_python(fake_bin, check_status=2)
+    rc, lines, _ = launch(fake_bin, "--learning_rate", "-1", env={"NPROC_PER_NODE": "2"}, dry_run=False)
+    assert rc == 2 and lines[2:] == ["error: checked"], lines
+    assert not (fake_bin / "launched").exists()
+
+
+REFUSED = 'printf "2\\nerror: --x is wrong\\n" > "$TRAINER_EXIT_STATUS_DIR/local_rank_{}"\n'
+
+
+@pytest.mark.parametrize("ranks, status", [((0, 1), 2), ((1,), 1)], ids=["all", "one"])
+def test_workers_refusal_is_one_line_and_exit_2_when_every_worker_refused(fake_bin, ranks, status):
+    fake_python(fake_bin, check_status=0, workers="".join(REFUSED.format(r) for r in ranks))
+    rc, lines, _ = launch(fake_bin, env={"NPROC_PER_NODE": "2"}, dry_run=False)
+    assert rc == status and lines[2:] == ["error: --x is wrong"], lines  # printed once, whatever the exit
+
+
+# --- the same, with the real trainer and launcher (2 CPU processes) ----------------------------------------
+
+def real_launch(tmp_path, *args, **env):
+    import sys
+    from conftest import TINY, child_env, free_port
+    from trainer.synthetic import write_fake_cifar100
+    if not (tmp_path / "data").exists():
+        write_fake_cifar100(tmp_path / "data", num_train=16, num_test=8)
+    steering = {k: v for k, v in child_env().items() if k not in STEERING and not k.startswith("SLURM_")}
+    # The venv's python first on PATH: launch.sh runs `python`.
+    steering["PATH"] = f"{Path(sys.executable).parent}:{steering.get('PATH', '')}"
+    env = {**steering, "GPUS": "0", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env}
+    argv = [*TINY, "--data_dir", tmp_path / "data", "--save_dir", tmp_path / "run", "--batch_size", "8", *args]
+    return subprocess.run([LAUNCH, *map(str, argv)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+
+
+def errors(result) -> list[str]:
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+def test_real_refusal_before_the_workers_is_one_line(tmp_path):
+    result = real_launch(tmp_path, "--learning_rate", "-1")
+    assert result.returncode == 2 and errors(result) == ["error: --learning_rate must be positive, got -1.0"]
+    assert len(result.stderr.splitlines()) == 3  # launch.sh's two lines, then the refusal
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_refusal_inside_the_workers_is_one_line_and_exit_2(tmp_path):
+    # accelerate's refusal of fp16 on the CPU needs the Accelerator: every worker makes it, none prints it.
+    result = real_launch(tmp_path, "--mixed_precision", "fp16")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert errors(result) == ["error: --mixed_precision fp16 is not applied on cpu by accelerate (it would train in "
+                              "fp32); use --mixed_precision bf16 or no"]
+
+
+def test_a_node_that_cannot_reach_the_master_says_which_settings_to_check(tmp_path):
+    from conftest import free_port
+    port = free_port()  # nothing listens there: node 0 was never started
+    result = real_launch(tmp_path, NNODES="2", NODE_RANK="1", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port), RENDEZVOUS_TIMEOUT="1")
+    assert result.returncode == 1
+    (line,) = errors(result)
+    assert line.startswith(f"error: node NODE_RANK=1 of NNODES=2 could not reach the master node at "
+                           f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}"), line
+
+
+def test_a_refusing_worker_waits_for_the_other_workers_of_its_node(tmp_path, monkeypatch):
+    """torch's agent stops the other workers as soon as one exits: a refusing worker leaves its line for launch.sh,
+    then waits (seconds at most) until every worker of its node has left its status, so launch.sh can see that all
+    refused. In this process, with a second worker that refuses 0.3 s later."""
+    import threading
+    import time
+    from trainer.main import tell_launch_sh
+    monkeypatch.setenv("TRAINER_EXIT_STATUS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    other = threading.Timer(0.3, lambda: (tmp_path / "local_rank_1").write_text("2\nerror: --x is wrong\n"))
+    other.start()
+    start = time.monotonic()
+    assert tell_launch_sh(2, "error: --x is wrong")
+    assert 0.3 <= time.monotonic() - start < 3
+    assert (tmp_path / "local_rank_0").read_text() == "2\nerror: --x is wrong\n"
+    other.join()

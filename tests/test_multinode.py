@@ -88,7 +88,9 @@ def test_both_nodes_exit_0_and_form_one_group_of_two(runs):
 def test_launch_sh_chose_the_multi_node_config(runs):
     *_, nodes, _ = runs
     for rank, node in enumerate(nodes):
-        command = [line for line in node.stderr.splitlines() if line.startswith("launch.sh: accelerate launch")]
+        # `accelerate launch` through trainer/accelerate_launch.py (quiet when every worker explained its exit).
+        command = [line for line in node.stderr.splitlines()
+                   if line.startswith(f"launch.sh: python {REPO}/trainer/accelerate_launch.py --config_file")]
         assert len(command) == 1, node.stderr[-2000:]
         assert "accelerate_configs/multi_node.yaml --num_processes 2 --num_machines 2" in command[0]
         assert f"--machine_rank {rank} --main_process_ip 127.0.0.1" in command[0]

@@ -1,5 +1,6 @@
 """What the user asked for, or a refusal: one line `error: ...`, exit status 2, before training, nothing left behind."""
 
+import json
 import os
 import pickle
 import signal
@@ -44,10 +45,10 @@ def weights_file(path, model_name, **kwargs):
 # --- command line and config files ------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
-    ("epochs: 1.9", "epochs must be a int, got 1.9"),
-    ("epochs: null", "epochs must be a int, got null"),
-    ("epochs: true", "epochs must be a int, got True"),
-    ("batch_size: 64.0", "batch_size must be a int, got 64.0"),
+    ("epochs: 1.9", "epochs must be an int, got 1.9"),
+    ("epochs: null", "epochs must be an int, got null"),
+    ("epochs: true", "epochs must be an int, got True"),
+    ("batch_size: 64.0", "batch_size must be an int, got 64.0"),
     ("learning_rate: false", "learning_rate must be a float, got False"),
     ("pretrained: 1", "pretrained must be a bool, got 1"),
     ("model: 3", "model must be a str, got 3"),
@@ -71,7 +72,7 @@ def test_config_file_ints_are_floats_and_nulls_where_the_option_has_one(tmp_path
 def test_study_file_values_need_the_options_type_exactly(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("defaults: {epochs: 1.9}\nexperiments: {a: {options: {model: test_vit}}}\n")
-    with pytest.raises(ReportError, match=r"defaults: epochs must be a int, got 1\.9"):
+    with pytest.raises(ReportError, match=r"defaults: epochs must be an int, got 1\.9"):
         load_study(path)
 
 
@@ -136,13 +137,17 @@ def test_refusals_before_training_leave_nothing_behind(data, tmp_path, capsys):
          "--image_size 33 does not fit --model test_vit (AssertionError: Input height (33) should be divisible by "
          "patch size (16).)"),
         (["--save_dir", run, "--pretrained_file", not_weights],
-         f"--pretrained_file {not_weights} cannot be loaded into test_vit by timm (SafetensorError"),
-        (["--save_dir", run, "--pretrained_file", not_pickle], f"--pretrained_file {not_pickle} cannot be loaded"),
+         f"--pretrained_file {not_weights} cannot be loaded into test_vit by timm: it is not a weights file timm can "
+         f"read (safetensors, or a PyTorch state dict saved with torch.save) (SafetensorError"),
+        # torch.load reads the text's first byte as a pickle opcode: its KeyError(number) is left out.
+        (["--save_dir", run, "--pretrained_file", not_pickle],
+         f"--pretrained_file {not_pickle} cannot be loaded into test_vit by timm: it is not a weights file timm can "
+         f"read (safetensors, or a PyTorch state dict saved with torch.save)"),
         (["--save_dir", run, "--pretrained_file", nfnet],
          f"--pretrained_file {nfnet} does not fit test_vit: 78 of the model's 80 tensors are not in the file"),
         (["--save_dir", run, "--batch_size", "32"],
          f"--batch_size 32 is larger than the training set (16 images in {data / 'cifar-100-python' / 'train'})"),
-        (["--save_dir", run, "--config", config], f"--config {config}: epochs must be a int, got null"),
+        (["--save_dir", run, "--config", config], f"--config {config}: epochs must be an int, got null"),
     ]
     for extra, message in cases:
         assert message in refused(base + extra, capsys)
@@ -308,16 +313,193 @@ def test_weights_of_other_shapes_are_refused(tmp_path):
 
 # --- report and launch.sh -----------------------------------------------------------------------------
 
-def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
+# --- every command of the package: one line, exit 2, nothing written -------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A real run folder with its checkpoint epoch_1 (export and evaluate verify what they read)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main([str(a) for a in TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8",
+                                         "--save_dir", run]]) == 0
+    return run
+
+
+def command_main(name: str):
+    import importlib
+    return importlib.import_module(f"trainer.{name}").main
+
+
+def damaged_copy(run, tmp, text):
+    """A copy of the run whose config.json holds `text`."""
+    import shutil
+    copy = tmp / "copy"
+    shutil.copytree(run, copy)
+    (copy / "config.json").write_text(text)
+    return copy
+
+
+def damaged_report_run(tmp, change):
+    """A report's run folder (test_report.write_run), changed by change(folder)."""
     from test_report import write_run
-    from trainer.report import main as report_main
-    run = write_run(tmp_path / "run")
-    out = tmp_path / "out"
-    out.write_text("mine")
-    assert report_main([str(run), "--out", str(out)]) == 2
+    run = write_run(tmp / "r")
+    change(run)
+    return run
+
+
+def lines_without(key):
+    def change(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        lines[1].pop(key) if key != "null" else lines[1].update(val_acc1=None)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return change
+
+
+def evaluation_with(metrics=None, per_class=None):
+    def change(run):
+        (run / "evaluation").mkdir()
+        (run / "evaluation" / "metrics.json").write_text(json.dumps(
+            metrics or {"val_acc1": 1.0, "val_acc5": 2.0, "val_loss": 3.0, "val_images": 10}))
+        if per_class:
+            (run / "evaluation" / "per_class.csv").write_text(per_class)
+    return change
+
+
+def study_file(tmp):
+    (tmp / "study.yaml").write_text("experiments: {a: {options: {model: test_vit}}}\n")
+    return ["--study", tmp / "study.yaml", "--no-pretrained", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "8"]
+
+
+def study_with_corrupt_config(tmp, data):
+    (tmp / "s" / "a").mkdir(parents=True)
+    (tmp / "s" / "a" / "config.json").write_text('{"options": ')
+    return [*study_file(tmp), "--save_dir", tmp / "s", "--data_dir", data]
+
+
+# (id, command, argv(c) with c: tmp, data, run (a real run folder), ckpt (its checkpoint), what the line says)
+COMMAND_REFUSALS = [
+    # An --out inside a checkpoint would fail its manifest: every later resume, evaluate or export refuses it.
+    ("report-out-in-checkpoint", "report", lambda c: [c.run, "--out", c.ckpt / "figures"], "lies inside the checkpoint"),
+    ("evaluate-out-in-checkpoint", "evaluate", lambda c: [c.ckpt, "--out", c.ckpt / "eval"],
+     "lies inside the checkpoint"),
+    ("report-out-file", "report", lambda c: [c.run, "--out", c.tmp / "a_file"], "is a file; give a folder"),
+    ("export-out-under-file", "export", lambda c: [c.ckpt, "--out", c.tmp / "a_file" / "x"],
+     "cannot be created: {tmp}/a_file is a file"),
+    ("evaluate-out-under-file", "evaluate", lambda c: [c.ckpt, "--out", c.tmp / "a_file" / "x"],
+     "cannot be created: {tmp}/a_file is a file"),
+    ("export-corrupt-config", "export", lambda c: [damaged_copy(c.run, c.tmp, "{") / "epoch_1", "--out", c.tmp / "o"],
+     "{tmp}/copy/config.json is not valid JSON"),
+    ("export-config-list", "export", lambda c: [damaged_copy(c.run, c.tmp, "[]") / "epoch_1", "--out", c.tmp / "o"],
+     "{tmp}/copy/config.json holds a list, not the run's options"),
+    ("evaluate-corrupt-config", "evaluate",
+     lambda c: [damaged_copy(c.run, c.tmp, "{") / "epoch_1", "--out", c.tmp / "o", "--device", "cpu"],
+     "{tmp}/copy/config.json is not valid JSON"),
+    ("study-corrupt-config", "study", lambda c: study_with_corrupt_config(c.tmp, c.data),
+     "{tmp}/s/a/config.json is not valid JSON"),
+    ("study-launcher-missing", "study", lambda c: [*study_file(c.tmp), "--save_dir", c.tmp / "s", "--launcher", "nope x"],
+     "--launcher 'nope x': nope is not a program that can be run"),
+    ("study-launcher-unparsed", "study", lambda c: [*study_file(c.tmp), "--save_dir", c.tmp / "s", "--launcher", "a 'b"],
+     "--launcher \"a 'b\" does not parse as a command"),
+    ("study-missing-data", "study",
+     lambda c: [*study_file(c.tmp), "--save_dir", c.tmp / "s", "--data_dir", c.tmp / "none", "--no-download"],
+     "CIFAR-100 not found in {tmp}/none"),
+    # The trainer's own checks of every run (trainer/precheck.py, in one subprocess), before any run folder or log.
+    ("study-precheck", "study",
+     lambda c: [*study_file(c.tmp), "--save_dir", c.tmp / "s", "--data_dir", c.data, "--model", "no_such_model"],
+     "--model 'no_such_model' is neither a preset (nfnet, vit) nor a timm model name"),
+    ("report-no-val_acc1", "report", lambda c: [damaged_report_run(c.tmp, lines_without("val_acc1"))],
+     "{tmp}/r/metrics.jsonl: line 2 has no number val_acc1 (got None)"),
+    ("report-val_acc1-null", "report", lambda c: [damaged_report_run(c.tmp, lines_without("null"))],
+     "{tmp}/r/metrics.jsonl: line 2 has no number val_acc1 (got None)"),
+    ("report-no-lr", "report",
+     lambda c: [damaged_report_run(c.tmp, lambda r: (r / "steps.jsonl").write_text('{"step": 1, "train_loss": 2}\n'))],
+     "{tmp}/r/steps.jsonl: line 1 has no number lr"),
+    ("report-config-list", "report",
+     lambda c: [damaged_report_run(c.tmp, lambda r: (r / "config.json").write_text("[]"))],
+     "{tmp}/r/config.json does not hold the run's options"),
+    ("report-bad-evaluation", "report",
+     lambda c: [damaged_report_run(c.tmp, evaluation_with({"val_acc1": "x", "val_acc5": 1, "val_loss": 1,
+                                                           "val_images": 1}))],
+     "{tmp}/r/evaluation/metrics.json: line 1 has no number val_acc1 (got 'x')"),
+    ("report-bad-per-class", "report",
+     lambda c: [damaged_report_run(c.tmp, evaluation_with(per_class="class,name,correct,images,accuracy\n0,a,1,2,x\n"))],
+     "{tmp}/r/evaluation/per_class.csv is damaged (ValueError"),
+    ("trainer-binary-config", "main", lambda c: ["--config", c.tmp / "weights.bin"], "--config {tmp}/weights.bin is not a "
+                                                                                       "text file (YAML or JSON)"),
+    ("synthetic-existing-data", "synthetic", lambda c: [c.data], "{data}/cifar-100-python already holds a data set "
+                                                                 "(train, test, meta); give another folder, or --overwrite"),
+    ("synthetic-no-train", "synthetic", lambda c: [c.tmp / "new", "--num_train", "0"], "--num_train must be at least 1"),
+    ("synthetic-out-file", "synthetic", lambda c: [c.tmp / "a_file"], "DATA_DIR {tmp}/a_file is a file, not a folder"),
+    ("bench-models", "bench", lambda c: ["--models", "nope"], "--models 'nope': nope is neither a preset"),
+    ("bench-steps", "bench", lambda c: ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("bench-out-file", "bench", lambda c: ["--out", c.tmp / "a_file"], "--out {tmp}/a_file is a file, not a folder"),
+    ("bench-cuda-graph-on-cpu", "bench", lambda c: ["--modes", "eager,cuda_graph"], "--modes cuda_graph needs a CUDA GPU"),
+    # argparse's own refusals: its line alone, not its usage block (as the trainer's).
+] + [(f"{name}-argparse", name, lambda c, argv=argv: argv, message) for name, argv, message in [
+    ("evaluate", ["x", "--nope"], "unrecognized arguments: --nope (see --help)"),
+    ("export", ["x", "--nope"], "unrecognized arguments: --nope (see --help)"),
+    ("report", ["x", "--nope"], "unrecognized arguments: --nope (see --help)"),
+    ("synthetic", ["x", "--nope"], "unrecognized arguments: --nope (see --help)"),
+    ("study", ["--processes", "x"], "argument --processes: invalid int value: 'x' (see --help)"),
+    ("bench", ["--steps", "x"], "argument --steps: invalid int value: 'x' (see --help)")]]
+
+
+@pytest.mark.parametrize("command, argv, message", [case[1:] for case in COMMAND_REFUSALS],
+                         ids=[case[0] for case in COMMAND_REFUSALS])
+def test_every_command_refuses_in_one_line_and_writes_nothing(trained, data, tmp_path, capsys, command, argv, message):
+    from types import SimpleNamespace
+    from trainer import checkpoint
+    if command == "bench" and torch.cuda.is_available() and "cuda_graph" in message:
+        pytest.skip("a GPU takes --modes cuda_graph")
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 4)
+    c = SimpleNamespace(tmp=tmp_path, data=data, run=trained, ckpt=trained / "epoch_1")
+    args = [str(a) for a in argv(c)]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    data_before = {p: p.read_bytes() for p in (data / "cifar-100-python").iterdir()}
+    try:
+        code = command_main(command)(args)
+    except SystemExit as stop:  # argparse's refusals
+        code = stop.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: --out {out} cannot be a folder of the report")
-    assert out.read_text() == "mine"
+    assert code == 2 and len(err) == 1, (code, err)
+    assert err[0].startswith("error: ") and message.format(tmp=tmp_path, data=data) in err[0], err[0]
+    # Nothing written: no new or changed file here, the checkpoint verifies, the data set is the same.
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    checkpoint.verify(trained / "epoch_1")
+    assert {p: p.read_bytes() for p in (data / "cifar-100-python").iterdir()} == data_before
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "report"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, capsys, monkeypatch, command):
+    # As root every folder is writable; os.access is what the check asks, so here it stands in for a read-only one.
+    # Without the check, evaluate would fail after the whole evaluation, with a traceback.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    source = trained if command == "report" else trained / "epoch_1"
+    assert command_main(command)([str(source), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'out'} cannot be created: {tmp_path} is not writable\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("launch, extra, message", [
+    (["3", "ddp"], [], "--batch_size 8 is not divisible by the 3 processes"),
+    (["2", "zero3"], ["--model_ema"], "--model_ema is not supported under DeepSpeed ZeRO-3"),
+    (["2", "ddp"], ["--batch_size", "32"], "--batch_size 32 is larger than the training set (16 images"),
+    (["2", "ddp"], ["--data_dir", "{tmp}/none", "--no-download"], "CIFAR-100 not found"),
+    (["2", "ddp"], ["--model", "no_such_model"], "--model 'no_such_model' is neither a preset"),
+    (["2", "ddp"], ["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
+    (["x", "ddp"], [], "--check_launch needs PROCESSES STRATEGY"),
+    (["2", "ddp"], ["--epochs", "1"], None),  # nothing to refuse: exit 0
+], ids=["processes", "zero3-ema", "batch", "data", "model", "option", "usage", "fine"])
+def test_launch_sh_checks_a_launch_once_before_its_workers(data, tmp_path, capsys, launch, extra, message):
+    """What launch.sh runs before it starts several workers (trainer/precheck.py), in this process: what the
+    process count or ZeRO stage cannot train, the data and the model, one line, exit 2, nothing written."""
+    argv = ["--check_launch", *launch, *TINY, "--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run",
+            *[a.format(tmp=tmp_path) for a in extra]]
+    if message is None:
+        assert main([str(a) for a in argv]) == 0 and capsys.readouterr().err == ""
+    else:
+        assert message in refused(argv, capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("env, message", [

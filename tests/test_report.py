@@ -167,3 +167,21 @@ def test_a_folder_that_is_not_a_run_is_one_line_and_exit_2(tmp_path, capsys, mak
     assert report_main([str(folder), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(folder) in err
+
+
+def test_runs_whose_folder_and_parent_names_repeat_keep_their_own_rows_and_figures(tmp_path):
+    a = write_run(tmp_path / "machine_a" / "runs" / "nfnet_adamw_cosine", acc1=(50.0, 60.0))
+    b = write_run(tmp_path / "machine_b" / "runs" / "nfnet_adamw_cosine", acc1=(50.0, 70.0))
+    text, results, _ = report(tmp_path, a, b)
+    assert {name: row["final top-1 (%)"] for name, row in results.items()} == {
+        "runs_nfnet_adamw_cosine_1": "60.00", "runs_nfnet_adamw_cosine_2": "70.00"}
+    for name in results:  # one figure each, none drawn over another
+        assert (tmp_path / "out" / f"{name}.png").is_file() and f"]({name}.png)" in text
+
+
+def test_figure_links_with_spaces_stay_markdown_links(tmp_path):
+    run = write_run(tmp_path / "runs" / "my run (2)")
+    text, *_ = report(tmp_path, run)
+    # CommonMark: a bare destination ends at a space; percent-encoded, the link is whole and names the file.
+    assert "![my run (2): " in text and "](my%20run%20%282%29.png)" in text
+    assert (tmp_path / "out" / "my run (2).png").is_file()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import ConfigError, OneLineArgumentParser, TrainConfig, refuse
 from .graphs import CudaGraphStep
 from .models import create_model
 from .optim import create_optimizer
@@ -202,8 +202,33 @@ def table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(args, split, gpu: bool) -> None:
+    """Every bad argument in one line before anything is measured or written (the run takes minutes)."""
+    import timm
+    from .config import MODEL_PRESETS, check_writable_folder
+    unknown = set(split(args.modes)) - {"eager", "compile", "cuda_graph"}
+    if unknown or not split(args.modes):
+        raise ConfigError(f"--modes {args.modes!r}: give some of eager, compile, cuda_graph"
+                          + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+    if "cuda_graph" in split(args.modes) and not gpu:  # a CUDA graph needs a GPU: the row would be missing
+        raise ConfigError("--modes cuda_graph needs a CUDA GPU, and none is visible; leave it out on the CPU")
+    models = split(args.models)
+    bad = [m for m in models if m not in MODEL_PRESETS and not timm.is_model(m)]
+    if bad or not models:
+        raise ConfigError(f"--models {args.models!r}: {bad[0] if bad else 'no model'} is neither a preset (nfnet, "
+                          f"vit) nor a timm model name")
+    augments = {"crop_flip", "randaug", "none"}
+    if not split(args.augment) or set(split(args.augment)) - augments:
+        raise ConfigError(f"--augment {args.augment!r}: give some of {', '.join(sorted(augments))}")
+    for name in ("batch_size", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.out is not None:
+        check_writable_folder(str(args.out), "--out")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
     gpu = torch.cuda.is_available()
     parser.add_argument("--models", default="nfnet,vit" if gpu else "test_vit",
                         help="comma-separated presets or timm names (default: nfnet,vit on GPU, test_vit on CPU)")
@@ -228,9 +253,10 @@ def main(argv=None) -> int:
         Path(args.child_result).write_text(json.dumps({"seconds": seconds}))
         return 0
     split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
-    unknown = set(split(args.modes)) - {"eager", "compile", "cuda_graph"}
-    if unknown:
-        parser.error(f"--modes: unknown {', '.join(sorted(unknown))}")
+    try:
+        check_arguments(args, split, gpu)
+    except ConfigError as error:
+        return refuse(error)
     from .records import hardware, library_versions
     header = (f"{hardware()}; " + ", ".join(f"{k} {v}" for k, v in library_versions().items())
               + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps"

@@ -311,16 +311,28 @@ def _value_type(name: str) -> type:
     return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse prints its whole usage (some 30 lines here) before the line that names the mistake: print that
-    line alone, `error: ...`, with exit status 2 like every other bad input. --help still prints everything."""
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints its whole usage (some 30 lines for the trainer) before the line that names the mistake: print
+    that line alone, `error: ...`, with exit status 2 like every other bad input. --help still prints everything.
+    Every command of the package parses with it."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def refuse(error: Exception) -> int:
+    """How every command ends on bad input: one line `error: ...` on stderr, exit status 2."""
+    import sys
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def a_or_an(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrors(
+    parser = OneLineArgumentParser(
         prog="trainer", description="Fine-tune a timm model on CIFAR-100 with Hugging Face Accelerate.",
         argument_default=argparse.SUPPRESS, allow_abbrev=False)  # a typo must not silently match another option
     parser.add_argument("--config", help="YAML or JSON file of options; the command line overrides it.")
@@ -357,6 +369,8 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"--config {path} does not exist")
     try:
         values = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:  # a binary file (weights, an archive) given by mistake
+        raise ConfigError(f"--config {path} is not a text file (YAML or JSON)") from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"--config {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
                           f"{str(error).splitlines()[0]}") from None
@@ -387,7 +401,7 @@ def typed_value(name: str, value):
     if value is None:
         if _optional(name):
             return None
-        raise ConfigError(f"{name} must be a {kind.__name__}, got null (it has no null value)")
+        raise ConfigError(f"{name} must be {a_or_an(kind.__name__)}, got null (it has no null value)")
     if isinstance(value, str) and kind in (int, float):
         try:
             value = kind(value)
@@ -396,7 +410,7 @@ def typed_value(name: str, value):
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind:
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be {a_or_an(kind.__name__)}, got {value!r}")
     return value
 
 

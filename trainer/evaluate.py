@@ -16,7 +16,6 @@ Exit status: 0 done; 2 a bad model, folder or data (one line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import pickle
@@ -28,7 +27,7 @@ if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from trainer.checkpoint import CheckpointError, is_checkpoint  # noqa: E402
-from trainer.config import ConfigError, TrainConfig  # noqa: E402
+from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig, refuse  # noqa: E402
 from trainer.data import NUM_CLASSES, DataError  # noqa: E402
 from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
 
@@ -178,7 +177,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="checkpoint folder, folder written by trainer.export, or a timm name "
                                        "(local-dir:PATH, hf-hub:NAME)")
     parser.add_argument("--data_dir", default=None, help="folder holding cifar-100-python/ (default: the "
@@ -194,8 +193,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
         evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
     except (CheckpointError, ConfigError, DataError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refuse(error)
     return 0
 
 

@@ -17,12 +17,12 @@ Exit status: 0 done; 2 a bad checkpoint, --out or network (one line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError, is_checkpoint, load_weights, read_manifest, verify, weights_file
+from .config import OneLineArgumentParser, refuse
 
 CARD_FILE = "README.md"
 # What save_for_hf (safetensors only) and the model card write: a folder holding only these is a previous export.
@@ -34,14 +34,21 @@ class ExportError(ValueError):
 
 
 def check_out(out: Path, *, overwrite: set[str] | None = EXPORT_FILES, flag: str = "--out") -> None:
-    """Refuse an output folder that is a file, lies inside a checkpoint (writing there would break its manifest),
-    or is a non-empty folder holding other files than a previous output (`overwrite`; None: any file)."""
+    """Refuse an output folder that is a file, lies under a file, cannot be written or created, lies inside a
+    checkpoint (a file written there fails the checkpoint's manifest, so the next resume, evaluate or export refuses
+    it as damaged), or is a non-empty folder holding other files than a previous output (`overwrite`; None: any
+    file). Creates nothing. The one check of every command's --out (export, evaluate, report)."""
+    from .config import ConfigError, check_writable_folder
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ExportError(f"{flag} {out} is a file; give a folder")
     for folder in [out.resolve(), *out.resolve().parents]:
         if is_checkpoint(folder):
             raise ExportError(f"{flag} {out} lies inside the checkpoint {folder}; give a folder outside it")
+    try:
+        check_writable_folder(str(out), flag)
+    except ConfigError as error:
+        raise ExportError(str(error)) from None
     if overwrite is not None and out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in overwrite or not p.is_file())
         if others:
@@ -53,7 +60,16 @@ def run_records(folder: Path) -> tuple[dict, dict | None]:
     """The run's config.json (options and resolved values) and the metrics.jsonl line of this checkpoint's step."""
     from .records import CONFIG_FILE, METRICS_FILE, read_lines
     run = folder.resolve().parent
-    config = json.loads((run / CONFIG_FILE).read_text()) if (run / CONFIG_FILE).is_file() else {}
+    config = {}
+    if (run / CONFIG_FILE).is_file():
+        try:
+            config = json.loads((run / CONFIG_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as error:  # cut short or damaged: one line, not a traceback
+            raise ExportError(f"{run / CONFIG_FILE} is not valid JSON ({str(error).splitlines()[0]}); restore it "
+                              f"from a copy, or delete it to go on without the run's options") from None
+        if not isinstance(config, dict):
+            raise ExportError(f"{run / CONFIG_FILE} holds a {type(config).__name__}, not the run's options; restore "
+                              f"it from a copy, or delete it to go on without them")
     info = read_manifest(folder)
     try:
         lines = read_lines(run / METRICS_FILE)
@@ -154,7 +170,7 @@ def export(folder: Path, out: Path, ema: bool = False, push_to_hub: str | None =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder, e.g. checkpoint/epoch_25")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: CHECKPOINT_export beside it)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs with --model_ema)")
@@ -165,8 +181,7 @@ def main(argv=None) -> int:
         out = export(args.checkpoint, args.out or args.checkpoint.parent / f"{args.checkpoint.name}_export",
                      ema=args.ema, push_to_hub=args.push_to_hub)
     except (CheckpointError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refuse(error)
     print(out)
     return 0
 

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 
 from .checkpoint import CheckpointManager
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
 from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
@@ -24,7 +24,7 @@ from .optim import create_optimizer, create_scheduler, scheduled_lr
 from .preemption import Preempted, StopRequest, StopVote
 from .run_lock import RunLock
 from .run_log import RunLog
-from .runtime import deepspeed_applied, resolve_runtime
+from .runtime import check_batch_fits, deepspeed_applied, resolve_runtime
 from .step import create_step
 
 
@@ -60,9 +60,7 @@ class Trainer:
                 else Path(config.data_dir) / "cifar-100-python"
         train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
         self.num_train, self.num_test = len(train.labels), len(test.labels)
-        if config.batch_size > self.num_train:  # every step would be mostly weight-0 padding
-            raise ConfigError(f"--batch_size {config.batch_size} is larger than the training set "
-                              f"({self.num_train} images in {folder / 'train'})")
+        check_batch_fits(config.batch_size, self.num_train, folder / "train")
 
         set_seed(config.seed)  # the same initial head on every process and topology
         with self.log.first_on_main():  # pretrained weights: download once, then read the cache
@@ -290,6 +288,9 @@ class Trainer:
             if stop and epoch + 1 < cfg.epochs:
                 raise Preempted(f"stopped by {self.stop.cause()} after epoch {epoch + 1}; "
                                 f"resume with --resume auto")
+            if stop:  # the signal's own line promised 75: say why the status is 0
+                self.log.say(f"{self.stop.cause()} arrived in the last epoch's last step or evaluation: the run is "
+                             f"complete and saved (epoch {epoch + 1}), exit status 0, nothing to resume")
         return history
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict:

@@ -11,6 +11,8 @@ saving a checkpoint (run the same command with --resume auto to continue); 130 C
 that could not be written.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 from pathlib import Path
@@ -30,12 +32,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while torch & co. load
         return interrupted()
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
+        if argv[:1] == ["--check_launch"]:  # launch.sh and the study, before they start a run (trainer/precheck.py)
+            from trainer import precheck
+            precheck.main(argv[1:])
+            return 0
         config = parse_config(argv)
         check_writable_folder(config.save_dir, "--save_dir")  # before anything is downloaded, built or written
         Trainer(config).run()
     except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Under launch.sh the line goes to launch.sh, which prints it once for all the processes of its node.
+        if not tell_launch_sh(2, f"error: {error}"):
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except Preempted as stop:
         print(stop, file=sys.stderr)
@@ -54,12 +63,30 @@ def interrupted() -> int:
     return 130
 
 
-def tell_launch_sh(status: int) -> None:
-    """Leave this process's exit status where launch.sh looks: torch's elastic agent (accelerate launch) reports
-    its workers' 75 only as a failure (exit 1), and as nothing at all when it was signalled itself."""
+def tell_launch_sh(status: int, line: str | None = None) -> bool:
+    """Leave this process's exit status (and the line that explains it) where launch.sh looks; False when not
+    started by launch.sh. torch's elastic agent (accelerate launch) reports its workers' 75 only as a failure
+    (exit 1), and as nothing at all when it was signalled itself; a refusal (2) as a ChildFailedError traceback."""
     folder = os.environ.get("TRAINER_EXIT_STATUS_DIR")
-    if folder:
-        Path(folder, f"local_rank_{os.environ.get('LOCAL_RANK', '0')}").write_text(f"{status}\n")
+    if not folder:
+        return False
+    path = Path(folder, f"local_rank_{os.environ.get('LOCAL_RANK', '0')}")
+    temporary = path.with_name(f".{path.name}")
+    temporary.write_text(f"{status}\n" + (f"{line}\n" if line else ""))
+    temporary.replace(path)  # launch.sh never reads half a file
+    if status == 2:
+        # The agent stops the other workers as soon as one exits non-zero, before they could leave their status:
+        # wait (a few seconds at most) until every process of this node refused too, as they do when the refusal
+        # is the same for all (the options, the data, a checkpoint: every worker checks them).
+        import time
+        expected, deadline = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), time.monotonic() + REFUSAL_WAIT_S
+        while len(list(Path(folder).glob("local_rank_*"))) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return True
+
+
+# How long a refusing worker waits for the other processes of its node to refuse too (see tell_launch_sh).
+REFUSAL_WAIT_S = 5.0
 
 
 if __name__ == "__main__":

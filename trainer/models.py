@@ -75,8 +75,15 @@ def create_model(config: TrainConfig) -> torch.nn.Module:
     except Exception as error:  # not a weights file, or tensors of other shapes than the model's
         if config.pretrained_file is None:
             raise
-        raise ConfigError(f"--pretrained_file {config.pretrained_file} cannot be loaded into {name} by timm "
-                          f"({type(error).__name__}: {_summary(error)})") from None
+        if "size mismatch" in str(error):  # a weights file, of another model (torch's load_state_dict says so)
+            raise ConfigError(f"--pretrained_file {config.pretrained_file} cannot be loaded into {name} by timm "
+                              f"({type(error).__name__}: {_summary(error)})") from None
+        # Anything else is the file's format: torch.load reads a text or random file's first byte as a pickle opcode
+        # and raises KeyError(number), which would only puzzle.
+        detail = "" if isinstance(error, KeyError) else f" ({type(error).__name__}: {_summary(error)})"
+        raise ConfigError(f"--pretrained_file {config.pretrained_file} cannot be loaded into {name} by timm: it is "
+                          f"not a weights file timm can read (safetensors, or a PyTorch state dict saved with "
+                          f"torch.save){detail}") from None
     if config.pretrained_file is not None:
         _check_weights_fit(model, loads, config.pretrained_file, name)
     _check_image_size(model, config)

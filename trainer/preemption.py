@@ -91,7 +91,8 @@ class StopRequest:
     def _received(self, signum, frame) -> None:
         if self.signal is None:
             self.say(f"received {signal.Signals(signum).name}: saving a checkpoint within two optimizer steps (or "
-                     f"after this epoch's evaluation), then exiting with status {PREEMPTED_EXIT_CODE}")
+                     f"after this epoch's evaluation), then exiting with status {PREEMPTED_EXIT_CODE}; in the "
+                     f"last epoch's last step or evaluation the run completes instead (status 0)")
             self.signal = signum
 
     @property

@@ -34,7 +34,8 @@ from typing import Optional
 
 import yaml
 
-from .config import MODEL_PRESETS, ConfigError, TrainConfig, typed_value
+from .config import MODEL_PRESETS, ConfigError, OneLineArgumentParser, TrainConfig, refuse, typed_value
+from .export import ExportError, check_out
 from .records import read_lines
 
 DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
@@ -146,6 +147,52 @@ class Run:
         return f"{model}, {o.get('optimizer', '?')}, {o.get('scheduler', '?')}"
 
 
+# The numbers the tables and figures read from each record; a line without one (or with null, text, a bool) is
+# refused naming the file and line, instead of a KeyError or TypeError half-way through the report.
+METRICS_KEYS = ("epoch", "train_loss", "val_acc1", "val_acc5", "epoch_time_s", "images_per_s")
+STEPS_KEYS = ("step", "train_loss", "lr")
+EVALUATION_KEYS = ("val_acc1", "val_acc5", "val_loss", "val_images")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_numbers(path: Path, entries: list, keys) -> None:
+    for number, entry in enumerate(entries, 1):
+        bad = [k for k in keys if not isinstance(entry, dict) or not _number(entry.get(k))]
+        if bad:
+            got = entry.get(bad[0]) if isinstance(entry, dict) else entry
+            raise ReportError(f"{path}: line {number} has no number {bad[0]} (got {got!r}); the record is damaged")
+
+
+def load_evaluation(run: Run) -> None:
+    """The run's evaluation/ of trainer.evaluate, when there is one; refused in one line when it is damaged."""
+    folder = run.path / EVALUATION_DIR
+    metrics, per_class = folder / "metrics.json", folder / "per_class.csv"
+    if not metrics.is_file():
+        return
+    try:
+        evaluation = json.loads(metrics.read_text())
+    except (OSError, ValueError) as error:
+        raise ReportError(f"{metrics} is not readable JSON ({str(error).splitlines()[0]}); run trainer.evaluate "
+                          f"again or delete {folder}") from None
+    check_numbers(metrics, [evaluation], EVALUATION_KEYS)
+    run.evaluation = evaluation
+    if not per_class.is_file():
+        return
+    try:
+        with open(per_class, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:  # "" is the accuracy of a class absent from the test set
+            int(row["class"]), str(row["name"]), int(row["correct"]), int(row["images"])
+            float(row["accuracy"]) if row["accuracy"] else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ReportError(f"{per_class} is damaged ({type(error).__name__}: {error}); run trainer.evaluate again "
+                          f"or delete {folder}") from None
+    run.per_class = rows
+
+
 def load_run(path) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -153,20 +200,18 @@ def load_run(path) -> Run:
     metrics = read_jsonl(path / "metrics.jsonl")
     if not metrics:
         raise ReportError(f"{path} has no metrics.jsonl lines: not a run folder, or no epoch has finished yet")
+    check_numbers(path / "metrics.jsonl", metrics, METRICS_KEYS)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         raise ReportError(f"{path} has metrics.jsonl but no readable config.json") from None
-    run = Run(path, path.name, config, metrics, read_jsonl(path / "steps.jsonl"))
-    evaluation = path / EVALUATION_DIR
-    try:
-        run.evaluation = json.loads((evaluation / "metrics.json").read_text())
-        if not {"val_acc1", "val_acc5", "val_loss", "val_images"} <= set(run.evaluation):
-            run.evaluation = None
-        with open(evaluation / "per_class.csv", newline="") as f:
-            run.per_class = list(csv.DictReader(f))
-    except (OSError, ValueError, TypeError):  # none, or one stopped while writing: the report goes on without it
-        pass
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict) for k in ("options", "resolved")):
+        raise ReportError(f"{path / 'config.json'} does not hold the run's options (a mapping with `options` and "
+                          f"`resolved`); the record is damaged")
+    steps = read_jsonl(path / "steps.jsonl")
+    check_numbers(path / "steps.jsonl", steps, STEPS_KEYS)
+    run = Run(path, path.name, config, metrics, steps)
+    load_evaluation(run)
     return run
 
 
@@ -216,7 +261,24 @@ def load_runs(paths, study: Study) -> list[Run]:
         if names.count(run.name) > 1:  # e.g. the same experiment run on two machines
             run.name = f"{run.path.resolve().parent.name}_{run.name}"
         attach_study(run, study)
+    # The name is the run's row and its figure's file: two runs must never share one (the same folder given twice,
+    # or a/x/run and b/x/run). Numbered in the order given.
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+    counts: dict[str, int] = {}
+    for run in runs:
+        if seen[run.name] > 1:
+            counts[run.name] = counts.get(run.name, 0) + 1
+            run.name = f"{run.name}_{counts[run.name]}"
     return runs
+
+
+def link(file: str) -> str:
+    """A Markdown link target: percent-encoded, so a file name with spaces or parentheses stays one link (a bare
+    CommonMark destination ends at a space); a plain name is unchanged."""
+    from urllib.parse import quote
+    return quote(file)
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -280,7 +342,7 @@ def evaluation_lines(run: Run, figure: Optional[str]) -> list[str]:
         lines[0] += " Lowest classes: " + ", ".join(
             f"{r['name']} {float(r['accuracy']):.2f} % ({r['correct']}/{r['images']})" for r in worst) + "."
     if figure:
-        lines += ["", f"![{run.name}: confusion matrix of the final checkpoint]({figure})"]
+        lines += ["", f"![{run.name}: confusion matrix of the final checkpoint]({link(figure)})"]
     return lines + [""]
 
 
@@ -329,6 +391,10 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
     runs = load_runs(paths, study)
     out = Path(out)
     try:
+        check_out(out, overwrite=None)  # a file, under a file, not writable, or inside a checkpoint
+    except ExportError as error:
+        raise ReportError(str(error)) from None
+    try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file, under a file, or not writable
         raise ReportError(f"--out {out} cannot be a folder of the report ({error.strerror}: {error.filename})") from None
@@ -352,7 +418,7 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
              f"the epochs' times (training and evaluation).", "",
              "## Results", ""] + results_table(runs) + \
             ["", "## Against the reference study", ""] + reference_table(runs) + ["", "## Figures", ""]
-    lines += [f"![{title}]({file})\n" for title, file in figures]
+    lines += [f"![{title}]({link(file)})\n" for title, file in figures]
     evaluated = [run for run in runs if run.evaluation]
     if evaluated:
         lines += ["## Per-class evaluation of the final checkpoint", "",
@@ -370,7 +436,7 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__,
+    parser = OneLineArgumentParser(prog="python -m trainer.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (a trainer's --save_dir)")
@@ -383,8 +449,7 @@ def main(argv=None) -> int:
     try:
         report = write_report(args.runs, out, args.study)
     except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refuse(error)
     print(f"report: {report}")
     return 0
 

@@ -65,27 +65,15 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     """The Accelerator and everything the run will be; ConfigError for a set-up that cannot train rightly."""
     accelerator = create_accelerator(config)
     processes = accelerator.num_processes
-    micro_batch_size, accumulation = resolve_batching(
-        config.batch_size, processes, config.micro_batch_size, config.max_micro_batch_size)
-    accelerator.gradient_accumulation_steps = accumulation
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
+    on_cpu = accelerator.device.type == "cpu"
+    micro_batch_size, accumulation = check_layout(config, processes, zero_stage, on_cpu)
+    accelerator.gradient_accumulation_steps = accumulation
     if deepspeed:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config, micro_batch_size,
                             accumulation)
-    if config.model_ema and zero_stage == 3:
-        raise ConfigError("--model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
-                          "of the weights); use ZeRO-1/2 or DDP")
     check_ema_precision(config.model_ema, deepspeed, accelerator.mixed_precision)
-    on_cpu = accelerator.device.type == "cpu"
-    if config.data_device == "accelerator" and on_cpu:
-        raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
-    if config.mixes and micro_batch_size % 2:
-        raise ConfigError(f"--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
-                          f"got {micro_batch_size} (set --micro_batch_size or --batch_size)")
-    if config.cuda_graph and accumulation != 1:
-        raise ConfigError(f"--cuda_graph cannot accumulate gradients: use --micro_batch_size "
-                          f"{config.batch_size} (now {micro_batch_size} x {accumulation} steps)")
     mixed_precision = resolve_mixed_precision(config, on_cpu)
     return Runtime(
         accelerator=accelerator, processes=processes, rank=accelerator.process_index,
@@ -96,6 +84,39 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
         data_on_accelerator=not on_cpu and config.data_device != "cpu" and config.augment != "randaug",
         cuda_graph=config.cuda_graph)
+
+
+def check_layout(config: TrainConfig, processes: int, zero_stage: int | None, on_cpu: bool) -> tuple[int, int]:
+    """(micro_batch_size, accumulation_steps), or ConfigError for options that this many processes, this ZeRO
+    stage or the CPU cannot train. Needs no Accelerator: launch.sh asks it once, before the workers start
+    (trainer/precheck.py), and every worker asks it again with what accelerate resolved."""
+    micro_batch_size, accumulation = resolve_batching(
+        config.batch_size, processes, config.micro_batch_size, config.max_micro_batch_size)
+    if config.model_ema and zero_stage == 3:
+        raise ConfigError("--model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
+                          "of the weights); use ZeRO-1/2 or DDP")
+    if config.data_device == "accelerator" and on_cpu:
+        raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
+    if config.mixes and micro_batch_size % 2:
+        raise ConfigError(f"--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
+                          f"got {micro_batch_size} (set --micro_batch_size or --batch_size)")
+    if config.cuda_graph and (on_cpu or processes > 1 or zero_stage is not None or config.compile):
+        raise ConfigError(CUDA_GRAPH_SETUP)
+    if config.cuda_graph and accumulation != 1:
+        raise ConfigError(f"--cuda_graph cannot accumulate gradients: use --micro_batch_size "
+                          f"{config.batch_size} (now {micro_batch_size} x {accumulation} steps)")
+    return micro_batch_size, accumulation
+
+
+def check_batch_fits(batch_size: int, images: int, train_file) -> None:
+    """Refuse a global batch larger than the training set: every step would be mostly weight-0 padding."""
+    if batch_size > images:
+        raise ConfigError(f"--batch_size {batch_size} is larger than the training set ({images} images in "
+                          f"{train_file})")
+
+
+CUDA_GRAPH_SETUP = ("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile (use --compile "
+                    "alone on other set-ups)")
 
 
 # The first timm whose ModelEmaV3 updates a float32 EMA from half-precision weights: before it, its update calls
@@ -209,8 +230,7 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     precision = resolve_mixed_precision(config, on_cpu)
     if config.cuda_graph:
         if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
-            raise ConfigError("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile "
-                              "(use --compile alone on other set-ups)")
+            raise ConfigError(CUDA_GRAPH_SETUP)
         # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
         # forward wrapper would cache casts.
         precision = "no"

@@ -11,7 +11,10 @@ given to every run after the study file's values, so it wins over them: `--model
 model of all experiments. Run it again with the same arguments after an interruption: a complete run (its
 last epoch in metrics.jsonl and its `epoch_N/` checkpoint on disk) is skipped, any other is started, or
 resumed with `--resume auto` from its newest valid checkpoint. A run folder started with other values of
-the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them.
+the study file's settings (say `--epochs 1` then 25) stops the study instead of being mixed with them. Before the
+first run starts, every run still to do is checked as the trainer checks it before training (options, data, model
+and weights; not with --launcher, which may run another program): bad input stops the study in one line, exit 2,
+with nothing written.
 
 Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. A run that completes has its
 final checkpoint evaluated by `python -m trainer.evaluate` (one process; output in the same log) into
@@ -30,17 +33,20 @@ import dataclasses
 import importlib.util
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from .checkpoint import final_checkpoint, has_checkpoint
-from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, check_writable_folder, parse_config
+from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, TrainConfig, check_writable_folder,
+                     parse_config, refuse)
 from .records import METRICS_FILE
 from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
+CIFAR_FOLDER = "cifar-100-python"  # trainer/data/cifar.py's, written out: importing trainer.data imports torch
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--resume": "the runner resumes with --resume auto itself",
@@ -81,7 +87,14 @@ def check_overrides(overrides: list[str]) -> None:
 def launcher(args) -> list[str]:
     """The command that runs one training run; the run's options are appended to it."""
     if args.launcher:
-        return shlex.split(args.launcher)
+        try:
+            command = shlex.split(args.launcher)
+        except ValueError as error:  # an unclosed quote
+            raise StudyError(f"--launcher {args.launcher!r} does not parse as a command ({error})") from None
+        if not command or shutil.which(command[0]) is None:  # found out now, not after the first run's log
+            raise StudyError(f"--launcher {args.launcher!r}: {command[0] if command else 'no command'} is not a "
+                             f"program that can be run (not on PATH, or not executable)")
+        return command
     if args.processes == 1:
         return [sys.executable, str(Path(__file__).with_name("main.py"))]
     # launch.sh picks the accelerate config for the GPUs it finds (or the CPU one); a bare `accelerate
@@ -97,11 +110,30 @@ def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
     path = run_dir / "config.json"
     if not path.is_file():
         return
-    previous = json.loads(path.read_text()).get("options", {})
+    try:
+        previous = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise StudyError(f"{path} is not valid JSON ({str(error).splitlines()[0]}); restore it from a copy, or "
+                         f"delete that run's folder to start it again") from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("options", {}), dict):
+        raise StudyError(f"{path} does not hold a run's options; restore it from a copy, or delete that run's "
+                         f"folder to start it again")
+    previous = previous.get("options", {})
     changed = [f"{k} {previous.get(k)} -> {getattr(config, k)}" for k in keys if previous.get(k) != getattr(config, k)]
     if changed:
         raise StudyError(f"{run_dir} holds a run started with other settings ({', '.join(changed)}); "
                          f"use another --save_dir, or delete that folder to start it again")
+
+
+def check_data(config: TrainConfig) -> None:
+    """A run that would stop on missing data stops the study now, before any run folder or log is written."""
+    folder = Path(config.data_dir) / CIFAR_FOLDER
+    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    if missing and not config.download:
+        raise StudyError(f"CIFAR-100 not found in {config.data_dir} ({folder / missing[0]} is missing) and "
+                         f"--no-download is set; fix --data_dir or allow the download")
+    if missing:
+        check_writable_folder(config.data_dir, "--data_dir")  # where the first run will download it
 
 
 def is_complete(run_dir: Path, epochs: int) -> bool:
@@ -142,14 +174,36 @@ def evaluate_run(head: str, run_dir: Path, epochs: int) -> bool:
     return status == 0
 
 
-def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str]) -> int:
+def check_runs(plans, processes: int) -> None:
+    """The checks the trainer makes before it trains (trainer/precheck.py: options, data, model and weights), for
+    every run still to do, in one subprocess (the runner never imports torch), before any run folder or log is
+    written: a run that would stop on missing data or unreachable weights stops the study now, in one line."""
+    runs = [args for _, run_dir, args, epochs in plans if not is_complete(run_dir, epochs)]
+    if not runs:
+        return
+    cmd = [sys.executable, str(Path(__file__).with_name("main.py")), "--check_launch", str(processes),
+           "ddp" if processes > 1 else "single", "--runs", json.dumps(runs)]
+    result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # stdout shown: a download's progress
+    refusal = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    if result.returncode == 2 and refusal:
+        raise StudyError(refusal[-1][len("error: "):])
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise StudyError(f"checking the runs' options failed with exit status {result.returncode} (above)")
+
+
+def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str], processes: int = 1,
+              run_package_trainer: bool = False) -> int:
     plans = []
     for name in study.experiments:  # every run's options are checked before the first one starts
         run_dir = save_dir / name
         args = to_args(study.settings(name)) + overrides + ["--save_dir", str(run_dir)]
         config = parse_config(args)
         check_same_settings(run_dir, config, study.settings(name))
+        check_data(config)
         plans.append((name, run_dir, args, config.epochs))
+    if run_package_trainer:
+        check_runs(plans, processes)
     for i, (name, run_dir, args, epochs) in enumerate(plans, 1):
         head = f"study [{i}/{len(plans)}] {name}"
         if is_complete(run_dir, epochs):
@@ -179,7 +233,7 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m trainer.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument is a trainer option given to every run.", allow_abbrev=False)
     parser.add_argument("--study", default=str(DEFAULT_STUDY),
@@ -204,10 +258,11 @@ def main(argv=None) -> int:
         check_writable_folder(args.save_dir, "--save_dir")
         study = load_study(args.study)
         # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
-        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides)
+        # The trainer's own checks of every run first, unless --launcher runs something of the user's.
+        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
+                         run_package_trainer=not args.launcher)
     except (StudyError, ReportError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refuse(error)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ cannot download the real data set. Same files, same layout, same loader as the r
 
 from __future__ import annotations
 
-import argparse
 import pickle
 from pathlib import Path
 
@@ -38,11 +37,37 @@ def write_fake_cifar100(data_dir: str | Path, num_train: int = 320, num_test: in
     return folder
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write generated CIFAR-100-format pickles.")
-    parser.add_argument("data_dir")
+def main(argv=None) -> int:
+    from .config import ConfigError, OneLineArgumentParser, check_writable_folder, refuse
+    parser = OneLineArgumentParser(prog="python -m trainer.synthetic",
+                                   description="Write generated CIFAR-100-format pickles.")
+    parser.add_argument("data_dir", help="folder to write cifar-100-python/ into (a trainer's --data_dir)")
     parser.add_argument("--num_train", type=int, default=50_000)
     parser.add_argument("--num_test", type=int, default=10_000)
     parser.add_argument("--num_classes", type=int, default=100)
-    args = parser.parse_args()
-    print(write_fake_cifar100(args.data_dir, args.num_train, args.num_test, args.num_classes))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the train, test and meta files of a data set already in DATA_DIR")
+    args = parser.parse_args(argv)
+    try:
+        for name, low, high in (("num_train", 1, None), ("num_test", 1, None), ("num_classes", 1, NUM_CLASSES)):
+            value = getattr(args, name)
+            if value < low or (high is not None and value > high):
+                raise ConfigError(f"--{name} must lie in [{low}, {high}], got {value}" if high
+                                  else f"--{name} must be at least {low}, got {value}")
+        check_writable_folder(args.data_dir, "DATA_DIR")
+        folder = Path(args.data_dir).expanduser() / CIFAR_FOLDER
+        check_writable_folder(str(folder), "DATA_DIR")  # cifar-100-python itself may be a file
+        there = [name for name in ("train", "test", "meta") if (folder / name).exists()]
+        if there and not args.overwrite:  # a real data set, or another generated one: never replaced silently
+            raise ConfigError(f"{folder} already holds a data set ({', '.join(there)}); give another folder, or "
+                              f"--overwrite to replace it")
+    except ConfigError as error:
+        return refuse(error)
+    print(write_fake_cifar100(Path(args.data_dir).expanduser(), args.num_train, args.num_test, args.num_classes,
+                              seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
