@@ -326,12 +326,14 @@ def test_deepspeed_configs_leave_batching_and_clipping_to_the_trainer(strategy):
      "--strategy single runs one process, but NNODES=2 x NPROC_PER_NODE=1 were asked for"),
     (SLURM, ["--strategy", "single"], "--strategy single runs one process, but NNODES=2 x NPROC_PER_NODE=4"),
 ], ids=["port", "rank", "master", "timeout", "single-nproc", "single-nodes", "single-slurm"])
+@pytest.mark.launches
 def test_node_settings_are_refused_in_one_line(fake_bin, env, args, message):
     fake_scontrol(fake_bin, "gpu[07-08]", ["gpu07", "gpu08"])
     rc, lines, _ = launch(fake_bin, *args, "--model", "test_vit", env=env)
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
 
 
+@pytest.mark.launches
 def test_single_on_a_multi_gpu_node_runs_one_process(fake_bin):
     fake_nvidia_smi(fake_bin, 8)
     rc, _, command = launch(fake_bin, "--strategy", "single", *TRAINER_ARGS)
@@ -348,6 +350,7 @@ def fake_python(fake_bin: Path, check_status: int, workers: str = "", launcher_s
                                       f': > "{fake_bin}/launched"\n{workers}\nexit {launcher_status}\n')
 
 
+@pytest.mark.launches
 def test_options_are_checked_once_before_any_worker_starts(fake_bin):
     fake_python(fake_bin, check_status=2)
     rc, lines, _ = launch(fake_bin, "--learning_rate", "-1", env={"NPROC_PER_NODE": "2"}, dry_run=False)
@@ -359,6 +362,7 @@ REFUSED = 'printf "2\\nerror: --x is wrong\\n" > "$TRAINER_EXIT_STATUS_DIR/local
 
 
 @pytest.mark.parametrize("ranks, status", [((0, 1), 2), ((1,), 1)], ids=["all", "one"])
+@pytest.mark.launches
 def test_workers_refusal_is_one_line_and_exit_2_when_every_worker_refused(fake_bin, ranks, status):
     fake_python(fake_bin, check_status=0, workers="".join(REFUSED.format(r) for r in ranks))
     rc, lines, _ = launch(fake_bin, env={"NPROC_PER_NODE": "2"}, dry_run=False)
@@ -387,6 +391,7 @@ def errors(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error")]
 
 
+@pytest.mark.launches
 def test_real_refusal_before_the_workers_is_one_line(tmp_path):
     result = real_launch(tmp_path, "--learning_rate", "-1")
     assert result.returncode == 2 and errors(result) == ["error: --learning_rate must be positive, got -1.0"]
@@ -394,6 +399,7 @@ def test_real_refusal_before_the_workers_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.launches
 def test_real_refusal_inside_the_workers_is_one_line_and_exit_2(tmp_path):
     # accelerate's refusal of fp16 on the CPU needs the Accelerator: every worker makes it, none prints it.
     result = real_launch(tmp_path, "--mixed_precision", "fp16")
@@ -402,6 +408,7 @@ def test_real_refusal_inside_the_workers_is_one_line_and_exit_2(tmp_path):
                               "fp32); use --mixed_precision bf16 or no"]
 
 
+@pytest.mark.launches
 def test_a_node_that_cannot_reach_the_master_says_which_settings_to_check(tmp_path):
     from conftest import free_port
     port = free_port()  # nothing listens there: node 0 was never started

@@ -443,8 +443,13 @@ COMMAND_REFUSALS = [
     ("bench", ["--steps", "x"], "argument --steps: invalid int value: 'x' (see --help)")]]
 
 
-@pytest.mark.parametrize("command, argv, message", [case[1:] for case in COMMAND_REFUSALS],
-                         ids=[case[0] for case in COMMAND_REFUSALS])
+# The study's check of its runs is one trainer subprocess (trainer/precheck.py): the full suite's, not the fast tier's.
+LAUNCHING_CASES = {"study-precheck"}
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    pytest.param(*case[1:], id=case[0], marks=[pytest.mark.launches] if case[0] in LAUNCHING_CASES else [])
+    for case in COMMAND_REFUSALS])
 def test_every_command_refuses_in_one_line_and_writes_nothing(trained, data, tmp_path, capsys, command, argv, message):
     from types import SimpleNamespace
     from trainer import checkpoint

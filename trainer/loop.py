@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 
 from .checkpoint import CheckpointManager
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
 from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
