@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,70 @@ def pytest_runtest_call(item):
         yield
     finally:
         _current_item = None
+
+
+# --- a trainer in a child process, watched while it runs ------------------------------------------------------
+TIMEOUT = 300  # seconds a trainer process may run, as run_trainer's
+
+
+def start_trainer(args):
+    """trainer/main.py in a child process, its output in a pipe, killed after TIMEOUT seconds."""
+    process = subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The process's timeout, as subprocess.run's: a hung trainer is killed, and whatever waits for it then fails
+    # with its output. The waits below have no bound of their own.
+    timer = threading.Timer(TIMEOUT, process.kill)
+    timer.daemon = True
+    timer.start()
+    return process
+
+
+def wait_while_running(process, condition, what: str) -> None:
+    """Wait while `process` runs until `condition()` holds; fail with its output if it exits first."""
+    while not condition():
+        try:
+            process.wait(timeout=0.01)  # sleeps between checks, and notices an exit at once
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"the trainer exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+
+
+# --- run folders as the trainer writes them, and the report's tables (test_report, test_study, test_refusals) -----
+NFNET, VIT = "dm_nfnet_f0.dm_in1k", "vit_base_patch8_224.augreg_in21k_ft_in1k"
+REFERENCE = dict(epochs=25, warmup_epochs=5.0, learning_rate=5e-4, weight_decay=1e-2, batch_size=256, seed=3407)
+FIGURE_PIXELS = (400, 1200)  # 12 x 4 inches at 100 dpi: rows, columns
+
+
+def write_run(folder, *, model="nfnet", timm_model=NFNET, optimizer="adamw", scheduler="cosine", acc1=(50.0, 70.5),
+              steps_per_epoch=4, hardware="NVIDIA H200", steps=True, **options):
+    """A run folder as the trainer writes it, with one metrics line per value of acc1."""
+    folder.mkdir(parents=True)
+    options = {**REFERENCE, "model": model, "optimizer": optimizer, "scheduler": scheduler, **options}
+    (folder / "config.json").write_text(json.dumps({
+        "options": options, "hardware": hardware,
+        "resolved": {"timm_model": timm_model, "processes": 8, "global_batch_size": options["batch_size"]}}))
+    metrics = [{"epoch": e, "step": e * steps_per_epoch, "train_loss": 3.0 / e, "val_loss": 2.5 / e, "val_acc1": a,
+                "val_acc5": a + 20, "lr": 1e-4 * e, "epoch_time_s": 100.0 * e, "images_per_s": 1000.0 * e}
+               for e, a in enumerate(acc1, 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if steps:
+        lines = [{"step": s, "epoch": (s - 1) // steps_per_epoch + 1, "lr": 1e-5 * s, "train_loss": 4.0 - 0.1 * s,
+                  "images_per_s": 900.0} for s in range(1, len(acc1) * steps_per_epoch + 1)]
+        (folder / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    return folder
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every table of a Markdown text, as rows of {header: cell}."""
+    tables, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---") and \
+                not (i and lines[i - 1].startswith("|")):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(header, (c.strip() for c in row.strip("|").split("|")))))
+            tables.append(rows)
+    return tables

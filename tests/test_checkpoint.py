@@ -6,15 +6,12 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 
 import pytest
 import torch
 
-from conftest import (MAIN, REPO, TINY, assert_resumed, child_env, load_weights, read_jsonl, record_lines,
-                      relative_l2, run_trainer)
-from conftest import launching
+from conftest import (TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer,
+                      start_trainer, wait_while_running, launching)
 from trainer import checkpoint, records
 
 EPOCHS = 3
@@ -49,42 +46,18 @@ def same_run(run_dir, reference):
             assert all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a)
 
 
-TIMEOUT = 300  # seconds a trainer process may run, as conftest.run_trainer's
-
-
-def start(args):
-    process = subprocess.Popen([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # The process's timeout, as subprocess.run's: a hung trainer is killed, and whatever waits for it then fails
-    # with its output. The waits below have no bound of their own.
-    timer = threading.Timer(TIMEOUT, process.kill)
-    timer.daemon = True
-    timer.start()
-    return process
-
-
-def wait_until(process, condition, what: str) -> None:
-    """Wait while `process` runs until `condition()` holds; fail with its output if it exits first."""
-    while not condition():
-        try:
-            process.wait(timeout=0.01)  # sleeps between checks, and notices an exit at once
-        except subprocess.TimeoutExpired:
-            continue
-        raise AssertionError(f"the trainer exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
-
-
 def wait_for_step(run_dir, step, process):
     def reached():
         lines = records.read_lines(run_dir / "steps.jsonl")  # skips a last line caught half-written
         return bool(lines) and lines[-1]["step"] >= step
-    wait_until(process, reached, f"step {step}")
+    wait_while_running(process, reached, f"step {step}")
 
 
 @pytest.mark.parametrize("sent, option", [(signal.SIGTERM, []), (signal.SIGUSR2, ["--preempt_signal", "SIGUSR2"])])
 def test_preemption_signal_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(cifar_dir, tmp_path, uninterrupted,
                                                                                sent, option):
     args = args_for(cifar_dir, tmp_path, "--resume", "auto", *option)
-    process = start(args)
+    process = start_trainer(args)
     wait_for_step(tmp_path, STEPS_PER_EPOCH + 4, process)
     process.send_signal(sent)
     output, _ = process.communicate(timeout=120)
@@ -105,10 +78,10 @@ def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint
     kills = 0
     for target in sorted(rng.sample(range(2, EPOCHS * STEPS_PER_EPOCH - 2), 2)) + ["save"]:
         resume_from, before = checkpoint.newest_valid(tmp_path), record_lines(tmp_path)
-        process = start(args)
+        process = start_trainer(args)
         if target == "save":
             # Kill while a checkpoint is being written: the moment its hidden staging folder exists.
-            wait_until(process, lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()),
+            wait_while_running(process, lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()),
                        "a checkpoint was being written")
         else:
             wait_for_step(tmp_path, target, process)

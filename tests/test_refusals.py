@@ -340,7 +340,7 @@ def damaged_copy(run, tmp, text):
 
 def damaged_report_run(tmp, change):
     """A report's run folder (test_report.write_run), changed by change(folder)."""
-    from test_report import write_run
+    from conftest import write_run
     run = write_run(tmp / "r")
     change(run)
     return run

@@ -5,47 +5,8 @@ import json
 import matplotlib.image
 import pytest
 
+from conftest import FIGURE_PIXELS, NFNET, VIT, markdown_tables, write_run
 from trainer.report import main as report_main
-
-NFNET, VIT = "dm_nfnet_f0.dm_in1k", "vit_base_patch8_224.augreg_in21k_ft_in1k"
-REFERENCE = dict(epochs=25, warmup_epochs=5.0, learning_rate=5e-4, weight_decay=1e-2, batch_size=256, seed=3407)
-FIGURE_PIXELS = (400, 1200)  # 12 x 4 inches at 100 dpi: rows, columns
-
-
-def write_run(folder, *, model="nfnet", timm_model=NFNET, optimizer="adamw", scheduler="cosine", acc1=(50.0, 70.5),
-              steps_per_epoch=4, hardware="NVIDIA H200", steps=True, **options):
-    """A run folder as the trainer writes it, with one metrics line per value of acc1."""
-    folder.mkdir(parents=True)
-    options = {**REFERENCE, "model": model, "optimizer": optimizer, "scheduler": scheduler, **options}
-    (folder / "config.json").write_text(json.dumps({
-        "options": options, "hardware": hardware,
-        "resolved": {"timm_model": timm_model, "processes": 8, "global_batch_size": options["batch_size"]}}))
-    metrics = [{"epoch": e, "step": e * steps_per_epoch, "train_loss": 3.0 / e, "val_loss": 2.5 / e, "val_acc1": a,
-                "val_acc5": a + 20, "lr": 1e-4 * e, "epoch_time_s": 100.0 * e, "images_per_s": 1000.0 * e}
-               for e, a in enumerate(acc1, 1)]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    if steps:
-        lines = [{"step": s, "epoch": (s - 1) // steps_per_epoch + 1, "lr": 1e-5 * s, "train_loss": 4.0 - 0.1 * s,
-                  "images_per_s": 900.0} for s in range(1, len(acc1) * steps_per_epoch + 1)]
-        (folder / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
-    return folder
-
-
-def markdown_tables(text: str) -> list[list[dict]]:
-    """Every table of a Markdown text, as rows of {header: cell}."""
-    tables, lines = [], text.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---") and \
-                not (i and lines[i - 1].startswith("|")):
-            header = [c.strip() for c in line.strip("|").split("|")]
-            rows = []
-            for row in lines[i + 2:]:
-                if not row.startswith("|"):
-                    break
-                rows.append(dict(zip(header, (c.strip() for c in row.strip("|").split("|")))))
-            tables.append(rows)
-    return tables
-
 
 def report(tmp_path, *runs):
     assert report_main([str(r) for r in runs] + ["--out", str(tmp_path / "out")]) == 0

@@ -8,8 +8,7 @@ import socket
 
 import pytest
 
-from conftest import TINY, read_jsonl, run_trainer
-from test_checkpoint import start, wait_until
+from conftest import TINY, read_jsonl, run_trainer, start_trainer, wait_while_running
 from trainer import checkpoint, run_lock
 from trainer.main import main
 from trainer.run_lock import FolderInUse, RunLock
@@ -37,14 +36,14 @@ def owned_by(process, run_dir):
             return json.loads((run_dir / run_lock.LOCK_FILE).read_text()).get("pid") == process.pid
         except (OSError, ValueError):
             return False
-    wait_until(process, holds, "it took the lock")
+    wait_while_running(process, holds, "it took the lock")
 
 
 @pytest.mark.launches
 def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_dir, tmp_path, capsys):
-    first = start(args_for(cifar_dir, tmp_path, epochs=3))
+    first = start_trainer(args_for(cifar_dir, tmp_path, epochs=3))
     owned_by(first, tmp_path)
-    wait_until(first, lambda: (tmp_path / "epoch_1").is_dir(), "its first checkpoint")
+    wait_while_running(first, lambda: (tmp_path / "epoch_1").is_dir(), "its first checkpoint")
     first.send_signal(signal.SIGSTOP)  # still running (and holding its lock) while the others start, however slow
     try:
         for extra in ([], ["--resume", "auto"], ["--checkpoint", tmp_path / "epoch_1"], ["--overwrite"]):
@@ -63,9 +62,9 @@ def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_
 
 @pytest.mark.launches
 def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp_path, capsys):
-    first = start(args_for(cifar_dir, tmp_path))
+    first = start_trainer(args_for(cifar_dir, tmp_path))
     owned_by(first, tmp_path)
-    wait_until(first, lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()), "it was saving")
+    wait_while_running(first, lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()), "it was saving")
     first.send_signal(signal.SIGSTOP)  # frozen mid-save, its staging folder on disk
     try:
         (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -85,9 +84,9 @@ def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp
 @pytest.mark.launches
 def test_the_lock_of_a_killed_trainer_is_taken_over(cifar_dir, tmp_path):
     args = args_for(cifar_dir, tmp_path, "--resume", "auto")
-    first = start(args)
+    first = start_trainer(args)
     owned_by(first, tmp_path)
-    wait_until(first, lambda: (tmp_path / "epoch_1").is_dir(), "its first checkpoint")
+    wait_while_running(first, lambda: (tmp_path / "epoch_1").is_dir(), "its first checkpoint")
     first.kill()
     first.wait()
     assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == first.pid  # left behind

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from conftest import REPO, TINY, assert_resumed, child_env, read_jsonl, record_lines, launching
-from test_report import FIGURE_PIXELS, markdown_tables
+from conftest import FIGURE_PIXELS, markdown_tables
 from trainer.study import main as study_main
 
 EXPERIMENTS = ["nfnet_adamw_cosine", "vit_adamw_cosine", "nfnet_sgdm_cosine", "nfnet_adamw_linear_decay"]
