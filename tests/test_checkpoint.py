@@ -238,6 +238,7 @@ def test_overwrite_deletes_exactly_the_runs_own_entries(cifar_dir, tmp_path, uni
     (run_dir / "epoch_1_export").mkdir()  # trainer.export's default output
     (run_dir / "epoch_1_export" / "model.safetensors").write_text("exported")
     (run_dir / "notes.txt").write_text("mine")
+    (run_dir / ".overwritten" / "epoch_9").mkdir(parents=True)  # left by an --overwrite start killed before its commit
     code, out, err = run_here(args_for(cifar_dir, run_dir, "--overwrite", "--epochs", 1), capsys)
     assert code == 0, err
     assert "--overwrite: deleted the previous run" in out

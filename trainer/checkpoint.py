@@ -192,6 +192,8 @@ class CheckpointManager:
             entries = run_entries(self.save_dir)
             if entries:
                 aside = self.save_dir / SET_ASIDE_DIR
+                # Left by an --overwrite start killed before its commit(): that run was to be deleted anyway.
+                shutil.rmtree(aside, ignore_errors=True)
                 aside.mkdir()
                 for path in entries:
                     os.rename(path, aside / path.name)
