@@ -136,11 +136,11 @@ def assert_resumed(run_dir, folder, before: dict[str, list[str]], output: str) -
 
 
 # --- The two tiers -------------------------------------------------------------------------------------------
-# `python -m pytest -m "not launches"` is the fast tier: no test in it starts a process (no launcher, no trainer
-# subprocess, no shell script), so it answers "did I break something?" in about a minute. The full suite is
-# `python -m pytest`. The mark is checked, not trusted: every process a test starts (in its own body or in the
+# `python -m pytest -m "not launches"` is the fast tier: no test in it starts a subprocess (no launcher, no trainer
+# subprocess, no shell script), so it answers "did I break something?" in well under a minute. The full suite is
+# `python -m pytest`. The mark is checked, not trusted: every subprocess a test starts (in its own body or in the
 # fixtures set up for it) goes through subprocess.Popen, and one started by a test without the mark fails that
-# test. (LAUNCH_MARKS=record lists such tests in launches_unmarked.txt instead, to mark a whole suite at once.)
+# test. (Forks inside the test's own process, such as DataLoader workers, are not launches and are allowed.) (LAUNCH_MARKS=record lists such tests in launches_unmarked.txt instead, to mark a whole suite at once.)
 import subprocess as _subprocess  # noqa: E402
 
 _current_item = None

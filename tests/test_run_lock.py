@@ -140,3 +140,37 @@ def test_a_dead_owner_on_another_host_is_taken_over(tmp_path, other_host):
         assert (record["host"], record["pid"]) == ("node-b", os.getpid())
     finally:
         lock.release()
+
+
+def test_a_lock_still_held_by_a_killed_owners_workers_is_waited_for(tmp_path, monkeypatch):
+    # The owner was SIGKILLed, but its forked DataLoader workers still hold the flock (it belongs to the open file,
+    # which they inherited) until torch's watchdog ends them: the next start waits for them rather than refusing.
+    import fcntl
+    import threading
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a process of this host that no longer exists
+    lock_path = tmp_path / run_lock.LOCK_FILE
+    lock_path.write_text(json.dumps({"host": HOST, "pid": pid, "started": "then"}))
+    held = os.open(lock_path, os.O_RDWR)  # another open file: the workers' copy
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, [held]).start()  # the watchdog ends them
+    lines = []
+    lock = RunLock(tmp_path)
+    lock.acquire(lines.append)
+    try:
+        assert lines == [f"{tmp_path}: taking over from the trainer that held it (process {pid} on host {HOST}, "
+                         f"started then), which ended without releasing it"]
+    finally:
+        lock.release()
+    # A live owner's lock is refused at once, not waited for.
+    monkeypatch.setattr(run_lock, "ORPHANS_WAIT_S", 60.0)
+    lock_path.write_text(json.dumps({"host": HOST, "pid": os.getpid(), "started": "now"}))
+    held = os.open(lock_path, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(FolderInUse, match=f"process {os.getpid()} on host {HOST}, started now"):
+            RunLock(tmp_path).acquire(lines.append)
+    finally:
+        os.close(held)

@@ -31,6 +31,10 @@ HEARTBEAT_S = 30.0
 # each read, and NFS's close-to-open consistency makes an open see the owner's last write.
 FOREIGN_WATCH_S = 100.0
 WATCH_POLL_S = 2.0
+# A flock belongs to the open file, which the owner's forked DataLoader workers inherit: after the owner is
+# SIGKILLed they hold it until torch's watchdog ends them (they check their parent every 5 s). A start that finds
+# the lock held by a record naming a process of this host that no longer exists waits this long for them.
+ORPHANS_WAIT_S = 15.0
 
 
 class FolderInUse(ConfigError):
@@ -58,6 +62,7 @@ class RunLock:
         """Own the folder (creating it), or raise FolderInUse naming its owner."""
         self.created_dir = not self.save_dir.exists()
         self.save_dir.mkdir(parents=True, exist_ok=True)
+        orphans_end = time.monotonic() + ORPHANS_WAIT_S
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -65,6 +70,9 @@ class RunLock:
             except BlockingIOError:
                 owner = _parse(os.pread(fd, 1 << 16, 0))
                 os.close(fd)
+                if _gone_from_this_host(owner) and time.monotonic() < orphans_end:
+                    time.sleep(0.2)  # its workers still hold the flock (see ORPHANS_WAIT_S)
+                    continue
                 raise FolderInUse(
                     f"--save_dir {self.save_dir} is in use by another trainer ({describe(owner)}): wait until it "
                     f"ends, stop it, or choose another --save_dir") from None
@@ -154,6 +162,19 @@ class RunLock:
     def _close(self) -> None:
         os.close(self.fd)  # closing the last descriptor releases the flock
         self.fd = None
+
+
+def _gone_from_this_host(record: dict) -> bool:
+    """The record names a process of this host that no longer exists."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's: PermissionError)
+        return False
+    return False
 
 
 def _parse(data: bytes) -> dict:
