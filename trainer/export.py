@@ -17,7 +17,6 @@ Exit status: 0 done; 2 a bad checkpoint, --out or network (one line on stderr).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -58,18 +57,12 @@ def check_out(out: Path, *, overwrite: set[str] | None = EXPORT_FILES, flag: str
 
 def run_records(folder: Path) -> tuple[dict, dict | None]:
     """The run's config.json (options and resolved values) and the metrics.jsonl line of this checkpoint's step."""
-    from .records import CONFIG_FILE, METRICS_FILE, read_lines
+    from .records import METRICS_FILE, read_lines, read_run_config
     run = folder.resolve().parent
-    config = {}
-    if (run / CONFIG_FILE).is_file():
-        try:
-            config = json.loads((run / CONFIG_FILE).read_text())
-        except (ValueError, UnicodeDecodeError) as error:  # cut short or damaged: one line, not a traceback
-            raise ExportError(f"{run / CONFIG_FILE} is not valid JSON ({str(error).splitlines()[0]}); restore it "
-                              f"from a copy, or delete it to go on without the run's options") from None
-        if not isinstance(config, dict):
-            raise ExportError(f"{run / CONFIG_FILE} holds a {type(config).__name__}, not the run's options; restore "
-                              f"it from a copy, or delete it to go on without them")
+    try:
+        config = read_run_config(run) or {}
+    except ValueError as error:  # cut short or damaged: one line, not a traceback
+        raise ExportError(f"{error}; restore it from a copy, or delete it to go on without the run's options") from None
     info = read_manifest(folder)
     try:
         lines = read_lines(run / METRICS_FILE)

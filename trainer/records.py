@@ -23,6 +23,21 @@ TRACKER_PROJECT = "cifar-trainer"
 RECORD_ENTRIES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, TRACKER_PROJECT, "wandb", "dvclive")
 
 
+def read_run_config(folder: Path) -> dict | None:
+    """A run's config.json, None when it has none; ValueError, one line naming the file, when it is cut short,
+    damaged or not a mapping (the caller adds what to do about it)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:  # json's JSONDecodeError and a binary file's UnicodeDecodeError alike
+        raise ValueError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not the run's options")
+    return config
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     versions = {"python": platform.python_version()}

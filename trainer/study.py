@@ -42,7 +42,7 @@ from pathlib import Path
 from .checkpoint import final_checkpoint, has_checkpoint
 from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, TrainConfig, check_writable_folder,
                      parse_config, refuse)
-from .records import METRICS_FILE
+from .records import CONFIG_FILE, METRICS_FILE, read_run_config
 from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
@@ -107,17 +107,15 @@ def launcher(args) -> list[str]:
 
 def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
     """Stop when the folder holds a run started with other values of the study's settings."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
     try:
-        previous = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise StudyError(f"{path} is not valid JSON ({str(error).splitlines()[0]}); restore it from a copy, or "
-                         f"delete that run's folder to start it again") from None
-    if not isinstance(previous, dict) or not isinstance(previous.get("options", {}), dict):
-        raise StudyError(f"{path} does not hold a run's options; restore it from a copy, or delete that run's "
-                         f"folder to start it again")
+        previous = read_run_config(run_dir)
+    except ValueError as error:
+        raise StudyError(f"{error}; restore it from a copy, or delete that run's folder to start it again") from None
+    if previous is None:
+        return
+    if not isinstance(previous.get("options", {}), dict):
+        raise StudyError(f"{run_dir / CONFIG_FILE} does not hold a run's options; restore it from a copy, or delete "
+                         f"that run's folder to start it again")
     previous = previous.get("options", {})
     changed = [f"{k} {previous.get(k)} -> {getattr(config, k)}" for k in keys if previous.get(k) != getattr(config, k)]
     if changed:
