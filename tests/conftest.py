@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,15 @@ def cifar_dir(tmp_path_factory) -> Path:
     """288 train images (4 full steps of 64 + a last step of 32), 201 test images (odd, to test sharding)."""
     root = tmp_path_factory.mktemp("cifar")
     write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def noisy_cifar_dir(tmp_path_factory) -> Path:
+    """As cifar_dir, noisier, so that val_acc1 lands mid-range (~36 % and ~66 % after epochs 1 and 2 of test_vit),
+    where a difference in training shows, instead of saturating at 100 %."""
+    root = tmp_path_factory.mktemp("noisy_cifar")
+    write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10, noise=0.8)
     return root
 
 
@@ -227,14 +237,88 @@ def start_trainer(args):
     return process
 
 
-def wait_while_running(process, condition, what: str) -> None:
-    """Wait while `process` runs until `condition()` holds; fail with its output if it exits first."""
+def wait_while_running(process, condition, what: str, log: Path | None = None) -> None:
+    """Wait while `process` runs until `condition()` holds; fail with its output (its stdout pipe, else the tail of
+    `log`) if it exits first or TIMEOUT seconds pass (a hang guard: a rank that stops alone leaves the others
+    waiting in a collective)."""
+    deadline = time.monotonic() + TIMEOUT
     while not condition():
         try:
             process.wait(timeout=0.01)  # sleeps between checks, and notices an exit at once
         except subprocess.TimeoutExpired:
+            if time.monotonic() < deadline:
+                continue
+        output = process.stdout.read() if process.stdout else (log.read_text()[-5000:] if log else "")
+        raise AssertionError(f"the trainer {'exited (%s)' % process.returncode if process.returncode is not None else 'hung'} "
+                             f"before {what}:\n{output}")
+
+
+# --- in-process runs of the trainer's entry point -------------------------------------------------------------
+def fresh_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (mixed precision, device, the dynamo plugin): it is kept once per
+    process, so a Trainer made after another in the same test process would otherwise inherit the first one's."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_trainer(cifar_dir, save_dir, **options):
+    """The real Trainer in this process, from a fresh accelerate state: test_vit on the CPU in fp32, one epoch of
+    batch 32 with no warm-up and no augmentation, unless `options` say otherwise."""
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+    fresh_accelerate_state()
+    values = dict(model="test_vit", pretrained=False, data_dir=str(cifar_dir), download=False, device="cpu",
+                  mixed_precision="no", epochs=1, warmup_epochs=0, batch_size=32, augment="none", progress=False,
+                  save_dir=str(save_dir))
+    return Trainer(TrainConfig(**{**values, **options}))
+
+
+def run_main(argv, capsys) -> tuple[int, list[str]]:
+    """trainer/main.py's main() in this process, from a fresh accelerate state: its exit status and stderr lines."""
+    from trainer.main import main
+    fresh_accelerate_state()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def refused(argv, capsys) -> str:
+    """Run the trainer in this process; it must exit 2 with exactly one `error: ` line on stderr, returned."""
+    code, err = run_main(argv, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    return err[0]
+
+
+# --- two runs compared --------------------------------------------------------------------------------------
+def without_timings(records: list[dict]) -> list[dict]:
+    """Record lines without what the clock decides (times, images per second): what two runs can share exactly."""
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
+
+
+def assert_same_records(run_dir, reference, names=("metrics.jsonl", "steps.jsonl"), rel: float = 0.0) -> None:
+    """The same record lines (timings aside) in both run folders: equal, or within `rel` for each number."""
+    for name in names:
+        got, want = (without_timings(read_jsonl(Path(d) / name)) for d in (run_dir, reference))
+        if rel == 0.0:
+            assert got == want, name
             continue
-        raise AssertionError(f"the trainer exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+        assert [a.keys() for a in got] == [b.keys() for b in want], name
+        for a, b in zip(got, want):
+            assert all(a[k] == pytest.approx(b[k], rel=rel) for k in a), (name, a, b)
+
+
+def assert_same_weights(path, reference) -> None:
+    """Two safetensors files hold bit-identical tensors under the same names."""
+    got, want = load_weights(path), load_weights(reference)
+    assert got.keys() == want.keys(), path
+    assert all(torch.equal(got[k], want[k]) for k in want), path
+
+
+def assert_same_run(run_dir, reference, epoch: int, rel: float = 0.0) -> None:
+    """Bit-identical weights at `epoch` and the same metrics and step lines (timings aside) as `reference`."""
+    run_dir, reference = Path(run_dir), Path(reference)
+    assert_same_weights(run_dir / f"epoch_{epoch}" / "model.safetensors",
+                        reference / f"epoch_{epoch}" / "model.safetensors")
+    assert_same_records(run_dir, reference, rel=rel)
 
 
 # --- run folders as the trainer writes them, and the report's tables (test_report, test_study, test_refusals) -----

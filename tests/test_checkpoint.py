@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import (TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer,
+from conftest import (TINY, assert_resumed, assert_same_run, load_weights, read_jsonl, record_lines, relative_l2, run_trainer,
                       start_trainer, wait_while_running, launching)
 from trainer import checkpoint, records
 
@@ -29,21 +29,6 @@ def uninterrupted(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     run_trainer(args_for(cifar_dir, root))
     return root
-
-
-def same_run(run_dir, reference):
-    """Bit-identical final weights and the same metrics and step lines (timings aside)."""
-    final, expected = (load_weights(d / f"epoch_{EPOCHS}/model.safetensors") for d in (run_dir, reference))
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
-
-    def stable(lines):
-        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
-    for name in ("metrics.jsonl", "steps.jsonl"):
-        got, want = stable(read_jsonl(run_dir / name)), stable(read_jsonl(reference / name))
-        assert len(got) == len(want)
-        for a, b in zip(got, want):
-            assert a.keys() == b.keys()
-            assert all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a)
 
 
 def wait_for_step(run_dir, step, process):
@@ -69,7 +54,7 @@ def test_preemption_signal_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(
     before = record_lines(tmp_path)
     resumed = run_trainer(args)
     assert_resumed(tmp_path, saved, before, resumed.stdout)
-    same_run(tmp_path, uninterrupted)
+    assert_same_run(tmp_path, uninterrupted, EPOCHS, rel=1e-9)
 
 
 def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint(cifar_dir, tmp_path, uninterrupted):
@@ -98,7 +83,7 @@ def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint
     resume_from, before = checkpoint.newest_valid(tmp_path), record_lines(tmp_path)
     resumed = run_trainer(args)
     assert_resumed(tmp_path, resume_from, before, resumed.stdout)
-    same_run(tmp_path, uninterrupted)
+    assert_same_run(tmp_path, uninterrupted, EPOCHS, rel=1e-9)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -130,7 +115,7 @@ def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(cifar_dir, tmp
     resumed = run_trainer(args_for(cifar_dir, run_dir, "--resume", "auto"))
     assert f"skipping checkpoint {newest}" in resumed.stdout
     assert_resumed(run_dir, run_dir / f"epoch_{EPOCHS - 1}", before, resumed.stdout)
-    same_run(run_dir, uninterrupted)
+    assert_same_run(run_dir, uninterrupted, EPOCHS, rel=1e-9)
 
 
 @pytest.mark.launches

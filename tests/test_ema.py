@@ -11,7 +11,8 @@ import pytest
 import timm
 import torch
 
-from conftest import REPO, TINY, assert_resumed, load_weights, read_jsonl, record_lines, relative_l2, run_trainer, launching
+from conftest import (REPO, TINY, assert_resumed, assert_same_records, assert_same_weights, launching, load_weights,
+                      make_trainer, read_jsonl, record_lines, relative_l2, run_trainer)
 from trainer import checkpoint
 from trainer.main import main
 
@@ -70,12 +71,8 @@ def test_resumed_run_ends_with_bit_identical_model_and_ema(cifar_dir, ema_run, t
     resumed = run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", run_dir / "epoch_1", "--num_workers", 2))
     assert_resumed(run_dir, run_dir / "epoch_1", before, resumed.stdout)
     for name in ("model.safetensors", "model_ema.safetensors"):
-        final, expected = (load_weights(d / f"epoch_{EPOCHS}" / name) for d in (run_dir, ema_run))
-        assert all(torch.equal(final[k], expected[k]) for k in expected), name
-
-    def stable(lines):
-        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
-    assert stable(read_jsonl(run_dir / "metrics.jsonl")) == stable(read_jsonl(ema_run / "metrics.jsonl"))
+        assert_same_weights(run_dir / f"epoch_{EPOCHS}" / name, ema_run / f"epoch_{EPOCHS}" / name)
+    assert_same_records(run_dir, ema_run, names=("metrics.jsonl",))
 
 
 def test_resume_with_model_ema_from_a_checkpoint_without_one_is_refused(cifar_dir, ema_run, tmp_path, capsys):
@@ -94,15 +91,8 @@ def test_resume_with_model_ema_from_a_checkpoint_without_one_is_refused(cifar_di
 
 def test_ema_is_updated_once_per_optimizer_step(cifar_dir, tmp_path):
     # In this process, as trainer.bench does: 9 steps of 2 micro-batches each; decay 0 makes the EMA the model.
-    from accelerate.state import AcceleratorState
-
-    from trainer.config import TrainConfig
-    from trainer.loop import Trainer
-    AcceleratorState._reset_state(reset_partial_state=True)
-    config = TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), download=False, device="cpu",
-                         mixed_precision="no", epochs=1, warmup_epochs=0, batch_size=32, micro_batch_size=16,
-                         model_ema=True, model_ema_decay=0.0, progress=False, save_dir=str(tmp_path))
-    trainer = Trainer(config)
+    trainer = make_trainer(cifar_dir, tmp_path, augment="crop_flip", micro_batch_size=16, model_ema=True,
+                           model_ema_decay=0.0)
     updates = []
     update = trainer.ema.update
     trainer.ema.update = lambda model: (updates.append(trainer.progress.global_step), update(model))
@@ -166,14 +156,8 @@ def test_a_step_the_gradient_scaler_skipped_advances_neither_the_schedule_nor_th
     # fp16 needs a GPU, so accelerate's own report of a skipped step (AcceleratedOptimizer.step_was_skipped, set
     # when the scaler found inf/NaN gradients and did not call optimizer.step) is stood in for.
     from accelerate.optimizer import AcceleratedOptimizer
-    from accelerate.state import AcceleratorState
-
-    from trainer.config import TrainConfig
-    from trainer.loop import Trainer
-    AcceleratorState._reset_state(reset_partial_state=True)
-    trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), device="cpu",
-                                  mixed_precision="no", epochs=2, warmup_epochs=1, batch_size=32, model_ema=True,
-                                  model_ema_decay=0.5, progress=False, save_dir=str(tmp_path)))
+    trainer = make_trainer(cifar_dir, tmp_path, augment="crop_flip", epochs=2, warmup_epochs=1, model_ema=True,
+                           model_ema_decay=0.5)
     trainer.train_steps.set_epoch(0)
     ema = lambda: {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}  # noqa: E731
     for skipped in (True, False):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, free_port, read_jsonl, run_trainer, launching
+from conftest import REPO, TINY, child_env, free_port, fresh_accelerate_state, launching, read_jsonl, run_trainer
 from trainer.data import read_split
 from trainer.export import main as export_main
 
@@ -99,11 +99,10 @@ def test_evaluation_counts_every_image_once_in_its_totals_and_confusion_matrix()
     # The counts are accumulated on the device without a host sync per batch (evaluation.py); this checks they are
     # still the plain counts: batches of 7, 7 and 3 images, a model whose logits are fixed per image.
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from trainer.data import NUM_CLASSES, Normalize
     from trainer.evaluation import evaluate_model
-    AcceleratorState._reset_state(reset_partial_state=True)
+    fresh_accelerate_state()
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, NUM_CLASSES, (17,), generator=generator)
     logits = torch.randn(17, NUM_CLASSES, generator=generator)

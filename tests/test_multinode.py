@@ -13,7 +13,6 @@ import time
 import pytest
 
 from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl, relative_l2, run_trainer, launching
-from trainer.synthetic import write_fake_cifar100
 
 # Two correct topologies differ only by float re-association. Measured here: 2.9e-6 relative L2 after
 # 10 AdamW steps (2 nodes x 1 process x 2 accumulation vs 1 process x 4 accumulation); a wrong data split
@@ -22,18 +21,9 @@ TOPOLOGY_TOLERANCE = 1e-5
 TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    # Noisier than conftest's cifar_dir so that val_acc1 lands mid-range (~36 % and ~66 % after epochs 1
-    # and 2), where a difference in training shows, instead of saturating at 100 %.
-    root = tmp_path_factory.mktemp("noisy_cifar")
-    write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10, noise=0.8)
-    return root
-
-
-def args_for(data_dir, save_dir) -> list[str]:
+def args_for(noisy_cifar_dir, save_dir) -> list[str]:
     # 288 images at 64 per step: 4 full steps and a last one of 32 in each epoch.
-    return TINY + ["--data_dir", data_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
+    return TINY + ["--data_dir", noisy_cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
                    "--micro_batch_size", "16", "--save_dir", save_dir]
 
 
@@ -66,13 +56,13 @@ def run_two_nodes(args: list[str], port: int) -> list[subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 @launching
-def runs(data_dir, tmp_path_factory):
+def runs(noisy_cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    nodes = run_two_nodes(args_for(data_dir, root / "two_nodes"), free_port())
+    nodes = run_two_nodes(args_for(noisy_cifar_dir, root / "two_nodes"), free_port())
     for rank, node in enumerate(nodes):
         assert node.returncode == 0, f"node {rank} exited {node.returncode}:\n{node.stdout[-3000:]}\n{node.stderr[-5000:]}"
     # One process, accumulation 4: the same global batch of 64.
-    single = run_trainer(args_for(data_dir, root / "one_process"))
+    single = run_trainer(args_for(noisy_cifar_dir, root / "one_process"))
     return root / "two_nodes", root / "one_process", nodes, single
 
 

@@ -12,20 +12,12 @@ import math
 import pytest
 import timm
 import torch
-from accelerate.state import AcceleratorState
 
+from conftest import make_trainer
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.loop import Trainer
 from trainer.optim import create_optimizer
-
-
-def make_trainer(cifar_dir, save_dir, **options) -> Trainer:
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator per Trainer in one process
-    values = dict(model="test_vit", pretrained=False, data_dir=str(cifar_dir), download=False, device="cpu",
-                  mixed_precision="no", epochs=1, warmup_epochs=0, batch_size=32, augment="none", progress=False,
-                  save_dir=str(save_dir))
-    return Trainer(TrainConfig(**{**values, **options}))
 
 
 def first_step(trainer: Trainer) -> list:

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY, child_env, run_trainer
+from conftest import MAIN, REPO, TINY, child_env, fresh_accelerate_state, refused, run_trainer
 from trainer.config import ConfigError, TrainConfig, check_writable_folder, parse_config
 from trainer.data import DataError, ensure_downloaded, read_split
 from trainer.main import main
 from trainer.models import create_model
+from trainer.runtime import check_process_group
 from trainer.report import ReportError, load_study
 from trainer.synthetic import write_fake_cifar100
 
@@ -27,14 +29,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("refusals")
     write_fake_cifar100(root, num_train=16, num_test=8)
     return root
-
-
-def refused(argv, capsys) -> str:
-    """Run the trainer in this process; it must exit 2 with exactly one line on stderr, returned."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
-    return err[0]
 
 
 def weights_file(path, model_name, **kwargs):
@@ -228,17 +222,86 @@ def test_study_save_dir_that_is_a_file_is_one_line(tmp_path):
 
 
 def test_fp16_that_accelerate_would_not_apply_on_the_cpu_is_refused(data, tmp_path, capsys):
-    from accelerate.state import AcceleratorState
     args = TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run", "--device", "cpu"]
     args[args.index("--mixed_precision") + 1] = "fp16"
-    # accelerate keeps one mixed precision per process: start afresh, and leave none behind for other tests.
-    AcceleratorState._reset_state(reset_partial_state=True)
+    # accelerate keeps one mixed precision per process: refused() starts afresh; leave none behind for other tests.
     try:
         assert ("--mixed_precision fp16 is not applied on cpu by accelerate (it would train in fp32)"
                 in refused(args, capsys))
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        fresh_accelerate_state()
     assert not (tmp_path / "run").exists()
+
+
+# --- options, data and checkpoints the trainer refuses -------------------------------------------------
+
+@pytest.fixture()
+def data_256(tmp_path):
+    """Fresh for each test (one truncates a file of it), and as large as the default --batch_size."""
+    write_fake_cifar100(tmp_path / "data", num_train=256, num_test=8)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no_such_model"], "--model 'no_such_model' is neither a preset (nfnet, vit) nor a timm model name"),
+    (["--batch_size", "64", "--micro_batch_size", "24"], "--micro_batch_size 24 does not divide"),
+    (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is visible"),
+    (["--cuda_graph"], "--cuda_graph needs one process on a GPU"),
+    (["--data_device", "accelerator"], "--data_device accelerator needs a GPU"),
+])
+def test_bad_options_stop_before_training(data_256, tmp_path, capsys, extra, message):
+    line = refused(TINY + ["--data_dir", data_256, "--save_dir", tmp_path / "run", "--epochs", "1"] + extra, capsys)
+    assert message in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_data_without_download(tmp_path, capsys):
+    line = refused(TINY + ["--data_dir", tmp_path / "empty", "--no-download", "--epochs", "1",
+                           "--save_dir", tmp_path / "run"], capsys)
+    assert line.startswith("error: CIFAR-100 not found") and "--data_dir" in line
+
+
+def test_corrupt_data_file_names_the_file(data_256, tmp_path, capsys):
+    test_file = data_256 / "cifar-100-python" / "test"
+    test_file.write_bytes(test_file.read_bytes()[:-500])
+    line = refused(TINY + ["--data_dir", data_256, "--epochs", "1", "--save_dir", tmp_path / "run"], capsys)
+    assert str(test_file) in line
+
+
+def test_checkpoint_that_is_not_a_checkpoint(data_256, tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    line = refused(TINY + ["--data_dir", data_256, "--epochs", "1", "--save_dir", tmp_path / "run",
+                           "--checkpoint", tmp_path / "notes"], capsys)
+    assert "is not a checkpoint: manifest.json is missing" in line
+
+
+def test_processes_that_did_not_join_one_group_are_refused():
+    with pytest.raises(ConfigError, match="started 2 processes but accelerate sees 1"):
+        check_process_group(Accelerator(cpu=True), launched=2)
+    check_process_group(Accelerator(cpu=True), launched=1)
+
+
+@pytest.mark.launches
+def test_unknown_option_exits_2_from_the_command_line():
+    result = subprocess.run([sys.executable, MAIN, "--learning_rat", "0.1"], cwd=REPO, capture_output=True,
+                            text=True, env=child_env())
+    # argparse's refusal, made one line (no usage block).
+    assert result.returncode == 2
+    assert result.stderr == "error: unrecognized arguments: --learning_rat 0.1 (see --help)\n"
+
+
+@pytest.mark.launches
+def test_unreachable_pretrained_weights_fail_fast_naming_the_alternatives(data_256, tmp_path):
+    # An empty cache and a hub address that refuses connections: the real path, without waiting on retries.
+    env = child_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0")
+    args = [a for a in TINY if a != "--no-pretrained"]
+    result = subprocess.run([sys.executable, MAIN, *args, "--data_dir", str(data_256), "--epochs", "1",
+                             "--save_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("error: pretrained weights of test_vit are not cached and http://127.0.0.1:9 cannot be "
+                           "reached;") and "--pretrained_file" in line and "--no-pretrained" in line, line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # --- data --------------------------------------------------------------------------------------------

@@ -6,8 +6,7 @@ import signal
 
 import pytest
 
-from conftest import TINY, read_jsonl, run_trainer, launching
-from trainer.main import main
+from conftest import TINY, fresh_accelerate_state, launching, read_jsonl, run_main, run_trainer
 from trainer.optim import lr_at
 
 EPOCHS = 2
@@ -38,13 +37,6 @@ def used(first_run, tmp_path):
 
 def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_main(argv, capsys):
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def test_a_second_fresh_run_is_refused_and_leaves_the_first_byte_identical(cifar_dir, used):
@@ -135,14 +127,12 @@ def test_a_corrupt_metrics_file_on_resume_is_one_line(cifar_dir, used, capsys):
 def test_changed_learning_rate_weight_decay_and_epochs_are_applied_as_logged(cifar_dir, used):
     """Resumed from epoch 1 with a new peak lr, weight decay and one more epoch: every step's lr in the optimizer
     is the one steps.jsonl logs, and that is the schedule of the new options from step 9 on."""
-    from accelerate.state import AcceleratorState
-
     from trainer.config import parse_config
     from trainer.loop import Trainer
     for stale in (".tmp-step_5", ".old-epoch_1", ".universal-epoch_1"):  # left by killed saves
         (used / stale / "state").mkdir(parents=True)
         (used / stale / "state" / "x.bin").write_bytes(b"partial")
-    AcceleratorState._reset_state(reset_partial_state=True)
+    fresh_accelerate_state()
     config = parse_config([str(a) for a in args_for(cifar_dir, used, "--checkpoint", used / "epoch_1",
                                                     "--learning_rate", "4e-3", "--weight_decay", "0.05",
                                                     "--epochs", EPOCHS + 1)])

@@ -8,9 +8,8 @@ import pytest
 import timm
 import torch
 
-from conftest import (TINY, assert_lrs_follow_the_schedule, assert_resumed, load_weights, read_jsonl,
-                      record_lines, relative_l2, run_trainer)
-from conftest import launching
+from conftest import (TINY, assert_lrs_follow_the_schedule, assert_resumed, assert_same_run, launching,
+                      load_weights, make_trainer, read_jsonl, record_lines, relative_l2, run_trainer)
 
 # Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
 # of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (measured 2026-11-27). 1e-5 sits between.
@@ -99,14 +98,7 @@ def test_resume_from_epoch_checkpoint_continues_to_the_same_weights(cifar_dir, t
     before = record_lines(tmp_path / "run")
     resumed = run_trainer(args + ["--checkpoint", tmp_path / "run" / "epoch_1"])
     assert_resumed(tmp_path / "run", tmp_path / "run" / "epoch_1", before, resumed.stdout)
-    final = load_weights(tmp_path / "run/epoch_3/model.safetensors")
-    expected = load_weights(tmp_path / "uninterrupted/epoch_3/model.safetensors")
-    assert all(torch.equal(final[k], expected[k]) for k in expected)  # bit-identical on CPU in fp32
-
-    def stable(lines):
-        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
-    assert stable(read_jsonl(tmp_path / "run/metrics.jsonl")) == stable(read_jsonl(tmp_path / "uninterrupted/metrics.jsonl"))
-    assert stable(read_jsonl(tmp_path / "run/steps.jsonl")) == stable(read_jsonl(tmp_path / "uninterrupted/steps.jsonl"))
+    assert_same_run(tmp_path / "run", tmp_path / "uninterrupted", 3)  # bit-identical on CPU in fp32
 
 
 def test_checkpoint_weights_load_in_timm(one_vs_two):
@@ -160,10 +152,6 @@ def test_compiled_full_steps_after_the_short_last_step_still_run_the_static_full
     # Without static shapes, the short last step (32 of 288 images at 64 per step) makes dynamo recompile with a
     # symbolic batch size and try that newest graph first: every full step of the next epoch ran the slower
     # dynamic-shape graph. Dynamo's "eager" backend, recording each graph and each call, stands in for inductor.
-    from accelerate.state import AcceleratorState
-
-    from trainer.config import TrainConfig
-    from trainer.loop import Trainer
     symbolic, calls = [], []  # per compiled graph: whether a size is symbolic; per forward: the graph it ran
 
     def recording_backend(graph_module, example_inputs):
@@ -179,10 +167,7 @@ def test_compiled_full_steps_after_the_short_last_step_still_run_the_static_full
     monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(
         model, **{**options, "backend": recording_backend, "mode": None}))
     torch._dynamo.reset()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), save_dir=str(tmp_path),
-                                  device="cpu", mixed_precision="no", epochs=2, warmup_epochs=0, batch_size=64,
-                                  augment="none", progress=False, compile=True))
+    trainer = make_trainer(cifar_dir, tmp_path, epochs=2, batch_size=64, compile=True)
     try:
         for epoch in range(2):
             trainer.progress.step_in_epoch = 0  # as train_epochs does between epochs
