@@ -18,16 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl, launching
+from conftest import (REPO, TIMEOUT, TINY, assert_same_run, child_env, free_port, launching, read_jsonl,
+                      wait_while_running)
 from trainer import checkpoint
 from trainer.synthetic import write_fake_cifar100
 
 LAUNCH = str(REPO / "launch.sh")
 SBATCH = REPO / "slurm" / "train.sbatch"
 EPOCHS, STEPS_PER_EPOCH = 2, 20  # 640 images, batch 32
-HANG = 300  # seconds: only a hang guard (a rank that stops alone leaves the other waiting in a collective)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +53,9 @@ def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def finish(process: subprocess.Popen, log: Path) -> str:
+def finish(process: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> str:
     try:
-        process.wait(timeout=HANG)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         for pid in descendants(process.pid):
             os.kill(pid, signal.SIGKILL)
@@ -90,15 +89,6 @@ def trainer_rank(pid: int) -> int | None:
     return ranks[0] if ranks and b"main.py" in cmdline else None
 
 
-def wait_until(condition, process: subprocess.Popen, log: Path | None = None):
-    deadline = time.monotonic() + HANG
-    while not condition():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached (exit status {process.returncode}):\n"
-                                 + (log.read_text()[-5000:] if log else ""))
-        time.sleep(0.01)
-
-
 def latest(save_dir: Path) -> str:
     try:
         return (save_dir / "latest").read_text().strip()
@@ -111,25 +101,10 @@ def kill_one_rank(process: subprocess.Popen, rank: int, sig=signal.SIGTERM) -> N
     os.kill(pid, sig)
 
 
-def stable(lines):
-    return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in lines]
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Bit-identical final weights and the same metrics and step lines (timings aside) as the uninterrupted run."""
-    final, expected = (load_weights(d / f"epoch_{EPOCHS}/model.safetensors") for d in (run_dir, reference))
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
-    for name in ("metrics.jsonl", "steps.jsonl"):
-        got, want = stable(read_jsonl(run_dir / name)), stable(read_jsonl(reference / name))
-        assert [a.keys() for a in got] == [b.keys() for b in want]
-        for a, b in zip(got, want):
-            assert all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a), (name, a, b)
-
-
 def assert_resumes_only_what_was_left(run_dir: Path, saved: Path, output: str, reference: Path) -> None:
     info = checkpoint.read_manifest(saved)
     assert f"resumed from {saved}: epoch {info['epoch']}, step {info['global_step']}" in output
-    assert_same_run(run_dir, reference)
+    assert_same_run(run_dir, reference, EPOCHS, rel=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +112,7 @@ def assert_resumes_only_what_was_left(run_dir: Path, saved: Path, output: str, r
 def reference(data_dir, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("uninterrupted")
     result = subprocess.run([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], cwd=REPO, env=launch_env(),
-                            capture_output=True, text=True, timeout=HANG)
+                            capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return save_dir
 
@@ -151,6 +126,31 @@ def fake_slurm(folder: Path, srun_body: str = 'exec "$@"') -> Path:
     return folder
 
 
+@pytest.mark.launches
+def test_the_slurm_jobs_end_time_alone_stops_every_process_before_it_saved_with_exit_75_and_a_requeue(
+        data_dir, tmp_path):
+    """slurm/train.sbatch, no signal at all: the trainer reads SLURM_JOB_END_TIME, measures its steps and epoch
+    ends, and saves and exits 75 in time. The run would otherwise train 500 epochs (minutes)."""
+    bin_dir = fake_slurm(tmp_path / "bin")
+    save_dir, log = tmp_path / "run", tmp_path / "job.out"
+    end = time.time() + 30  # startup (two processes) takes about 10 s of it on 2 cores
+    env = launch_env(SLURM_JOB_ID="4343", SLURM_JOB_END_TIME=f"{end:.0f}", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--epochs", 500, "--time_limit_margin", 5)],
+                log, env)
+    output = finish(job, log, timeout=end + 30 - time.time())  # a run that misses its end would go on for minutes
+    exited = time.time()
+    assert job.returncode == 75, output[-5000:]
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 4343\n"
+    saved = save_dir / latest(save_dir)
+    checkpoint.verify(saved)
+    info = checkpoint.read_manifest(saved)
+    assert (saved / "manifest.json").stat().st_mtime < end and exited < end + 5, (end, exited)
+    where = f"at step {info['global_step']};" if saved.name.startswith("step_") else f"after epoch {info['epoch']};"
+    assert output.count(f"stopped by the time limit {where}") + \
+        output.count(f"stopped by a signal or the time limit on another process {where}") == 2, output[-3000:]
+    assert "the time limit (" in output and "SLURM_JOB_END_TIME" in output
+
+
 def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_the_requeued_job_finishes(
         data_dir, reference, tmp_path):
     """slurm/train.sbatch under a stand-in srun: SIGTERM to every process of the step (not the batch shell)."""
@@ -160,8 +160,9 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     # A DataLoader worker in each trainer process: SLURM signals it too.
     job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], log, env)
     # In epoch 2, once both trainer processes run their DataLoader worker (a forked copy, with the same RANK).
-    wait_until(lambda: latest(save_dir) == "epoch_1" and
-               sum(trainer_rank(p) is not None for p in descendants(job.pid)) == 4, job, log)
+    wait_while_running(job, lambda: latest(save_dir) == "epoch_1" and
+                       sum(trainer_rank(p) is not None for p in descendants(job.pid)) == 4,
+                       "epoch 1 saved with a DataLoader worker in each trainer process", log)
     for pid in descendants(job.pid)[1:]:  # --signal=TERM@N: the step's processes, not the batch shell
         os.kill(pid, signal.SIGTERM)
     output = finish(job, log)
@@ -175,7 +176,7 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     checkpoint.verify(saved)
     # The requeued job: the same script, the same command.
     requeued = subprocess.run(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--num_workers", 1)], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=HANG)
+                              env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert (bin_dir / "scontrol.log").read_text() == "requeue 4242\n"  # not again
     assert_resumes_only_what_was_left(save_dir, saved, requeued.stdout, reference)
@@ -184,7 +185,7 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
 def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, reference, tmp_path):
     save_dir, log = tmp_path / "run", tmp_path / "out.log"
     run = start([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], log, launch_env())
-    wait_until(lambda: latest(save_dir) == "epoch_1", run, log)
+    wait_while_running(run, lambda: latest(save_dir) == "epoch_1", "epoch 1 saved", log)
     kill_one_rank(run, 1)
     output = finish(run, log)
     assert run.returncode == 75, output[-5000:]  # launch.sh got no signal; the launcher says 1
@@ -194,7 +195,7 @@ def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, referenc
     assert saved.name == f"step_{stops[0][1]}"
     assert 0 < checkpoint.read_manifest(saved)["step_in_epoch"] < STEPS_PER_EPOCH
     resumed = subprocess.run([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir, "--resume", "auto")],
-                             cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=HANG)
+                             cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumes_only_what_was_left(save_dir, saved, resumed.stdout, reference)
 
@@ -246,7 +247,7 @@ def test_signal_at_the_end_of_an_epoch_that_is_not_a_save_epoch_saves_it(data_di
     assert [p.name for p in checkpoint.list_checkpoints(save_dir)] == ["epoch_1"]
     assert [m["epoch"] for m in read_jsonl(save_dir / "metrics.jsonl")] == [1]
     resumed = subprocess.run([LAUNCH, "--strategy", "ddp", *args], cwd=REPO, env=launch_env(), capture_output=True,
-                             text=True, timeout=HANG)
+                             text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumes_only_what_was_left(save_dir, save_dir / "epoch_1", resumed.stdout, reference)
 
@@ -273,7 +274,7 @@ def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
     the trainer processes (they run in sessions of their own)."""
     save_dir, log = tmp_path / "run", tmp_path / "out.log"
     run = start([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], log, launch_env())
-    wait_until(lambda: latest(save_dir) == "epoch_1", run, log)
+    wait_while_running(run, lambda: latest(save_dir) == "epoch_1", "epoch 1 saved", log)
     os.killpg(run.pid, signal.SIGINT)
     output = finish(run, log)
     assert run.returncode == 75, output[-5000:]
@@ -289,9 +290,9 @@ def test_ctrl_c_before_training_is_one_line_and_status_130(cifar_dir, tmp_path):
     # Once main() imports torch (trainer/main.py imports it nowhere else), and long before the trainer installs its
     # own handler (after reading the data and building the model).
     maps = Path(f"/proc/{process.pid}/maps")
-    wait_until(lambda: "libtorch" in maps.read_text(), process)
+    wait_while_running(process, lambda: "libtorch" in maps.read_text(), "torch is imported")
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=HANG)
+    _, stderr = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 130
     assert stderr == "interrupted (Ctrl-C) before training started: nothing to save\n"
 

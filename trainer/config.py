@@ -20,6 +20,8 @@ from typing import Literal, Optional
 
 import yaml
 
+from .time_limit import parse_duration
+
 
 # Exit status of a run stopped by the preemption signal after saving (EX_TEMPFAIL: run again with --resume auto).
 # Here, in a module without torch, so that the study runner can read it cheaply.
@@ -147,6 +149,10 @@ class TrainConfig:
     """When a checkpoint cannot be written (disk full, permissions): `stop` (exit 1) or `continue` training (the final checkpoint and a preempted run's always stop, exit 1)."""
     preempt_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"] = "SIGTERM"
     """Signal that makes the run save a checkpoint within two steps and exit with status 75 (also SIGUSR1 and SIGINT always)."""
+    time_limit: Optional[str] = None
+    """Save and exit 75 before this much time from the start has passed (`3h50m`, `230m`, `03:50:00`); under SLURM the job's own end time is read too (the earlier wins), with no --signal needed."""
+    time_limit_margin: float = 60.0
+    """Seconds kept free before the time limit beyond twice the longest step or epoch end: the first save (before one is measured) and the exit."""
     save_epochs: int = -1
     """Save a checkpoint every this many epochs; -1: after the last epoch only."""
     save_dir: str = "checkpoint"
@@ -208,6 +214,11 @@ class TrainConfig:
              "--overwrite starts a new run (deleting the one in save_dir); it cannot be combined with --resume or "
              "--checkpoint")
         _need(self.keep_last >= 0, f"--keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+        if self.time_limit is not None:
+            seconds = parse_duration(self.time_limit)
+            _need(seconds is not None and seconds > 0,
+                  f"--time_limit {self.time_limit!r} is not a duration such as 3h50m, 230m, 45s or 03:50:00")
+        _need(self.time_limit_margin >= 0, f"--time_limit_margin must be >= 0 seconds, got {self.time_limit_margin}")
 
     def _check_augmentation(self) -> None:
         _need(self.augment != "randaug" or self.data_device != "accelerator",

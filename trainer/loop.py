@@ -16,12 +16,13 @@ import torch
 from accelerate.utils import set_seed
 
 from .checkpoint import CheckpointManager
-from .config import ConfigError, TrainConfig
+from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig
 from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
 from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, scheduled_lr
 from .preemption import Preempted, StopRequest, StopVote
+from .time_limit import TimeLimit
 from .run_lock import RunLock
 from .run_log import RunLog
 from .runtime import check_batch_fits, deepspeed_applied, resolve_runtime
@@ -105,7 +106,7 @@ class Trainer:
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.checkpoints = CheckpointManager(config, rt, self.log, self.model, self.scheduler, self.ema,
                                              self.progress)
-        self.stop = StopRequest(self.log.say_here)
+        self.stop = StopRequest(self.log.say_here, TimeLimit.resolve(config.time_limit, config.time_limit_margin))
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
 
@@ -246,6 +247,8 @@ class Trainer:
             f"micro-batch {r['micro_batch_size']} x accumulation {r['accumulation_steps']} x {r['processes']} "
             f"processes = global batch {r['global_batch_size']} | {r['steps_per_epoch']} steps per epoch "
             f"(last step {r['last_step_images']} images) | mixed precision {r['mixed_precision']}")
+        if self.stop.time_limit.deadline is not None:
+            self.log.say(f"time limit: saves and exits {PREEMPTED_EXIT_CODE} before {self.stop.time_limit.describe()}")
         # Ctrl-C (SIGINT) too: it saves and exits 75 like preemption (before this point: one line, main.py).
         self.stop.install([cfg.preempt_signal, "SIGUSR1", "SIGINT"])
         try:

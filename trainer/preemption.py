@@ -5,11 +5,13 @@ after the same optimizer step, and the trainer saves there and exits 75.
 from __future__ import annotations
 
 import signal
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .config import PREEMPTED_EXIT_CODE
+from .time_limit import TimeLimit
 
 
 class Preempted(Exception):
@@ -76,13 +78,15 @@ class StopVote:
 
 
 class StopRequest:
-    """The first stop signal this process received (a flag only: the loop stops every process after the same
-    step and saves there). A second signal (a launcher passing the first one on, or during the save) changes
-    nothing."""
+    """The first stop signal this process received, or its time limit coming due (a flag only: the loop stops
+    every process after the same step and saves there). A second signal (a launcher passing the first one on, or
+    during the save) changes nothing."""
 
-    def __init__(self, say):
+    def __init__(self, say, time_limit: Optional[TimeLimit] = None):
         self.signal = None
+        self.timed_out = None  # why the time limit stopped the run
         self.say = say
+        self.time_limit = time_limit
 
     def install(self, names) -> None:
         for name in set(names):
@@ -97,7 +101,18 @@ class StopRequest:
 
     @property
     def asked(self) -> bool:
-        return self.signal is not None
+        """Read once per optimizer step and once per epoch end (the vote): the time limit measures the interval."""
+        if self.signal is None and self.timed_out is None and self.time_limit is not None and self.time_limit.due():
+            self.timed_out = self.time_limit.reason()
+            self.say(f"{self.timed_out}: saving a checkpoint within two optimizer steps (or after this epoch's "
+                     f"evaluation), then exiting with status {PREEMPTED_EXIT_CODE}")
+        return self.signal is not None or self.timed_out is not None
 
     def cause(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else "a signal to another process"
+        if self.signal:
+            return signal.Signals(self.signal).name
+        if self.timed_out:
+            return "the time limit"
+        if self.time_limit is not None and self.time_limit.deadline is not None:
+            return "a signal or the time limit on another process"
+        return "a signal to another process"

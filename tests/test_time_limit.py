@@ -1,0 +1,68 @@
+"""The stop that knows the time limit (trainer/time_limit.py): when it comes due, and where the end is read.
+The real run that stops on it, under slurm/train.sbatch with no signal, is in test_preempt.py."""
+
+import pytest
+
+from conftest import TINY, refused
+from trainer.time_limit import TimeLimit, job_end_time, parse_duration
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("230m", 13800), ("45s", 45), ("1d2h", 93600),
+                                           ("1.5h", 5400), ("03:50:00", 13800), ("1-00:00:00", 86400),
+                                           ("10:00", 600), ("90", None), ("soon", None), ("", None)])
+def test_durations_are_read_as_slurm_and_people_write_them(text, seconds):
+    # A bare number is refused: SLURM reads --time=90 as minutes, a reader might take seconds.
+    assert parse_duration(text) == seconds
+
+
+def test_the_limit_comes_due_when_what_is_left_is_under_two_intervals_and_the_margin():
+    clock = Clock(1000.0)
+    limit = TimeLimit(deadline=1100.0, source="test", margin=10.0, clock=clock)
+    # (seconds since the last check, due?): 100 s left and nothing measured; a 5 s step; an epoch end (last step,
+    # evaluation, save) of 20 s, 75 s left >= 2 x 20 + 10; 55 s left; 49 s left < 50: due.
+    for interval, due in ((0.0, False), (5.0, False), (20.0, False), (20.0, False), (6.0, True)):
+        clock.now += interval
+        assert limit.due() == due, (clock.now, limit.longest_interval)
+    assert limit.longest_interval == 20.0
+    assert "the time limit (49 s left" in limit.reason() and "2 x 20.0 s" in limit.reason()
+
+
+def test_no_limit_never_comes_due():
+    limit = TimeLimit.resolve(None, 60.0, environ={}, clock=Clock())
+    assert limit.deadline is None and not limit.due() and limit.describe() == "none"
+
+
+def test_the_earlier_of_time_limit_and_the_slurm_jobs_end_wins():
+    clock = Clock(1000.0)
+    environ = {"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "5000"}
+    assert TimeLimit.resolve("1h", 60.0, environ=environ, clock=clock).deadline == 4600.0
+    limit = TimeLimit.resolve("2h", 60.0, environ=environ, clock=clock)
+    assert (limit.deadline, limit.source) == (5000.0, "the SLURM job's end (SLURM_JOB_END_TIME)")
+
+
+def test_the_slurm_jobs_end_comes_from_squeue_where_the_environment_has_none():
+    asked = []
+    squeue = lambda job: asked.append(job) or 4242.0  # noqa: E731
+    assert job_end_time({"SLURM_JOB_ID": "7"}, squeue) == (4242.0, "squeue")
+    assert job_end_time({"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "99"}, squeue) == (99.0, "SLURM_JOB_END_TIME")
+    assert asked == ["7"]
+    assert job_end_time({"SLURM_JOB_ID": "7"}, lambda job: None)[0] is None  # unlimited, or squeue unreachable
+    assert job_end_time({}, squeue) == (None, "not a SLURM job")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--time_limit", "90"], "--time_limit '90' is not a duration such as 3h50m, 230m, 45s or 03:50:00"),
+    (["--time_limit", "0s"], "--time_limit '0s' is not a duration"),
+    (["--time_limit_margin", "-1"], "--time_limit_margin must be >= 0 seconds"),
+])
+def test_a_time_limit_that_is_not_a_duration_is_refused(tmp_path, capsys, extra, message):
+    assert message in refused(TINY + ["--data_dir", tmp_path / "data", "--save_dir", tmp_path / "run"] + extra,
+                              capsys)

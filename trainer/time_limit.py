@@ -1,0 +1,114 @@
+"""A stop that knows the time limit: the run saves and exits 75 before its job's end, with no warning signal.
+
+The end comes from `--time_limit` (counted from the trainer's start), or under SLURM from the job's end time:
+`SLURM_JOB_END_TIME` (a Unix time, set by recent SLURM releases) where set, else `squeue -h -j $SLURM_JOB_ID -o
+%e` (the cluster's local time, e.g. 2026-12-04T18:00:00); the earlier of the two wins. The trainer asks "stop
+now?" once per optimizer step and once after each epoch's evaluation (preemption.py's vote), and the longest
+interval between two such questions measures everything that can come between them: a step, an evaluation, a
+checkpoint save, a DataLoader's start. The stop is voted one step late and then saved, so the run stops once
+what is left is under twice that interval plus the margin, which covers the first save (before one is measured)
+and the exit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import time
+from typing import Callable, Optional
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+_CLOCK = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)")  # SLURM's [D-][HH:]MM:SS
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds in `3h50m`, `90m`, `45s`, `1d2h` or SLURM's `[D-][HH:]MM:SS`; None when it is neither."""
+    text = text.strip().lower()
+    match = _DURATION.fullmatch(text)
+    if text and match and any(match.groups()):
+        return sum(float(v) * _UNITS[u] for v, u in zip(match.groups(), "dhms") if v)
+    match = _CLOCK.fullmatch(text)
+    if match:
+        days, hours, minutes, seconds = (int(v or 0) for v in match.groups())
+        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return None
+
+
+def squeue_end_time(job_id: str) -> Optional[float]:
+    """The job's end as squeue reports it (local time of the cluster), or None (no squeue, no answer, no limit)."""
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(result.stdout.strip()).timestamp()
+    except ValueError:  # N/A, Unknown, NONE, an error message
+        return None
+
+
+def job_end_time(environ=os.environ, squeue: Callable[[str], Optional[float]] = squeue_end_time
+                 ) -> tuple[Optional[float], str]:
+    """(Unix time the SLURM job ends, where that was read) or (None, why there is none)."""
+    if not environ.get("SLURM_JOB_ID"):
+        return None, "not a SLURM job"
+    value = environ.get("SLURM_JOB_END_TIME", "").strip()
+    if value:
+        try:
+            return float(value), "SLURM_JOB_END_TIME"
+        except ValueError:
+            pass
+    end = squeue(environ["SLURM_JOB_ID"])
+    return (end, "squeue") if end is not None else (None, "no end time from SLURM_JOB_END_TIME or squeue")
+
+
+class TimeLimit:
+    """When the run must stop to save before its end (`deadline`, a Unix time; None: no limit)."""
+
+    def __init__(self, deadline: Optional[float], source: str, margin: float, clock: Callable[[], float] = time.time):
+        self.deadline, self.source, self.margin, self.clock = deadline, source, margin, clock
+        self.last_check: Optional[float] = None
+        self.longest_interval = 0.0  # between two stop checks: a step, or a step with evaluation and save
+
+    @classmethod
+    def resolve(cls, time_limit: Optional[str], margin: float, environ=os.environ,
+                squeue: Callable[[str], Optional[float]] = squeue_end_time,
+                clock: Callable[[], float] = time.time) -> "TimeLimit":
+        now = clock()
+        ends = []
+        if time_limit:
+            ends.append((now + parse_duration(time_limit), f"--time_limit {time_limit}"))
+        end, source = job_end_time(environ, squeue)
+        if end is not None:
+            ends.append((end, f"the SLURM job's end ({source})"))
+        if not ends:
+            return cls(None, "no time limit", margin, clock)
+        deadline, source = min(ends)
+        return cls(deadline, source, margin, clock)
+
+    def ends_at(self) -> str:
+        return datetime.datetime.fromtimestamp(self.deadline, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def describe(self) -> str:
+        if self.deadline is None:
+            return "none"
+        return f"{self.ends_at()} ({self.source}, {self.deadline - self.clock():.0f} s from now)"
+
+    def due(self) -> bool:
+        """Whether what is left is too little for two more check intervals, the save and the margin. Call it at
+        every stop check: it measures the interval since the last one."""
+        if self.deadline is None:
+            return False
+        now = self.clock()
+        if self.last_check is not None:
+            self.longest_interval = max(self.longest_interval, now - self.last_check)
+        self.last_check = now
+        return self.deadline - now < 2 * self.longest_interval + self.margin
+
+    def reason(self) -> str:
+        left = self.deadline - self.clock()
+        return (f"the time limit ({left:.0f} s left until {self.ends_at()}, {self.source}; it needs 2 x "
+                f"{self.longest_interval:.1f} s, the longest step or epoch end so far, + {self.margin:g} s margin)")
