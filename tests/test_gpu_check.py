@@ -33,23 +33,37 @@ else exec {real_df} "$@"; fi
 @pytest.fixture(scope="module")
 @launching
 def smoke(tmp_path_factory):
-    out, root = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("stand_ins")
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, capture_output=True,
-                            text=True, timeout=3000,
-                            env=child_env(OUT=str(out), PYTHON=sys.executable, **stand_ins(root, root / "small")))
-    return result, out, root / "small"
+    """The smoke as two device commands would run it, `--stage a,b` then `--stage c,d`: every stage once, and each
+    command runs only the stages it names. {"ab": (result, out), "cd": ...}, and the folder reported too small."""
+    root = tmp_path_factory.mktemp("stand_ins")
+    env = stand_ins(root, root / "small")
+    runs = {}
+    for stages in ("ab", "cd"):
+        out = tmp_path_factory.mktemp(f"gpu_check_{stages}")
+        runs[stages] = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--stage", ",".join(stages)],
+                                      cwd=REPO, capture_output=True, text=True, timeout=3000,
+                                      env=child_env(OUT=str(out), PYTHON=sys.executable, **env)), out
+    return runs, root / "small"
 
 
-def test_every_stage_runs_and_passes(smoke):
-    result, out, _ = smoke
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
-    summary = (out / "summary.txt").read_text()
-    for stage in "abcd":
-        assert f"stage {stage}: ok" in summary, summary
+def test_every_stage_runs_and_passes_in_the_command_that_names_it_only(smoke):
+    runs, _ = smoke
+    for stages, (result, out) in runs.items():
+        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+        ran = [line for line in (out / "summary.txt").read_text().splitlines() if line.startswith("stage ")]
+        assert [line[:len("stage a: ok")] for line in ran] == [f"stage {s}: ok" for s in stages], ran
+
+
+@pytest.mark.launches
+def test_a_bad_stage_is_one_line(tmp_path):
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--stage", "e"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env=child_env(OUT=str(tmp_path / "bad")))
+    assert (bad.returncode, bad.stderr) == (2, "error: --stage takes stages a-d, comma-separated (got 'e')\n")
 
 
 def test_the_preamble_says_what_decides_whether_it_can_run_and_it_runs_despite_bad_wheels_and_a_small_folder(smoke):
-    _, out, small = smoke
+    runs, small = smoke
+    _, out = runs["ab"]
     summary = (out / "summary.txt").read_text()
     assert "Name: torch\tVersion: " in summary and "Name: timm\tVersion: " in summary  # pip show
     assert "Filesystem" in summary and "nvidia-smi" not in summary.split("Filesystem")[0]  # df before the rest
@@ -61,21 +75,9 @@ def test_the_preamble_says_what_decides_whether_it_can_run_and_it_runs_despite_b
     assert any(line.split(":")[0] == f"PYTHONPATH={REPO}" for line in summary.splitlines()), summary
 
 
-@pytest.mark.launches
-def test_stage_picks_the_stages_and_a_bad_one_is_one_line(tmp_path):
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--stage", "b"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600,
-                            env=child_env(OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_WORK=str(tmp_path)))
-    assert result.returncode == 0, result.stdout[-3000:]
-    stages = [line for line in (tmp_path / "summary.txt").read_text().splitlines() if line.startswith("stage ")]
-    assert len(stages) == 1 and stages[0].startswith("stage b: ok"), stages
-    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--stage", "e"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60, env=child_env(OUT=str(tmp_path / "bad")))
-    assert (bad.returncode, bad.stderr) == (2, "error: --stage takes stages a-d, comma-separated (got 'e')\n")
-
-
 def test_correctness_checks_pass_and_cuda_only_ones_say_why_they_were_skipped(smoke):
-    _, out, _ = smoke
+    runs, _ = smoke
+    (_, out), (_, out_cd) = runs["ab"], runs["cd"]
     lines = (out / "a_correctness.txt").read_text().splitlines()
     passed = [line for line in lines if line.startswith("PASS")]
     assert len(passed) == 2 and "resumed from step_2 vs uninterrupted" in passed[0] and "--num_workers 2" in passed[1]
@@ -83,14 +85,15 @@ def test_correctness_checks_pass_and_cuda_only_ones_say_why_they_were_skipped(sm
     assert sum("--cuda_graph vs eager (CUDA graphs need CUDA)" in line for line in lines) == 2
     assert "skipped: cuda_graph rows (CUDA graphs need CUDA)" in (out / "log.txt").read_text()
     assert "skipped: evaluation's synchronising calls (CUDA's sync debug mode needs CUDA)" in lines
-    assert (out / "c_zero2_ema.txt").read_text().splitlines()[-1].startswith(
+    assert (out_cd / "c_zero2_ema.txt").read_text().splitlines()[-1].startswith(
         "PASS test_vit: ZeRO-2 with --model_ema, 1 epoch, the EMA evaluated")
 
 
 def test_each_benchmark_stage_leaves_its_table_and_few_files(smoke):
-    _, out, _ = smoke
-    tables = {name: (out / name / "bench.md").read_text() for name in
-              ("b_throughput", "b_throughput_cl", "c_zero2", "d_compile")}
+    runs, _ = smoke
+    (_, out_ab), (_, out_cd) = runs["ab"], runs["cd"]
+    tables = {name: (out / name / "bench.md").read_text() for out, names in
+              ((out_ab, ("b_throughput", "b_throughput_cl")), (out_cd, ("c_zero2", "d_compile"))) for name in names}
     assert tables["b_throughput"].count("| test_vit |") == 3 and tables["b_throughput"].count("| test_nfnet |") == 3
     assert tables["b_throughput_cl"].count("| eager, channels_last |") == 2
     assert "| zero2 |" in tables["c_zero2"] and "| zero2, 2 micro-steps |" in tables["c_zero2"]
@@ -98,5 +101,6 @@ def test_each_benchmark_stage_leaves_its_table_and_few_files(smoke):
     assert tables["d_compile"].count("| test_vit | trainer | compile |") == 1
     assert not any("failed:" in table for table in tables.values())
     # The device returns at most 8 files from $OUT (its tool's limit); the work folder is removed at the end.
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8, files
+    for out in (out_ab, out_cd):
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert len(files) <= 8, files
