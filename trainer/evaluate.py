@@ -161,7 +161,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = accelerator.prepare(loader)
     normalize = Normalize(norm["mean"], norm["std"], norm["image_size"], accelerator.device)
-    totals, confusion = evaluate_model(accelerator, model, loader, normalize)
+    totals, confusion, _, _ = evaluate_model(accelerator, model, loader, normalize)
     loss, correct1, correct5, count = totals.tolist()
     result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
               "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}

@@ -5,6 +5,8 @@ evaluates a saved checkpoint with the same function.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -37,14 +39,23 @@ class Evaluator:
                 "val_images": int(count)}
 
 
+class Evaluation(NamedTuple):
+    totals: torch.Tensor  # summed loss, top-1 hits, top-5 hits, images (float64, on the CPU)
+    confusion: torch.Tensor  # true x predicted class counts (on the CPU)
+    labels: Optional[torch.Tensor] = None  # with per_image: each image's label and top-1 class, in the order the
+    predictions: Optional[torch.Tensor] = None  # processes' shares gather to (the test set's, for a sequential one)
+
+
 @torch.no_grad()
 def evaluate_model(accelerator, model: torch.nn.Module, loader, normalize: Normalize,
-                   input_dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None):
-    """(summed loss, top-1 hits, top-5 hits, images) and the confusion matrix (true x predicted class) over
-    `loader` (prepared by accelerate): the trainer's evaluation, shared with trainer/evaluate.py."""
+                   input_dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None,
+                   per_image: bool = False) -> Evaluation:
+    """Loss, top-1 and top-5 totals and the confusion matrix over `loader` (prepared by accelerate), and with
+    `per_image` each image's label and top-1 prediction: the trainer's evaluation, shared with trainer/evaluate.py."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    all_labels, predictions = [], []
     for images, labels in loader:
         with torch.autocast(accelerator.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
@@ -61,4 +72,10 @@ def evaluate_model(accelerator, model: torch.nn.Module, loader, normalize: Norma
         totals[:3] += torch.stack([losses.sum().double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
         totals[3] += len(labels)
         confusion.index_add_(0, labels * NUM_CLASSES + top5[:, 0], torch.ones_like(labels))
-    return totals.cpu(), confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+        if per_image:
+            all_labels.append(labels)
+            predictions.append(top5[:, 0])
+    confusion = confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+    if not per_image:
+        return Evaluation(totals.cpu(), confusion)
+    return Evaluation(totals.cpu(), confusion, torch.cat(all_labels).cpu(), torch.cat(predictions).cpu())
