@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import UserError
+
 MODEL_FILE = "model.safetensors"
 MODEL_EMA_FILE = "model_ema.safetensors"
 STATE_DIR = "state"
@@ -25,12 +27,13 @@ LATEST_FILE = "latest"
 COMPILED_PREFIX = "_orig_mod."
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: printed as one line, exit status 2."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used (see UserError)."""
 
 
 class SaveError(RuntimeError):
-    """A checkpoint could not be written and --on_save_error is `stop`: printed as one line, exit status 1."""
+    """A checkpoint could not be written and --on_save_error is `stop`: printed as one line, exit status 1. Not a
+    UserError: the disk or the file system failed, not the user's input (trainer/main.py ends it)."""
 
 
 def _sha256(path: Path) -> str:

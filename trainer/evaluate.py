@@ -26,9 +26,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.checkpoint import CheckpointError, is_checkpoint  # noqa: E402
-from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig, refuse  # noqa: E402
-from trainer.data import NUM_CLASSES, DataError  # noqa: E402
+from trainer.checkpoint import is_checkpoint  # noqa: E402
+from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig  # noqa: E402
+from trainer.errors import run_command  # noqa: E402
+from trainer.data import NUM_CLASSES  # noqa: E402
 from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
 
 OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png"}
@@ -177,6 +178,10 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
 
 
 def main(argv=None) -> int:
+    return run_command(evaluate_command, argv)
+
+
+def evaluate_command(argv) -> int:
     parser = OneLineArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="checkpoint folder, folder written by trainer.export, or a timm name "
                                        "(local-dir:PATH, hf-hub:NAME)")
@@ -188,12 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=typing.get_args(typing.get_type_hints(TrainConfig)["device"]), default="auto")
     parser.add_argument("--ema", action="store_true", help="evaluate a checkpoint's EMA weights")
     args = parser.parse_args(argv)
-    try:
-        if args.eval_batch_size is not None and args.eval_batch_size < 1:
-            raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
-        evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
-    except (CheckpointError, ConfigError, DataError, ExportError) as error:
-        return refuse(error)
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
+    evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
     return 0
 
 

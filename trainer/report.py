@@ -34,15 +34,16 @@ from typing import Optional
 
 import yaml
 
-from .config import MODEL_PRESETS, ConfigError, OneLineArgumentParser, TrainConfig, refuse, typed_value
+from .config import MODEL_PRESETS, ConfigError, OneLineArgumentParser, TrainConfig, typed_value
+from .errors import UserError, run_command
 from .export import ExportError, check_out
 from .records import read_lines
 
 DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
 
 
-class ReportError(ValueError):
-    """A user-facing error: printed as one line, exit status 2."""
+class ReportError(UserError, ValueError):
+    """A run folder or report the user can fix (see UserError)."""
 
 
 # --- the study file -----------------------------------------------------------------------------
@@ -436,6 +437,10 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
 
 
 def main(argv=None) -> int:
+    return run_command(report_command, argv)
+
+
+def report_command(argv) -> int:
     parser = OneLineArgumentParser(prog="python -m trainer.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -446,10 +451,7 @@ def main(argv=None) -> int:
                              "(default: the packaged reference study)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent / "report"
-    try:
-        report = write_report(args.runs, out, args.study)
-    except ReportError as error:
-        return refuse(error)
+    report = write_report(args.runs, out, args.study)
     print(f"report: {report}")
     return 0
 

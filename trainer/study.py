@@ -40,10 +40,11 @@ import sys
 from pathlib import Path
 
 from .checkpoint import final_checkpoint, has_checkpoint
-from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, TrainConfig, check_writable_folder,
-                     parse_config, refuse)
+from .config import (PREEMPTED_EXIT_CODE, OneLineArgumentParser, TrainConfig, check_writable_folder,
+                     parse_config)
+from .errors import UserError, run_command
 from .records import CONFIG_FILE, METRICS_FILE, read_run_config
-from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
+from .report import DEFAULT_STUDY, EVALUATION_DIR, Study, load_study, read_jsonl, write_report
 
 LOG_FILE = "train.log"
 CIFAR_FOLDER = "cifar-100-python"  # trainer/data/cifar.py's, written out: importing trainer.data imports torch
@@ -54,8 +55,8 @@ RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--config": "put shared options in the study file's `defaults` instead"}
 
 
-class StudyError(ValueError):
-    """A user-facing error: printed as one line, exit status 2."""
+class StudyError(UserError, ValueError):
+    """A study the user can fix (see UserError)."""
 
 
 def to_args(options: dict) -> list[str]:
@@ -231,6 +232,10 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
 
 
 def main(argv=None) -> int:
+    return run_command(study_command, argv)
+
+
+def study_command(argv) -> int:
     parser = OneLineArgumentParser(
         prog="python -m trainer.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument is a trainer option given to every run.", allow_abbrev=False)
@@ -247,20 +252,17 @@ def main(argv=None) -> int:
     how.add_argument("--launcher", help="command that runs one training run, the run's options appended, "
                                         "e.g. \"./launch.sh --strategy zero2\" (instead of --processes)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        if args.processes < 1:
-            raise StudyError(f"--processes must be at least 1, got {args.processes}")
-        if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
-            raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
-        check_overrides(overrides)
-        check_writable_folder(args.save_dir, "--save_dir")
-        study = load_study(args.study)
-        # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
-        # The trainer's own checks of every run first, unless --launcher runs something of the user's.
-        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
-                         run_package_trainer=not args.launcher)
-    except (StudyError, ReportError, ConfigError) as error:
-        return refuse(error)
+    if args.processes < 1:
+        raise StudyError(f"--processes must be at least 1, got {args.processes}")
+    if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
+        raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
+    check_overrides(overrides)
+    check_writable_folder(args.save_dir, "--save_dir")
+    study = load_study(args.study)
+    # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
+    # The trainer's own checks of every run first, unless --launcher runs something of the user's.
+    return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
+                     run_package_trainer=not args.launcher)
 
 
 if __name__ == "__main__":
