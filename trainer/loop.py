@@ -1,5 +1,5 @@
 """The Trainer conducts a run: it builds the parts (runtime.py resolved the run, data/, models.py, optim.py,
-step.py, evaluation.py, checkpoint.py, run_log.py), resumes, then per epoch trains, evaluates, logs and maybe
+step.py, evaluation.py, checkpoint.py, processes.py, run_log.py), resumes, then per epoch trains, evaluates, logs and maybe
 saves, stopping every process after the same step when a signal asks (preemption.py).
 
 With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
@@ -22,6 +22,7 @@ from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, scheduled_lr
 from .preemption import Preempted, StopRequest, StopVote
+from .processes import Processes
 from .run_lock import RunLock
 from .run_log import RunLog
 from .runtime import check_batch_fits, deepspeed_applied, resolve_runtime
@@ -52,10 +53,11 @@ class Trainer:
         self.config = config
         self.runtime = rt = resolve_runtime(config)  # every refusal that needs no data, before any is read
         self.accelerator = accelerator = rt.accelerator
-        self.log = RunLog(accelerator, config)
+        self.processes = Processes(accelerator)  # which process writes, downloads first, broadcasts
+        self.log = RunLog(self.processes, config)
         self.save_dir = Path(config.save_dir)
 
-        with self.log.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
+        with self.processes.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
             folder = ensure_downloaded(config.data_dir, config.download) if downloads \
                 else Path(config.data_dir) / "cifar-100-python"
         train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
@@ -63,7 +65,7 @@ class Trainer:
         check_batch_fits(config.batch_size, self.num_train, folder / "train")
 
         set_seed(config.seed)  # the same initial head on every process and topology
-        with self.log.first_on_main():  # pretrained weights: download once, then read the cache
+        with self.processes.first_on_main():  # pretrained weights: download once, then read the cache
             model = create_model(config)
         self.num_parameters = count_parameters(model)
         check_trainable(model, config, self.num_train, rt.processes, rt.accumulation)
@@ -103,9 +105,9 @@ class Trainer:
         self.evaluator = Evaluator(rt, self.test_loader, self.normalize.to(rt.device))  # its own: see Normalize
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
-        self.checkpoints = CheckpointManager(config, rt, self.log, self.model, self.scheduler, self.ema,
+        self.checkpoints = CheckpointManager(config, rt, self.processes, self.model, self.scheduler, self.ema,
                                              self.progress)
-        self.stop = StopRequest(self.log.say_here)
+        self.stop = StopRequest(self.processes.say_here)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
 
@@ -218,7 +220,7 @@ class Trainer:
         # The run owns its save_dir from before anything there is read, cleaned, deleted or written until it ends;
         # the main process holds the lock and every process learns a refusal (run_lock.py).
         lock = RunLock(self.save_dir)
-        self.log.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
+        self.processes.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
         try:
             return self.run_owned()
         finally:
