@@ -115,13 +115,15 @@ def clear_run(save_dir: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, config: TrainConfig, runtime, processes, model, scheduler, ema, progress):
-        """`processes`: the job's Processes (which process writes, broadcasts); `model`: the prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
+    def __init__(self, config: TrainConfig, runtime, processes, resolved, model, scheduler, ema, progress):
+        """`processes`: the job's Processes (which process writes, broadcasts); `resolved`: what the run resolved
+        (Trainer.resolved, read-only), part of each checkpoint's metadata and of the resume checks; `model`: the
+        prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
         No reference back to the Trainer: a cycle would keep the DDP model, and the process group it holds,
         alive until interpreter exit, where gloo's teardown can abort the process (seen once while such a cycle
         existed: exit -6, "terminate called without an active exception", after a complete 2-process run;
         tests/test_options.py checks that the Trainer is freed when its run returns)."""
-        self.config, self.runtime, self.processes = config, runtime, processes
+        self.config, self.runtime, self.processes, self.resolved = config, runtime, processes, resolved
         self.model, self.scheduler, self.ema, self.progress = model, scheduler, ema, progress
         self.save_dir = Path(config.save_dir)
         self.note = None  # check_save_dir's line about the start, said once the start is committed
@@ -131,20 +133,20 @@ class CheckpointManager:
         every = self.config.save_epochs
         return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
 
-    def save_epoch(self, epoch: int, val_acc1: float, resolved: dict, preempted: bool = False) -> None:
+    def save_epoch(self, epoch: int, val_acc1: float, preempted: bool = False) -> None:
         """`preempted`: the run stops after this save (the preemption signal)."""
-        self.save(epoch_name(epoch), val_acc1, resolved, required=preempted or epoch == self.config.epochs)
+        self.save(epoch_name(epoch), val_acc1, required=preempted or epoch == self.config.epochs)
 
-    def save_step(self, resolved: dict) -> None:
-        self.save(step_name(self.progress.global_step), None, resolved, required=True)
+    def save_step(self) -> None:
+        self.save(step_name(self.progress.global_step), None, required=True)
 
-    def save(self, name: str, val_acc1: float | None, resolved: dict, required: bool = False) -> None:
-        """Collective: every process calls it. `resolved`: the run's resolved values (Trainer.resolved), part of
-        the metadata. A failed write stops the run (SaveError) or, with --on_save_error continue, is reported
-        and training goes on; `required` (the final checkpoint, or the one a preempted run exits with) stops it
-        whatever --on_save_error says: the run would otherwise end, with 0 or 75, without it."""
+    def save(self, name: str, val_acc1: float | None, required: bool = False) -> None:
+        """Collective: every process calls it. A failed write stops the run (SaveError) or, with --on_save_error
+        continue, is reported and training goes on; `required` (the final checkpoint, or the one a preempted run
+        exits with) stops it whatever --on_save_error says: the run would otherwise end, with 0 or 75, without it."""
         model = self.runtime.accelerator.unwrap_model(self.model)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        resolved = self.resolved
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
                 "timm_model": resolved["timm_model"], "num_classes": 100,
@@ -174,7 +176,8 @@ class CheckpointManager:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
         if self.config.resume == "auto":  # with none found, check_save_dir decides whether to start fresh
-            return self.processes.on_main(lambda: newest_valid(self.save_dir, say=self.processes.say), (CheckpointError,))
+            return self.processes.on_main(lambda: newest_valid(self.save_dir, say=self.processes.say),
+                                          (CheckpointError,))
         return None
 
     # The run's folder is changed only after every refusal (the caller holds its lock, run_lock.py): check_save_dir
@@ -292,9 +295,9 @@ class CheckpointManager:
             f"--resume), or choose another --save_dir")
 
     # --- resuming -------------------------------------------------------------------------------------
-    def resume(self, folder: Path, here: dict) -> dict:
-        """Continue from checkpoint `folder` (`here`: this run's resolved values, Trainer.resolved); returns where
-        from and the options changed since (for config.json)."""
+    def resume(self, folder: Path) -> dict:
+        """Continue from checkpoint `folder`; returns where from and the options changed since (for config.json)."""
+        here = self.resolved
         saved = read_manifest(folder)
         steps_per_epoch = here["steps_per_epoch"]
         changed = self.check_resume_options(folder, saved, here["train_images"])

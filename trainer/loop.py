@@ -1,6 +1,6 @@
 """The Trainer conducts a run: it builds the parts (runtime.py resolved the run, data/, models.py, optim.py,
-step.py, evaluation.py, checkpoint.py, processes.py, run_log.py), resumes, then per epoch trains, evaluates, logs and maybe
-saves, stopping every process after the same step when a signal asks (preemption.py).
+step.py, evaluation.py, checkpoint.py, processes.py, run_log.py), resumes, then per epoch trains, evaluates, logs
+and maybe saves, stopping every process after the same step when a signal asks (preemption.py).
 
 With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
 evaluated beside the model (`val_*_ema` in metrics.jsonl) and saved beside its weights in each checkpoint.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from accelerate.utils import set_seed
@@ -105,8 +106,11 @@ class Trainer:
         self.evaluator = Evaluator(rt, self.test_loader, self.normalize.to(rt.device))  # its own: see Normalize
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
-        self.checkpoints = CheckpointManager(config, rt, self.processes, self.model, self.scheduler, self.ema,
-                                             self.progress)
+        # Built once, every part being built: config.json, the start-up line, the resume checks and each
+        # checkpoint's metadata read this one read-only mapping.
+        self.resolved = self.resolve()
+        self.checkpoints = CheckpointManager(config, rt, self.processes, self.resolved, self.model, self.scheduler,
+                                             self.ema, self.progress)
         self.stop = StopRequest(self.processes.say_here)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
@@ -115,10 +119,11 @@ class Trainer:
     def accumulation(self) -> int:
         return self.runtime.accumulation
 
-    def resolved(self) -> dict:
-        """What the run resolved, for config.json, the start-up line and each checkpoint's metadata."""
+    def resolve(self) -> MappingProxyType:
+        """What the run resolved, for config.json, the start-up line and each checkpoint's metadata: read-only
+        (the normalisation as tuples, which config.json writes as the same lists)."""
         rt = self.runtime
-        return {
+        return MappingProxyType({
             "timm_model": self.config.timm_name_and_kwargs()[0],
             "parameters": self.num_parameters,
             **rt.resolved(),
@@ -129,9 +134,9 @@ class Trainer:
             "compile": self.config.compile,
             "cuda_graph": self.config.cuda_graph,
             "deepspeed_engine": deepspeed_applied(self.model) if rt.deepspeed else None,
-            "normalize_mean": self.normalize.mean.flatten().tolist(),
-            "normalize_std": self.normalize.std.flatten().tolist(),
-        }
+            "normalize_mean": tuple(self.normalize.mean.flatten().tolist()),
+            "normalize_std": tuple(self.normalize.std.flatten().tolist()),
+        })
 
     # --- training --------------------------------------------------------------------------------
     def train_step(self, micro_batches: list, step_images: int) -> torch.Tensor:
@@ -231,7 +236,7 @@ class Trainer:
         folder = self.checkpoints.resume_point()
         # Every refusal before the folder changes (see CheckpointManager.check_save_dir).
         self.checkpoints.check_save_dir(folder)
-        resumed = self.checkpoints.resume(folder, self.resolved()) if folder is not None else None
+        resumed = self.checkpoints.resume(folder) if folder is not None else None
         self.checkpoints.set_aside()
         try:
             self.log.start_trackers(self.progress.global_step)
@@ -239,9 +244,8 @@ class Trainer:
             self.checkpoints.put_back()
             raise
         self.checkpoints.commit(folder)
-        resolved = self.resolved()
-        self.log.start(self.progress.epoch, self.progress.global_step, resolved, resumed)
-        r = resolved
+        r = self.resolved
+        self.log.start(self.progress.epoch, self.progress.global_step, r, resumed)
         self.log.say(
             f"model {cfg.model} ({r['timm_model']}, {r['parameters'] / 1e6:.2f} M parameters) | "
             f"{r['distributed_type']} on {r['processes']} process(es), {r['device']} | "
@@ -266,7 +270,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             train = self.train_epoch(epoch)
             if train is None:  # asked to stop mid-epoch
-                self.checkpoints.save_step(self.resolved())
+                self.checkpoints.save_step()
                 raise Preempted(f"stopped by {self.stop.cause()} at step {progress.global_step}; "
                                 f"resume with --resume auto")
             val = self.evaluate()
@@ -285,8 +289,7 @@ class Trainer:
             # every process here, and the epoch is saved even when it is not a save epoch.
             stop = StopVote(self.runtime.device).now(self.stop.asked)
             if self.checkpoints.should_save(epoch + 1) or (stop and epoch + 1 < cfg.epochs):
-                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], self.resolved(),
-                                            preempted=stop and epoch + 1 < cfg.epochs)
+                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], preempted=stop and epoch + 1 < cfg.epochs)
             if stop and epoch + 1 < cfg.epochs:
                 raise Preempted(f"stopped by {self.stop.cause()} after epoch {epoch + 1}; "
                                 f"resume with --resume auto")

@@ -1,6 +1,7 @@
 """What a run shows and writes down besides its checkpoints, from the process that writes (processes.py decides
-which: the main process of the whole job). Console lines, the progress bar, `steps.jsonl` and `metrics.jsonl` (records.py holds their format), `config.json`, accelerate's
-trackers, and their truncation when a run resumes from a checkpoint.
+which: the main process of the whole job). Console lines, the progress bar, `steps.jsonl` and `metrics.jsonl`
+(records.py holds their format), `config.json`, accelerate's trackers, and their truncation when a run resumes
+from a checkpoint.
 
 With --log_with (accelerate's trackers, e.g. tensorboard,mlflow) each tracker gets the run's options on a fresh
 start, `step/train_loss`, `step/lr` and `step/images_per_s` every log_interval steps, and `epoch/*` (the
@@ -12,6 +13,7 @@ run purges the events logged after its checkpoint, as it truncates the JSONL fil
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -63,13 +65,13 @@ class RunLog:
                                   f"{str(error).splitlines()[0] if str(error) else ''})") from None
         self.processes.on_main(start, (ConfigError,))
 
-    def start(self, epochs_done: int, global_step: int, resolved: dict, resumed: dict | None) -> None:
+    def start(self, epochs_done: int, global_step: int, resolved: Mapping, resumed: dict | None) -> None:
         """Keep the records up to the step training continues from and write config.json (after
         start_trackers)."""
         if self.processes.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             records.truncate_records(self.save_dir, epochs_done, global_step)
-            records.write_run_config(self.save_dir, to_dict(self.config), resolved, resumed)
+            records.write_run_config(self.save_dir, to_dict(self.config), dict(resolved), resumed)
 
     def end(self) -> None:
         self.accelerator.end_training()
