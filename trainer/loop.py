@@ -12,6 +12,7 @@ import math
 import time
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import set_seed
@@ -47,6 +48,12 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+class EpochOutcome(NamedTuple):
+    """What Trainer.train_epoch returns."""
+    stopped: bool  # every process was asked to stop within the epoch: progress holds where, for a step checkpoint
+    metrics: dict  # the epoch's training metrics (train_loss, lr, train_time_s, images_per_s, train_images), or {}
 
 
 class Trainer:
@@ -163,7 +170,7 @@ class Trainer:
         # the host float the scheduler filled it with instead.
         return scheduled_lr(self.scheduler, head)
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> EpochOutcome:
         cfg, accelerator, progress = self.config, self.accelerator, self.progress
         self.model.train()
         self.train_steps.set_epoch(epoch)
@@ -180,6 +187,9 @@ class Trainer:
         bar = self.log.progress_bar(self.steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.epochs}")
         start, images_this_session = time.perf_counter(), 0
         pin = accelerator.device.type == "cuda"
+        # Each step reads the rate it uses; a session that starts at the epoch's end (no step left) reports the one
+        # the schedule stands at.
+        lr = self.lr_in_use()
         for step, micro_batches in iterate_steps(self.train_steps, start_step, cfg.num_workers, pin):
             step_images = min(cfg.batch_size, self.num_train - step * cfg.batch_size)
             lr = self.lr_in_use()
@@ -210,15 +220,16 @@ class Trainer:
                 progress.interval_loss_sum = accelerator.reduce(interval_loss, reduction="sum").item()
                 progress.interval_images = interval_images
                 progress.epoch_train_time += time.perf_counter() - start
-                return None
+                return EpochOutcome(stopped=True, metrics={})
         vote.finish()
         progress.interval_loss_sum, progress.interval_images = 0.0, 0
         bar.close()
         train_time = time.perf_counter() - start
         total_loss = accelerator.reduce(epoch_loss, reduction="sum").item()
-        return {"train_loss": total_loss / self.num_train, "lr": lr,
-                "train_time_s": progress.epoch_train_time + train_time,
-                "images_per_s": images_this_session / train_time, "train_images": self.num_train}
+        return EpochOutcome(stopped=False, metrics={
+            "train_loss": total_loss / self.num_train, "lr": lr, "train_time_s": progress.epoch_train_time + train_time,
+            "images_per_s": images_this_session / train_time if images_this_session else 0.0,
+            "train_images": self.num_train})
 
     # --- the whole run ------------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -268,8 +279,8 @@ class Trainer:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
             epoch_start = time.perf_counter()
-            train = self.train_epoch(epoch)
-            if train is None:  # asked to stop mid-epoch
+            trained = self.train_epoch(epoch)
+            if trained.stopped:  # asked to stop mid-epoch
                 self.checkpoints.save_step()
                 raise Preempted(f"stopped by {self.stop.cause()} at step {progress.global_step}; "
                                 f"resume with --resume auto")
@@ -278,7 +289,7 @@ class Trainer:
                 val.update(self.evaluate(self.ema.module))
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             progress.epoch_loss_sum = progress.epoch_train_time = 0.0
-            metrics = {"epoch": epoch + 1, "step": progress.global_step, **train, **val,
+            metrics = {"epoch": epoch + 1, "step": progress.global_step, **trained.metrics, **val,
                        "epoch_time_s": time.perf_counter() - epoch_start}
             if not all(math.isfinite(v) for v in (metrics["train_loss"], metrics["val_loss"])):
                 raise FloatingPointError(f"loss is not finite after epoch {epoch + 1} "
