@@ -131,7 +131,7 @@ def trainer_step_time(config: TrainConfig, steps: int, repeats: int, channels_la
         trainer.train_epoch(epoch)
         sync(device)
         timings.append((time.perf_counter() - start) / steps)
-    trainer.accelerator.end_training()
+    trainer.close()
     return statistics.median(timings[1:])
 
 

@@ -268,10 +268,19 @@ class Trainer:
         try:
             history = self.train_epochs()
         except BaseException:
-            self.log.abort()
+            self.log.end_trackers()
             raise
-        self.log.end()
+        self.log.end_trackers()  # before the lock is released: the next owner's trackers write into save_dir
         return history
+
+    def close(self) -> None:
+        """The explicit end of a run: the trackers (when run() did not end them) and the process group, while every
+        process is alive and Python whole (left to interpreter exit, gloo's teardown can abort the process: see
+        CheckpointManager). What accelerator.end_training() does, with each part once. The entry points call it
+        when every process ends at the same point: run() returned, or raised Preempted (exit 75). Not after other
+        errors: another process may have died, and its peers would wait on it in the teardown."""
+        self.log.end_trackers()
+        self.accelerator.state.destroy_process_group()
 
     def train_epochs(self) -> list[dict]:
         cfg, progress = self.config, self.progress

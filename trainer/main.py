@@ -41,10 +41,13 @@ def main(argv=None) -> int:
                 return 0
             config = parse_config(argv)
             check_writable_folder(config.save_dir, "--save_dir")  # before anything is downloaded, built or written
-            Trainer(config).run()
-        except Preempted as stop:
+            trainer = Trainer(config)
+            trainer.run()
+            trainer.close()
+        except Preempted as stop:  # raised by trainer.run(), on every process after the same step
             print(stop, file=sys.stderr)
             tell_launch_sh(PREEMPTED_EXIT_CODE)
+            trainer.close()  # after the status is left: launch.sh then has it whatever the teardown takes
             return PREEMPTED_EXIT_CODE
         except KeyboardInterrupt:  # Ctrl-C before the run installed its handler (which saves like preemption)
             return interrupted()

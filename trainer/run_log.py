@@ -28,6 +28,7 @@ class RunLog:
         self.processes, self.config = processes, config
         self.accelerator = processes.accelerator  # its trackers
         self.save_dir = Path(config.save_dir)
+        self.trackers_ended = False
 
     def say(self, *args) -> None:
         """A line on the console, once per job."""
@@ -55,7 +56,7 @@ class RunLog:
                                                config=to_dict(cfg) if global_step == 0 else None,
                                                init_kwargs=init_kwargs)
             except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
-                self.abort()  # the trackers that did start close their files
+                self.end_trackers()  # the trackers that did start close their files
                 for path in set(records.entries(self.save_dir, records.RECORD_ENTRIES)) - before:
                     if path.is_dir():
                         shutil.rmtree(path)
@@ -73,11 +74,12 @@ class RunLog:
             records.truncate_records(self.save_dir, epochs_done, global_step)
             records.write_run_config(self.save_dir, to_dict(self.config), dict(resolved), resumed)
 
-    def end(self) -> None:
-        self.accelerator.end_training()
-
-    def abort(self) -> None:
-        """The run stops on an error: the trackers flush what was logged (the error goes on)."""
+    def end_trackers(self) -> None:
+        """The trackers write out what was logged and close: at the run's end, or when it stops on an error (the
+        error goes on). Once: Trainer.close() calls it again for a run that did not get that far."""
+        if self.trackers_ended:
+            return
+        self.trackers_ended = True
         for tracker in self.accelerator.trackers:
             tracker.finish()
 
