@@ -28,7 +28,7 @@ from .config import TrainConfig, to_dict
 __all__ = ["CheckpointManager", "CheckpointError", "SaveError", "MODEL_FILE", "MODEL_EMA_FILE", "MANIFEST_FILE",
            "FIXED_ON_RESUME", "SESSION_OPTIONS", "changed_options", "list_checkpoints", "newest_valid",
            "read_manifest", "verify", "rotate", "load_weights", "run_entries", "clear_run", "final_checkpoint",
-           "has_checkpoint", "is_checkpoint", "weights_file"]
+           "has_checkpoint", "is_checkpoint", "weights_file", "load_checkpoint_model"]
 
 # The checkpoint folders (epoch_name, step_name), and all the checkpoints leave in a run's save_dir
 # (records.RECORD_ENTRIES is the rest of the run). A checkpoint's name is exactly `epoch_N` or `step_N`: other
@@ -89,6 +89,21 @@ def has_checkpoint(run_dir: Path) -> bool:
 def weights_file(folder: Path, ema: bool = False) -> Path:
     """The checkpoint's model weights (timm's names, loadable by timm), or its EMA's."""
     return Path(folder) / (MODEL_EMA_FILE if ema else MODEL_FILE)
+
+
+def load_checkpoint_model(folder: Path, ema: bool = False):
+    """The checkpoint's timm model with its trained weights (or EMA weights), on the CPU, in float32: what
+    trainer.export writes and trainer.evaluate evaluates."""
+    import timm
+    verify(folder)  # the checkpoint's model.safetensors is already consolidated (gathered under ZeRO-3)
+    info = read_manifest(folder)
+    weights = weights_file(folder, ema)
+    if ema and not weights.is_file():
+        raise CheckpointError(f"{folder} holds no {weights.name}: it was saved without --model_ema; drop --ema")
+    model = timm.create_model(info["timm_model"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
+    # ZeRO-3 writes the training dtype (bf16 under bf16): load_state_dict copies it into the float32 model.
+    model.load_state_dict(load_weights(weights))
+    return model.eval(), info
 
 
 def checkpoint_folders(save_dir: Path) -> list[Path]:

@@ -26,11 +26,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.checkpoint import is_checkpoint  # noqa: E402
+from trainer.checkpoint import is_checkpoint, load_checkpoint_model  # noqa: E402
 from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig  # noqa: E402
 from trainer.errors import run_command  # noqa: E402
 from trainer.data import NUM_CLASSES  # noqa: E402
-from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
+from trainer.export import ExportError, check_out, run_records  # noqa: E402
 
 OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png"}
 

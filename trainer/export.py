@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .checkpoint import is_checkpoint, load_weights, read_manifest, verify, weights_file
+from .checkpoint import is_checkpoint, load_checkpoint_model, read_manifest
 from .config import OneLineArgumentParser
 from .errors import UserError, run_command
 
@@ -83,20 +83,6 @@ def label_names(data_dir: str | None) -> list[str]:
         except DataError:
             pass
     return list(CIFAR100_CLASSES)
-
-
-def load_checkpoint_model(folder: Path, ema: bool = False):
-    """The checkpoint's timm model with its trained weights (or EMA weights), on the CPU, in float32."""
-    import timm
-    verify(folder)  # the checkpoint's model.safetensors is already consolidated (gathered under ZeRO-3)
-    info = read_manifest(folder)
-    weights = weights_file(folder, ema)
-    if ema and not weights.is_file():
-        raise ExportError(f"{folder} holds no {weights.name}: it was saved without --model_ema; drop --ema")
-    model = timm.create_model(info["timm_model"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
-    # ZeRO-3 writes the training dtype (bf16 under bf16): load_state_dict copies it into the float32 model.
-    model.load_state_dict(load_weights(weights))
-    return model.eval(), info
 
 
 def export_kwargs(folder: Path, model, info: dict, ema: bool) -> dict:
