@@ -130,15 +130,15 @@ def clear_run(save_dir: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, config: TrainConfig, runtime, processes, resolved, model, scheduler, ema, progress):
-        """`processes`: the job's Processes (which process writes, broadcasts); `resolved`: what the run resolved
+    def __init__(self, config: TrainConfig, runtime, ranks, resolved, model, scheduler, ema, progress):
+        """`ranks`: the job's Ranks (which process writes, broadcasts); `resolved`: what the run resolved
         (Trainer.resolved, read-only), part of each checkpoint's metadata and of the resume checks; `model`: the
         prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
         No reference back to the Trainer: a cycle would keep the DDP model, and the process group it holds,
         alive until interpreter exit, where gloo's teardown can abort the process (seen once while such a cycle
         existed: exit -6, "terminate called without an active exception", after a complete 2-process run;
         tests/test_options.py checks that the Trainer is freed when its run returns)."""
-        self.config, self.runtime, self.processes, self.resolved = config, runtime, processes, resolved
+        self.config, self.runtime, self.ranks, self.resolved = config, runtime, ranks, resolved
         self.model, self.scheduler, self.ema, self.progress = model, scheduler, ema, progress
         self.save_dir = Path(config.save_dir)
         self.note = None  # check_save_dir's line about the start, said once the start is committed
@@ -171,7 +171,7 @@ class CheckpointManager:
                 "options": to_dict(self.config), "train_images": resolved["train_images"],  # compared on resume
                 **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        path = save_folder(self.runtime.accelerator, self.processes, self.model, self.save_dir, name, info, ema=ema)
+        path = save_folder(self.runtime.accelerator, self.ranks, self.model, self.save_dir, name, info, ema=ema)
         if path is None:
             if required:
                 raise SaveError(f"stopped: checkpoint {self.save_dir / name}, the one this run ends with, could not "
@@ -180,10 +180,10 @@ class CheckpointManager:
                 raise SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
                                 f"earlier checkpoints are intact (--on_save_error continue trains on)")
             return
-        self.processes.say(f"saved {path}")
-        if self.config.keep_last and self.processes.is_main:
+        self.ranks.say(f"saved {path}")
+        if self.config.keep_last and self.ranks.is_main:
             for removed in rotate(self.save_dir, self.config.keep_last, self.config.keep_best):
-                self.processes.say(f"removed old checkpoint {removed}")
+                self.ranks.say(f"removed old checkpoint {removed}")
         self.runtime.accelerator.wait_for_everyone()
 
     # --- where the run starts -------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class CheckpointManager:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
         if self.config.resume == "auto":  # with none found, check_save_dir decides whether to start fresh
-            return self.processes.on_main(lambda: newest_valid(self.save_dir, say=self.processes.say),
+            return self.ranks.on_main(lambda: newest_valid(self.save_dir, say=self.ranks.say),
                                           (CheckpointError,))
         return None
 
@@ -202,7 +202,7 @@ class CheckpointManager:
     def check_save_dir(self, folder: Path | None) -> None:
         """Refuse (CheckpointError, on every process) a start that would overwrite, wipe or mix up the run in
         save_dir; changes nothing. `folder`: the checkpoint to resume from."""
-        self.note = self.processes.on_main(lambda: self._check_save_dir(folder), (CheckpointError,))
+        self.note = self.ranks.on_main(lambda: self._check_save_dir(folder), (CheckpointError,))
 
     def set_aside(self) -> None:
         """--overwrite: move the previous run's entries into SET_ASIDE_DIR (main process)."""
@@ -216,7 +216,7 @@ class CheckpointManager:
                 for path in entries:
                     os.rename(path, aside / path.name)
         if self.config.overwrite:
-            self.processes.on_main(move)
+            self.ranks.on_main(move)
 
     def put_back(self) -> None:
         """The start was refused after set_aside(): the previous run returns as it was."""
@@ -226,7 +226,7 @@ class CheckpointManager:
                 for path in aside.iterdir():
                     os.rename(path, self.save_dir / path.name)
                 aside.rmdir()
-        self.processes.on_main(restore)
+        self.ranks.on_main(restore)
 
     def commit(self, folder: Path | None) -> None:
         """Every refusal is past: remove what killed saves left, delete the run --overwrite set aside, and, on a
@@ -236,10 +236,10 @@ class CheckpointManager:
             remove_stale(self.save_dir)
             shutil.rmtree(self.save_dir / SET_ASIDE_DIR, ignore_errors=True)
             return self._supersede(folder) if folder is not None else None
-        superseded = self.processes.on_main(work)
+        superseded = self.ranks.on_main(work)
         for line in (self.note, superseded):
             if line:
-                self.processes.say(line)
+                self.ranks.say(line)
 
     def _supersede(self, folder: Path) -> str | None:
         save_dir, folder = self.save_dir, Path(folder)
@@ -354,7 +354,7 @@ class CheckpointManager:
         from .optim import scheduled_lr
         optimizer = self.scheduler.optimizer
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        load_folder(rt.accelerator, self.processes, folder, reshard_deepspeed=reshard)
+        load_folder(rt.accelerator, self.ranks, folder, reshard_deepspeed=reshard)
         for group, options in zip(optimizer.param_groups, built):
             group.update(options)
         scheduler = self.scheduler
@@ -369,7 +369,7 @@ class CheckpointManager:
         # on optimizer-step boundaries, and the accumulation count may differ from the saving run's.
         rt.accelerator.step = 0
         if reshard:
-            self.processes.say(f"re-partitioned the ZeRO state of {folder} from {saved.get('processes')} to "
+            self.ranks.say(f"re-partitioned the ZeRO state of {folder} from {saved.get('processes')} to "
                          f"{rt.processes} processes")
         if self.ema is not None:
             self.ema.module.load_state_dict(load_weights(weights_file(folder, ema=True)))
@@ -379,7 +379,7 @@ class CheckpointManager:
                 f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
                 f"{steps_per_epoch} steps per epoch here: the data set or batch_size differ")
         changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        self.processes.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
+        self.ranks.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
                      f"training from step {p.global_step + 1}"
                      + (f"; from here on with changed options: {changes}" if changed else ""))
         return {"checkpoint": str(folder), "epoch": p.epoch, "global_step": p.global_step, "changed_options": changed}

@@ -133,7 +133,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     from trainer.data import Normalize, ensure_downloaded, load_cifar100
     from trainer.runtime import check_process_group, runs_on_cpu
     from trainer.evaluation import evaluate_model
-    from trainer.processes import Processes
+    from trainer.ranks import Ranks
     from trainer.config import env_world_size
 
     check_out(out, overwrite=OUT_FILES)
@@ -149,8 +149,8 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     # cpu=True makes a multi-process launch on a machine without GPUs one gloo group (see trainer/runtime.py).
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
     check_process_group(accelerator, launched=env_world_size())
-    processes = Processes(accelerator)
-    with processes.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
+    ranks = Ranks(accelerator)
+    with ranks.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
         model, norm, options = load_model(source, ema)
         data_dir = data_dir or options.get("data_dir", "./data")
         folder = ensure_downloaded(data_dir, download=True) if downloads else Path(data_dir) / "cifar-100-python"
@@ -166,14 +166,14 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     loss, correct1, correct5, count = totals.tolist()
     result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
               "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}
-    if processes.is_main:
+    if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         write_per_class(out / "per_class.csv", confusion, class_names, coarse, coarse_names)
         plot_confusion(out / "confusion.png", confusion, coarse, coarse_names,
                        f"{source}: top-1 {result['val_acc1']:.2f} %, {int(count)} test images")
     accelerator.wait_for_everyone()
-    processes.say(json.dumps(result))
+    ranks.say(json.dumps(result))
     return result
 
 

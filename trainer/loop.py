@@ -1,5 +1,5 @@
 """The Trainer conducts a run: it builds the parts (runtime.py resolved the run, data/, models.py, optim.py,
-step.py, evaluation.py, checkpoint.py, processes.py, run_log.py), resumes, then per epoch trains, evaluates, logs
+step.py, evaluation.py, checkpoint.py, ranks.py, run_log.py), resumes, then per epoch trains, evaluates, logs
 and maybe saves, stopping every process after the same step when a signal asks (preemption.py).
 
 With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
@@ -24,7 +24,7 @@ from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, scheduled_lr
 from .preemption import Preempted, StopRequest, StopVote
-from .processes import Processes
+from .ranks import Ranks
 from .run_lock import RunLock
 from .run_log import RunLog
 from .runtime import check_batch_fits, deepspeed_applied, resolve_runtime
@@ -61,11 +61,11 @@ class Trainer:
         self.config = config
         self.runtime = rt = resolve_runtime(config)  # every refusal that needs no data, before any is read
         self.accelerator = accelerator = rt.accelerator
-        self.processes = Processes(accelerator)  # which process writes, downloads first, broadcasts
-        self.log = RunLog(self.processes, config)
+        self.ranks = Ranks(accelerator)  # which process writes, downloads first, broadcasts
+        self.log = RunLog(self.ranks, config)
         self.save_dir = Path(config.save_dir)
 
-        with self.processes.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
+        with self.ranks.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
             folder = ensure_downloaded(config.data_dir, config.download) if downloads \
                 else Path(config.data_dir) / "cifar-100-python"
         train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
@@ -73,7 +73,7 @@ class Trainer:
         check_batch_fits(config.batch_size, self.num_train, folder / "train")
 
         set_seed(config.seed)  # the same initial head on every process and topology
-        with self.processes.first_on_main():  # pretrained weights: download once, then read the cache
+        with self.ranks.first_on_main():  # pretrained weights: download once, then read the cache
             model = create_model(config)
         self.num_parameters = count_parameters(model)
         check_trainable(model, config, self.num_train, rt.processes, rt.accumulation)
@@ -116,9 +116,9 @@ class Trainer:
         # Built once, every part being built: config.json, the start-up line, the resume checks and each
         # checkpoint's metadata read this one read-only mapping.
         self.resolved = self.resolve()
-        self.checkpoints = CheckpointManager(config, rt, self.processes, self.resolved, self.model, self.scheduler,
+        self.checkpoints = CheckpointManager(config, rt, self.ranks, self.resolved, self.model, self.scheduler,
                                              self.ema, self.progress)
-        self.stop = StopRequest(self.processes.say_here)
+        self.stop = StopRequest(self.ranks.say_here)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
 
@@ -236,7 +236,7 @@ class Trainer:
         # The run owns its save_dir from before anything there is read, cleaned, deleted or written until it ends;
         # the main process holds the lock and every process learns a refusal (run_lock.py).
         lock = RunLock(self.save_dir)
-        self.processes.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
+        self.ranks.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
         try:
             return self.run_owned()
         finally:

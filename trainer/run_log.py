@@ -1,4 +1,4 @@
-"""What a run shows and writes down besides its checkpoints, from the process that writes (processes.py decides
+"""What a run shows and writes down besides its checkpoints, from the process that writes (ranks.py decides
 which: the main process of the whole job). Console lines, the progress bar, `steps.jsonl` and `metrics.jsonl`
 (records.py holds their format), `config.json`, accelerate's trackers, and their truncation when a run resumes
 from a checkpoint.
@@ -20,19 +20,19 @@ from tqdm.auto import tqdm
 
 from . import records
 from .config import ConfigError, TrainConfig, to_dict
-from .processes import Processes
+from .ranks import Ranks
 
 
 class RunLog:
-    def __init__(self, processes: Processes, config: TrainConfig):
-        self.processes, self.config = processes, config
-        self.accelerator = processes.accelerator  # its trackers
+    def __init__(self, ranks: Ranks, config: TrainConfig):
+        self.ranks, self.config = ranks, config
+        self.accelerator = ranks.accelerator  # its trackers
         self.save_dir = Path(config.save_dir)
         self.trackers_ended = False
 
     def say(self, *args) -> None:
         """A line on the console, once per job."""
-        self.processes.say(*args)
+        self.ranks.say(*args)
 
     # --- a session's start and end ----------------------------------------------------------------------
     def start_trackers(self, global_step: int) -> None:
@@ -64,12 +64,12 @@ class RunLog:
                         path.unlink()
                 raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
                                   f"{str(error).splitlines()[0] if str(error) else ''})") from None
-        self.processes.on_main(start, (ConfigError,))
+        self.ranks.on_main(start, (ConfigError,))
 
     def start(self, epochs_done: int, global_step: int, resolved: Mapping, resumed: dict | None) -> None:
         """Keep the records up to the step training continues from and write config.json (after
         start_trackers)."""
-        if self.processes.is_main:
+        if self.ranks.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             records.truncate_records(self.save_dir, epochs_done, global_step)
             records.write_run_config(self.save_dir, to_dict(self.config), dict(resolved), resumed)
@@ -86,11 +86,11 @@ class RunLog:
     # --- during training ----------------------------------------------------------------------------------
     def progress_bar(self, total: int, initial: int, desc: str) -> tqdm:
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                    disable=not (self.config.progress and self.processes.is_main))
+                    disable=not (self.config.progress and self.ranks.is_main))
 
     def log_step(self, entry: dict) -> None:
         """A steps.jsonl line (step, epoch, lr, train_loss, images_per_s) and the trackers' step/* values."""
-        if self.processes.is_main:
+        if self.ranks.is_main:
             records.append_line(self.save_dir / records.STEPS_FILE, entry)
         # accelerate logs on the main process only (and not at all without --log_with).
         self.accelerator.log({f"step/{k}": entry[k] for k in ("train_loss", "lr", "images_per_s")},
@@ -98,7 +98,7 @@ class RunLog:
 
     def log_epoch(self, metrics: dict) -> None:
         """A metrics.jsonl line, the trackers' epoch/* values and the epoch's console line."""
-        if self.processes.is_main:
+        if self.ranks.is_main:
             records.append_line(self.save_dir / records.METRICS_FILE, metrics)
         self.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
                              step=metrics["step"])

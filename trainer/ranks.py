@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 
 
-class Processes:
+class Ranks:
     def __init__(self, accelerator):
         self.accelerator = accelerator
 
