@@ -112,7 +112,7 @@ def test_keep_best_keeps_the_best_checkpoint_besides_the_newest(cifar_dir, tmp_p
         save_dir.mkdir()
         for step, acc in [(1, 40.0), (2, 90.0), (3, 60.0)]:
             trainer.progress.global_step = step
-            trainer.checkpoints.save(f"epoch_{step}", acc, trainer.resolved())
+            trainer.checkpoints.save(f"epoch_{step}", acc)
         trainer.accelerator.end_training()
         return sorted(p.name for p in checkpoint.list_checkpoints(save_dir))
 

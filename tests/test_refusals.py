@@ -20,7 +20,7 @@ from trainer.data import DataError, ensure_downloaded, read_split
 from trainer.main import main
 from trainer.models import create_model
 from trainer.runtime import check_process_group
-from trainer.report import ReportError, load_study
+from trainer.study import StudyError, load_study
 from trainer.synthetic import write_fake_cifar100
 
 
@@ -66,7 +66,7 @@ def test_config_file_ints_are_floats_and_nulls_where_the_option_has_one(tmp_path
 def test_study_file_values_need_the_options_type_exactly(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("defaults: {epochs: 1.9}\nexperiments: {a: {options: {model: test_vit}}}\n")
-    with pytest.raises(ReportError, match=r"defaults: epochs must be an int, got 1\.9"):
+    with pytest.raises(StudyError, match=r"defaults: epochs must be an int, got 1\.9"):
         load_study(path)
 
 

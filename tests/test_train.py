@@ -177,3 +177,28 @@ def test_compiled_full_steps_after_the_short_last_step_still_run_the_static_full
     assert not any(symbolic), symbolic
     full, short = calls[0], calls[4]
     assert full != short and calls == [full] * 4 + [short] + [full] * 4 + [short], calls
+
+
+def test_an_epoch_with_no_step_left_ends_without_training(cifar_dir, tmp_path):
+    # A session that starts at its epoch's end (step_in_epoch == steps_per_epoch) trains nothing and ends the epoch
+    # with the loss it carried; it used to fail with UnboundLocalError on the learning rate of the last step.
+    from accelerate.state import AcceleratorState
+
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=str(cifar_dir), download=False,
+                                  device="cpu", mixed_precision="no", epochs=1, warmup_epochs=0, batch_size=64,
+                                  augment="none", progress=False, save_dir=str(tmp_path)))
+    progress = trainer.progress
+    progress.step_in_epoch = progress.global_step = trainer.steps_per_epoch
+    progress.epoch_loss_sum = 2.0 * trainer.num_train
+    weights = [w.detach().clone() for w in trainer.plain_model.parameters()]
+    try:
+        trained = trainer.train_epoch(0)
+    finally:
+        trainer.accelerator.end_training()
+    assert not trained.stopped
+    assert trained.metrics["train_loss"] == pytest.approx(2.0) and trained.metrics["lr"] == trainer.lr_in_use()
+    assert progress.global_step == trainer.steps_per_epoch  # no step taken, no weight written
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.plain_model.parameters()))

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, OneLineArgumentParser, TrainConfig, refuse
+from .config import ConfigError, OneLineArgumentParser, TrainConfig
+from .errors import run_command
 from .graphs import CudaGraphStep
 from .models import create_model
 from .optim import create_optimizer
@@ -130,7 +131,7 @@ def trainer_step_time(config: TrainConfig, steps: int, repeats: int, channels_la
         trainer.train_epoch(epoch)
         sync(device)
         timings.append((time.perf_counter() - start) / steps)
-    trainer.accelerator.end_training()
+    trainer.close()
     return statistics.median(timings[1:])
 
 
@@ -228,6 +229,10 @@ def check_arguments(args, split, gpu: bool) -> None:
 
 
 def main(argv=None) -> int:
+    return run_command(bench_command, argv)
+
+
+def bench_command(argv) -> int:
     parser = OneLineArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
     gpu = torch.cuda.is_available()
     parser.add_argument("--models", default="nfnet,vit" if gpu else "test_vit",
@@ -253,10 +258,7 @@ def main(argv=None) -> int:
         Path(args.child_result).write_text(json.dumps({"seconds": seconds}))
         return 0
     split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
-    try:
-        check_arguments(args, split, gpu)
-    except ConfigError as error:
-        return refuse(error)
+    check_arguments(args, split, gpu)
     from .records import hardware, library_versions
     header = (f"{hardware()}; " + ", ".join(f"{k} {v}" for k, v in library_versions().items())
               + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps"

@@ -28,7 +28,7 @@ from .config import TrainConfig, to_dict
 __all__ = ["CheckpointManager", "CheckpointError", "SaveError", "MODEL_FILE", "MODEL_EMA_FILE", "MANIFEST_FILE",
            "FIXED_ON_RESUME", "SESSION_OPTIONS", "changed_options", "list_checkpoints", "newest_valid",
            "read_manifest", "verify", "rotate", "load_weights", "run_entries", "clear_run", "final_checkpoint",
-           "has_checkpoint", "is_checkpoint", "weights_file"]
+           "has_checkpoint", "is_checkpoint", "weights_file", "load_checkpoint_model"]
 
 # The checkpoint folders (epoch_name, step_name), and all the checkpoints leave in a run's save_dir
 # (records.RECORD_ENTRIES is the rest of the run). A checkpoint's name is exactly `epoch_N` or `step_N`: other
@@ -91,6 +91,21 @@ def weights_file(folder: Path, ema: bool = False) -> Path:
     return Path(folder) / (MODEL_EMA_FILE if ema else MODEL_FILE)
 
 
+def load_checkpoint_model(folder: Path, ema: bool = False):
+    """The checkpoint's timm model with its trained weights (or EMA weights), on the CPU, in float32: what
+    trainer.export writes and trainer.evaluate evaluates."""
+    import timm
+    verify(folder)  # the checkpoint's model.safetensors is already consolidated (gathered under ZeRO-3)
+    info = read_manifest(folder)
+    weights = weights_file(folder, ema)
+    if ema and not weights.is_file():
+        raise CheckpointError(f"{folder} holds no {weights.name}: it was saved without --model_ema; drop --ema")
+    model = timm.create_model(info["timm_model"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
+    # ZeRO-3 writes the training dtype (bf16 under bf16): load_state_dict copies it into the float32 model.
+    model.load_state_dict(load_weights(weights))
+    return model.eval(), info
+
+
 def checkpoint_folders(save_dir: Path) -> list[Path]:
     """The folders of `save_dir` named as checkpoints (complete or not), sorted."""
     return sorted(p for pattern in CHECKPOINT_PATTERNS for p in Path(save_dir).glob(pattern)
@@ -115,13 +130,15 @@ def clear_run(save_dir: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, config: TrainConfig, runtime, log, model, scheduler, ema, progress):
-        """`model`: the prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
+    def __init__(self, config: TrainConfig, runtime, ranks, resolved, model, scheduler, ema, progress):
+        """`ranks`: the job's Ranks (which process writes, broadcasts); `resolved`: what the run resolved
+        (Trainer.resolved, read-only), part of each checkpoint's metadata and of the resume checks; `model`: the
+        prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
         No reference back to the Trainer: a cycle would keep the DDP model, and the process group it holds,
         alive until interpreter exit, where gloo's teardown can abort the process (seen once while such a cycle
         existed: exit -6, "terminate called without an active exception", after a complete 2-process run;
         tests/test_options.py checks that the Trainer is freed when its run returns)."""
-        self.config, self.runtime, self.log = config, runtime, log
+        self.config, self.runtime, self.ranks, self.resolved = config, runtime, ranks, resolved
         self.model, self.scheduler, self.ema, self.progress = model, scheduler, ema, progress
         self.save_dir = Path(config.save_dir)
         self.note = None  # check_save_dir's line about the start, said once the start is committed
@@ -131,20 +148,20 @@ class CheckpointManager:
         every = self.config.save_epochs
         return epoch == self.config.epochs or (every > 0 and epoch % every == 0)
 
-    def save_epoch(self, epoch: int, val_acc1: float, resolved: dict, preempted: bool = False) -> None:
+    def save_epoch(self, epoch: int, val_acc1: float, preempted: bool = False) -> None:
         """`preempted`: the run stops after this save (the preemption signal)."""
-        self.save(epoch_name(epoch), val_acc1, resolved, required=preempted or epoch == self.config.epochs)
+        self.save(epoch_name(epoch), val_acc1, required=preempted or epoch == self.config.epochs)
 
-    def save_step(self, resolved: dict) -> None:
-        self.save(step_name(self.progress.global_step), None, resolved, required=True)
+    def save_step(self) -> None:
+        self.save(step_name(self.progress.global_step), None, required=True)
 
-    def save(self, name: str, val_acc1: float | None, resolved: dict, required: bool = False) -> None:
-        """Collective: every process calls it. `resolved`: the run's resolved values (Trainer.resolved), part of
-        the metadata. A failed write stops the run (SaveError) or, with --on_save_error continue, is reported
-        and training goes on; `required` (the final checkpoint, or the one a preempted run exits with) stops it
-        whatever --on_save_error says: the run would otherwise end, with 0 or 75, without it."""
+    def save(self, name: str, val_acc1: float | None, required: bool = False) -> None:
+        """Collective: every process calls it. A failed write stops the run (SaveError) or, with --on_save_error
+        continue, is reported and training goes on; `required` (the final checkpoint, or the one a preempted run
+        exits with) stops it whatever --on_save_error says: the run would otherwise end, with 0 or 75, without it."""
         model = self.runtime.accelerator.unwrap_model(self.model)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        resolved = self.resolved
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
                 "timm_model": resolved["timm_model"], "num_classes": 100,
@@ -154,7 +171,7 @@ class CheckpointManager:
                 "options": to_dict(self.config), "train_images": resolved["train_images"],  # compared on resume
                 **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        path = save_folder(self.runtime.accelerator, self.log, self.model, self.save_dir, name, info, ema=ema)
+        path = save_folder(self.runtime.accelerator, self.ranks, self.model, self.save_dir, name, info, ema=ema)
         if path is None:
             if required:
                 raise SaveError(f"stopped: checkpoint {self.save_dir / name}, the one this run ends with, could not "
@@ -163,10 +180,10 @@ class CheckpointManager:
                 raise SaveError(f"stopped: checkpoint {self.save_dir / name} could not be written; "
                                 f"earlier checkpoints are intact (--on_save_error continue trains on)")
             return
-        self.log.say(f"saved {path}")
-        if self.config.keep_last and self.log.writes:
+        self.ranks.say(f"saved {path}")
+        if self.config.keep_last and self.ranks.is_main:
             for removed in rotate(self.save_dir, self.config.keep_last, self.config.keep_best):
-                self.log.say(f"removed old checkpoint {removed}")
+                self.ranks.say(f"removed old checkpoint {removed}")
         self.runtime.accelerator.wait_for_everyone()
 
     # --- where the run starts -------------------------------------------------------------------------
@@ -174,7 +191,8 @@ class CheckpointManager:
         if self.config.checkpoint:
             return Path(self.config.checkpoint)
         if self.config.resume == "auto":  # with none found, check_save_dir decides whether to start fresh
-            return self.log.on_main(lambda: newest_valid(self.save_dir, say=self.log.say), (CheckpointError,))
+            return self.ranks.on_main(lambda: newest_valid(self.save_dir, say=self.ranks.say),
+                                          (CheckpointError,))
         return None
 
     # The run's folder is changed only after every refusal (the caller holds its lock, run_lock.py): check_save_dir
@@ -184,7 +202,7 @@ class CheckpointManager:
     def check_save_dir(self, folder: Path | None) -> None:
         """Refuse (CheckpointError, on every process) a start that would overwrite, wipe or mix up the run in
         save_dir; changes nothing. `folder`: the checkpoint to resume from."""
-        self.note = self.log.on_main(lambda: self._check_save_dir(folder), (CheckpointError,))
+        self.note = self.ranks.on_main(lambda: self._check_save_dir(folder), (CheckpointError,))
 
     def set_aside(self) -> None:
         """--overwrite: move the previous run's entries into SET_ASIDE_DIR (main process)."""
@@ -198,7 +216,7 @@ class CheckpointManager:
                 for path in entries:
                     os.rename(path, aside / path.name)
         if self.config.overwrite:
-            self.log.on_main(move)
+            self.ranks.on_main(move)
 
     def put_back(self) -> None:
         """The start was refused after set_aside(): the previous run returns as it was."""
@@ -208,7 +226,7 @@ class CheckpointManager:
                 for path in aside.iterdir():
                     os.rename(path, self.save_dir / path.name)
                 aside.rmdir()
-        self.log.on_main(restore)
+        self.ranks.on_main(restore)
 
     def commit(self, folder: Path | None) -> None:
         """Every refusal is past: remove what killed saves left, delete the run --overwrite set aside, and, on a
@@ -218,10 +236,10 @@ class CheckpointManager:
             remove_stale(self.save_dir)
             shutil.rmtree(self.save_dir / SET_ASIDE_DIR, ignore_errors=True)
             return self._supersede(folder) if folder is not None else None
-        superseded = self.log.on_main(work)
+        superseded = self.ranks.on_main(work)
         for line in (self.note, superseded):
             if line:
-                self.log.say(line)
+                self.ranks.say(line)
 
     def _supersede(self, folder: Path) -> str | None:
         save_dir, folder = self.save_dir, Path(folder)
@@ -292,9 +310,9 @@ class CheckpointManager:
             f"--resume), or choose another --save_dir")
 
     # --- resuming -------------------------------------------------------------------------------------
-    def resume(self, folder: Path, here: dict) -> dict:
-        """Continue from checkpoint `folder` (`here`: this run's resolved values, Trainer.resolved); returns where
-        from and the options changed since (for config.json)."""
+    def resume(self, folder: Path) -> dict:
+        """Continue from checkpoint `folder`; returns where from and the options changed since (for config.json)."""
+        here = self.resolved
         saved = read_manifest(folder)
         steps_per_epoch = here["steps_per_epoch"]
         changed = self.check_resume_options(folder, saved, here["train_images"])
@@ -336,7 +354,7 @@ class CheckpointManager:
         from .optim import scheduled_lr
         optimizer = self.scheduler.optimizer
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        load_folder(rt.accelerator, self.log, folder, reshard_deepspeed=reshard)
+        load_folder(rt.accelerator, self.ranks, folder, reshard_deepspeed=reshard)
         for group, options in zip(optimizer.param_groups, built):
             group.update(options)
         scheduler = self.scheduler
@@ -351,7 +369,7 @@ class CheckpointManager:
         # on optimizer-step boundaries, and the accumulation count may differ from the saving run's.
         rt.accelerator.step = 0
         if reshard:
-            self.log.say(f"re-partitioned the ZeRO state of {folder} from {saved.get('processes')} to "
+            self.ranks.say(f"re-partitioned the ZeRO state of {folder} from {saved.get('processes')} to "
                          f"{rt.processes} processes")
         if self.ema is not None:
             self.ema.module.load_state_dict(load_weights(weights_file(folder, ema=True)))
@@ -361,7 +379,7 @@ class CheckpointManager:
                 f"{folder} was saved with {p.global_step} steps after {p.epoch} epochs, which does not match "
                 f"{steps_per_epoch} steps per epoch here: the data set or batch_size differ")
         changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        self.log.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
+        self.ranks.say(f"resumed from {folder}: epoch {p.epoch}, step {p.global_step}; "
                      f"training from step {p.global_step + 1}"
                      + (f"; from here on with changed options: {changes}" if changed else ""))
         return {"checkpoint": str(folder), "epoch": p.epoch, "global_step": p.global_step, "changed_options": changed}

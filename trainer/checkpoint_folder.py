@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import UserError
+
 MODEL_FILE = "model.safetensors"
 MODEL_EMA_FILE = "model_ema.safetensors"
 STATE_DIR = "state"
@@ -25,12 +27,13 @@ LATEST_FILE = "latest"
 COMPILED_PREFIX = "_orig_mod."
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: printed as one line, exit status 2."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used (see UserError)."""
 
 
 class SaveError(RuntimeError):
-    """A checkpoint could not be written and --on_save_error is `stop`: printed as one line, exit status 1."""
+    """A checkpoint could not be written and --on_save_error is `stop`: printed as one line, exit status 1. Not a
+    UserError: the disk or the file system failed, not the user's input (trainer/main.py ends it)."""
 
 
 def _sha256(path: Path) -> str:
@@ -94,12 +97,13 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} does not match its SHA-256 in the manifest (altered)")
 
 
-def save(accelerator, log, model, save_dir: Path, name: str, info: dict, ema: dict | None = None) -> Path | None:
+def save(accelerator, ranks, model, save_dir: Path, name: str, info: dict, ema: dict | None = None) -> Path | None:
     """Write checkpoint `save_dir/name` atomically; collective: every process must call it.
 
     `ema`: the state dict of the model's EMA (the same on every process), written as MODEL_EMA_FILE.
 
-    `log`: the run's RunLog, which says which process writes. Returns the folder, or None when writing failed on any process (disk full, permissions): then the
+    `ranks`: the job's Ranks (ranks.py), which says which process writes. Returns the folder, or None
+    when writing failed on any process (disk full, permissions): then the
     partial folder is removed, earlier checkpoints are untouched, and the error has been printed.
     """
     from safetensors.torch import save_file
@@ -114,12 +118,12 @@ def save(accelerator, log, model, save_dir: Path, name: str, info: dict, ema: di
             except Exception as error:  # disk full surfaces as OSError, SafetensorError or torch's RuntimeError
                 failure = f"{type(error).__name__}: {error}"
 
-    if log.writes:
+    if ranks.is_main:
         attempt(lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
     accelerator.wait_for_everyone()
     # get_state_dict unwraps DDP / torch.compile and, under ZeRO-3, gathers the shards (collective).
     state_dict = accelerator.get_state_dict(model)
-    if log.writes:
+    if ranks.is_main:
         # get_state_dict unwraps with keep_torch_compile=True (accelerate's default), so a compiled model's keys
         # carry torch.compile's `_orig_mod.` prefix; timm names the tensors without it.
         plain = {k.removeprefix(COMPILED_PREFIX): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -132,14 +136,14 @@ def save(accelerator, log, model, save_dir: Path, name: str, info: dict, ema: di
     attempt(lambda: accelerator.save_state(str(staging / STATE_DIR)))
     if not _all_ok(accelerator, failure is None):
         failure = failure or "failed on another process"
-    if log.writes and failure is None:
+    if ranks.is_main and failure is None:
         attempt(lambda: _publish(staging, final, save_dir, name, info))
     ok = _all_ok(accelerator, failure is None)
     if not ok:
-        if log.writes:
+        if ranks.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        log.say(f"error: could not save checkpoint {final} ({failure or 'failed on another process'}); "
-                          f"earlier checkpoints are untouched")
+        ranks.say(f"error: could not save checkpoint {final} ({failure or 'failed on another process'}); "
+                      f"earlier checkpoints are untouched")
     return final if ok else None
 
 
@@ -221,7 +225,7 @@ def rotate(save_dir: Path, keep_last: int, keep_best: bool) -> list[Path]:
     return removed
 
 
-def load(accelerator, log, folder: Path, reshard_deepspeed: bool = False) -> None:
+def load(accelerator, ranks, folder: Path, reshard_deepspeed: bool = False) -> None:
     """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint.
 
     `reshard_deepspeed`: the checkpoint's ZeRO state was partitioned over another number of processes.
@@ -230,12 +234,12 @@ def load(accelerator, log, folder: Path, reshard_deepspeed: bool = False) -> Non
     there with the engine's load_universal switch, and the converted copy is removed.
     """
     folder = Path(folder)
-    log.on_main(lambda: verify(folder))
+    ranks.on_main(lambda: verify(folder))
     if not reshard_deepspeed:
         accelerator.load_state(str(folder / STATE_DIR))
         return
     universal = folder.parent / f".universal-{folder.name}"
-    log.on_main(lambda: _convert_to_universal(folder, universal))
+    ranks.on_main(lambda: _convert_to_universal(folder, universal))
     engine = accelerator._models[0]
     engine._config.load_universal_checkpoint = True
     try:
@@ -243,7 +247,7 @@ def load(accelerator, log, folder: Path, reshard_deepspeed: bool = False) -> Non
     finally:
         engine._config.load_universal_checkpoint = False
         accelerator.wait_for_everyone()
-        if log.writes:
+        if ranks.is_main:
             shutil.rmtree(universal, ignore_errors=True)
 
 

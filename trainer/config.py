@@ -20,6 +20,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from .errors import UserError
 from .time_limit import parse_duration
 
 
@@ -28,8 +29,8 @@ from .time_limit import parse_duration
 PREEMPTED_EXIT_CODE = 75
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration error: printed as one line, exit status 2."""
+class ConfigError(UserError, ValueError):
+    """A configuration the user can fix (see UserError)."""
 
 
 # The two models of the reference study: the exact timm names and keyword arguments it used.
@@ -329,13 +330,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
-
-
-def refuse(error: Exception) -> int:
-    """How every command ends on bad input: one line `error: ...` on stderr, exit status 2."""
-    import sys
-    print(f"error: {error}", file=sys.stderr)
-    return 2
 
 
 def a_or_an(word: str) -> str:

@@ -26,10 +26,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.checkpoint import CheckpointError, is_checkpoint  # noqa: E402
-from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig, refuse  # noqa: E402
-from trainer.data import NUM_CLASSES, DataError  # noqa: E402
-from trainer.export import ExportError, check_out, load_checkpoint_model, run_records  # noqa: E402
+from trainer.checkpoint import is_checkpoint, load_checkpoint_model  # noqa: E402
+from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig  # noqa: E402
+from trainer.errors import run_command  # noqa: E402
+from trainer.data import NUM_CLASSES  # noqa: E402
+from trainer.export import ExportError, check_out, run_records  # noqa: E402
 
 OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png"}
 
@@ -132,7 +133,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     from trainer.data import Normalize, ensure_downloaded, load_cifar100
     from trainer.runtime import check_process_group, runs_on_cpu
     from trainer.evaluation import evaluate_model
-    from trainer.run_log import RunLog
+    from trainer.ranks import Ranks
     from trainer.config import env_world_size
 
     check_out(out, overwrite=OUT_FILES)
@@ -148,8 +149,8 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     # cpu=True makes a multi-process launch on a machine without GPUs one gloo group (see trainer/runtime.py).
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
     check_process_group(accelerator, launched=env_world_size())
-    log = RunLog(accelerator)
-    with log.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
+    ranks = Ranks(accelerator)
+    with ranks.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
         model, norm, options = load_model(source, ema)
         data_dir = data_dir or options.get("data_dir", "./data")
         folder = ensure_downloaded(data_dir, download=True) if downloads else Path(data_dir) / "cifar-100-python"
@@ -165,18 +166,22 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     loss, correct1, correct5, count = totals.tolist()
     result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
               "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}
-    if log.writes:
+    if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         write_per_class(out / "per_class.csv", confusion, class_names, coarse, coarse_names)
         plot_confusion(out / "confusion.png", confusion, coarse, coarse_names,
                        f"{source}: top-1 {result['val_acc1']:.2f} %, {int(count)} test images")
     accelerator.wait_for_everyone()
-    log.say(json.dumps(result))
+    ranks.say(json.dumps(result))
     return result
 
 
 def main(argv=None) -> int:
+    return run_command(evaluate_command, argv)
+
+
+def evaluate_command(argv) -> int:
     parser = OneLineArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="checkpoint folder, folder written by trainer.export, or a timm name "
                                        "(local-dir:PATH, hf-hub:NAME)")
@@ -188,12 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=typing.get_args(typing.get_type_hints(TrainConfig)["device"]), default="auto")
     parser.add_argument("--ema", action="store_true", help="evaluate a checkpoint's EMA weights")
     args = parser.parse_args(argv)
-    try:
-        if args.eval_batch_size is not None and args.eval_batch_size < 1:
-            raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
-        evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
-    except (CheckpointError, ConfigError, DataError, ExportError) as error:
-        return refuse(error)
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise ConfigError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
+    evaluate(args.source, args.data_dir, args.out, args.eval_batch_size, args.device, args.ema)
     return 0
 
 

@@ -20,16 +20,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, is_checkpoint, load_weights, read_manifest, verify, weights_file
-from .config import OneLineArgumentParser, refuse
+from .checkpoint import is_checkpoint, load_checkpoint_model, read_manifest
+from .config import OneLineArgumentParser
+from .errors import UserError, run_command
 
 CARD_FILE = "README.md"
 # What save_for_hf (safetensors only) and the model card write: a folder holding only these is a previous export.
 EXPORT_FILES = {"model.safetensors", "config.json", CARD_FILE}
 
 
-class ExportError(ValueError):
-    """A user-facing error: printed as one line, exit status 2."""
+class ExportError(UserError, ValueError):
+    """An export, evaluation or --out the user can fix (see UserError)."""
 
 
 def check_out(out: Path, *, overwrite: set[str] | None = EXPORT_FILES, flag: str = "--out") -> None:
@@ -82,20 +83,6 @@ def label_names(data_dir: str | None) -> list[str]:
         except DataError:
             pass
     return list(CIFAR100_CLASSES)
-
-
-def load_checkpoint_model(folder: Path, ema: bool = False):
-    """The checkpoint's timm model with its trained weights (or EMA weights), on the CPU, in float32."""
-    import timm
-    verify(folder)  # the checkpoint's model.safetensors is already consolidated (gathered under ZeRO-3)
-    info = read_manifest(folder)
-    weights = weights_file(folder, ema)
-    if ema and not weights.is_file():
-        raise ExportError(f"{folder} holds no {weights.name}: it was saved without --model_ema; drop --ema")
-    model = timm.create_model(info["timm_model"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
-    # ZeRO-3 writes the training dtype (bf16 under bf16): load_state_dict copies it into the float32 model.
-    model.load_state_dict(load_weights(weights))
-    return model.eval(), info
 
 
 def export_kwargs(folder: Path, model, info: dict, ema: bool) -> dict:
@@ -163,6 +150,10 @@ def export(folder: Path, out: Path, ema: bool = False, push_to_hub: str | None =
 
 
 def main(argv=None) -> int:
+    return run_command(export_command, argv)
+
+
+def export_command(argv) -> int:
     parser = OneLineArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder, e.g. checkpoint/epoch_25")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: CHECKPOINT_export beside it)")
@@ -170,11 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--push_to_hub", metavar="NAME", default=None,
                         help="also push to the Hugging Face Hub as NAME (user/repo), with timm's push_to_hf_hub")
     args = parser.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out or args.checkpoint.parent / f"{args.checkpoint.name}_export",
-                     ema=args.ema, push_to_hub=args.push_to_hub)
-    except (CheckpointError, ExportError) as error:
-        return refuse(error)
+    out = export(args.checkpoint, args.out or args.checkpoint.parent / f"{args.checkpoint.name}_export",
+                 ema=args.ema, push_to_hub=args.push_to_hub)
     print(out)
     return 0
 

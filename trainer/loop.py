@@ -1,6 +1,6 @@
 """The Trainer conducts a run: it builds the parts (runtime.py resolved the run, data/, models.py, optim.py,
-step.py, evaluation.py, checkpoint.py, run_log.py), resumes, then per epoch trains, evaluates, logs and maybe
-saves, stopping every process after the same step when a signal asks (preemption.py).
+step.py, evaluation.py, checkpoint.py, ranks.py, run_log.py), resumes, then per epoch trains, evaluates, logs
+and maybe saves, stopping every process after the same step when a signal asks (preemption.py).
 
 With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
 evaluated beside the model (`val_*_ema` in metrics.jsonl) and saved beside its weights in each checkpoint.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import set_seed
@@ -22,11 +24,12 @@ from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, scheduled_lr
 from .preemption import Preempted, StopRequest, StopVote
-from .time_limit import TimeLimit
+from .ranks import Ranks
 from .run_lock import RunLock
 from .run_log import RunLog
 from .runtime import check_batch_fits, deepspeed_applied, resolve_runtime
 from .step import create_step
+from .time_limit import TimeLimit
 
 
 class Progress:
@@ -48,15 +51,22 @@ class Progress:
         vars(self).update(state)
 
 
+class EpochOutcome(NamedTuple):
+    """What Trainer.train_epoch returns."""
+    stopped: bool  # every process was asked to stop within the epoch: progress holds where, for a step checkpoint
+    metrics: dict  # the epoch's training metrics (train_loss, lr, train_time_s, images_per_s, train_images), or {}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.runtime = rt = resolve_runtime(config)  # every refusal that needs no data, before any is read
         self.accelerator = accelerator = rt.accelerator
-        self.log = RunLog(accelerator, config)
+        self.ranks = Ranks(accelerator)  # which process writes, downloads first, broadcasts
+        self.log = RunLog(self.ranks, config)
         self.save_dir = Path(config.save_dir)
 
-        with self.log.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
+        with self.ranks.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
             folder = ensure_downloaded(config.data_dir, config.download) if downloads \
                 else Path(config.data_dir) / "cifar-100-python"
         train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
@@ -64,7 +74,7 @@ class Trainer:
         check_batch_fits(config.batch_size, self.num_train, folder / "train")
 
         set_seed(config.seed)  # the same initial head on every process and topology
-        with self.log.first_on_main():  # pretrained weights: download once, then read the cache
+        with self.ranks.first_on_main():  # pretrained weights: download once, then read the cache
             model = create_model(config)
         self.num_parameters = count_parameters(model)
         check_trainable(model, config, self.num_train, rt.processes, rt.accumulation)
@@ -104,9 +114,13 @@ class Trainer:
         self.evaluator = Evaluator(rt, self.test_loader, self.normalize.to(rt.device))  # its own: see Normalize
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
-        self.checkpoints = CheckpointManager(config, rt, self.log, self.model, self.scheduler, self.ema,
-                                             self.progress)
-        self.stop = StopRequest(self.log.say_here, TimeLimit.resolve(config.time_limit, config.time_limit_margin))
+        # Built once, every part being built: config.json, the start-up line, the resume checks and each
+        # checkpoint's metadata read this one read-only mapping.
+        self.resolved = self.resolve()
+        self.checkpoints = CheckpointManager(config, rt, self.ranks, self.resolved, self.model, self.scheduler,
+                                             self.ema, self.progress)
+        self.stop = StopRequest(self.ranks.say_here,
+                                TimeLimit.resolve(config.time_limit, config.time_limit_margin))
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one static training shape: pick the fastest kernels once
 
@@ -114,10 +128,11 @@ class Trainer:
     def accumulation(self) -> int:
         return self.runtime.accumulation
 
-    def resolved(self) -> dict:
-        """What the run resolved, for config.json, the start-up line and each checkpoint's metadata."""
+    def resolve(self) -> MappingProxyType:
+        """What the run resolved, for config.json, the start-up line and each checkpoint's metadata: read-only
+        (the normalisation as tuples, which config.json writes as the same lists)."""
         rt = self.runtime
-        return {
+        return MappingProxyType({
             "timm_model": self.config.timm_name_and_kwargs()[0],
             "parameters": self.num_parameters,
             **rt.resolved(),
@@ -128,9 +143,9 @@ class Trainer:
             "compile": self.config.compile,
             "cuda_graph": self.config.cuda_graph,
             "deepspeed_engine": deepspeed_applied(self.model) if rt.deepspeed else None,
-            "normalize_mean": self.normalize.mean.flatten().tolist(),
-            "normalize_std": self.normalize.std.flatten().tolist(),
-        }
+            "normalize_mean": tuple(self.normalize.mean.flatten().tolist()),
+            "normalize_std": tuple(self.normalize.std.flatten().tolist()),
+        })
 
     # --- training --------------------------------------------------------------------------------
     def train_step(self, micro_batches: list, step_images: int) -> torch.Tensor:
@@ -157,7 +172,7 @@ class Trainer:
         # the host float the scheduler filled it with instead.
         return scheduled_lr(self.scheduler, head)
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> EpochOutcome:
         cfg, accelerator, progress = self.config, self.accelerator, self.progress
         self.model.train()
         self.train_steps.set_epoch(epoch)
@@ -174,6 +189,9 @@ class Trainer:
         bar = self.log.progress_bar(self.steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.epochs}")
         start, images_this_session = time.perf_counter(), 0
         pin = accelerator.device.type == "cuda"
+        # Each step reads the rate it uses; a session that starts at the epoch's end (no step left) reports the one
+        # the schedule stands at.
+        lr = self.lr_in_use()
         for step, micro_batches in iterate_steps(self.train_steps, start_step, cfg.num_workers, pin):
             step_images = min(cfg.batch_size, self.num_train - step * cfg.batch_size)
             lr = self.lr_in_use()
@@ -204,22 +222,23 @@ class Trainer:
                 progress.interval_loss_sum = accelerator.reduce(interval_loss, reduction="sum").item()
                 progress.interval_images = interval_images
                 progress.epoch_train_time += time.perf_counter() - start
-                return None
+                return EpochOutcome(stopped=True, metrics={})
         vote.finish()
         progress.interval_loss_sum, progress.interval_images = 0.0, 0
         bar.close()
         train_time = time.perf_counter() - start
         total_loss = accelerator.reduce(epoch_loss, reduction="sum").item()
-        return {"train_loss": total_loss / self.num_train, "lr": lr,
-                "train_time_s": progress.epoch_train_time + train_time,
-                "images_per_s": images_this_session / train_time, "train_images": self.num_train}
+        return EpochOutcome(stopped=False, metrics={
+            "train_loss": total_loss / self.num_train, "lr": lr, "train_time_s": progress.epoch_train_time + train_time,
+            "images_per_s": images_this_session / train_time if images_this_session else 0.0,
+            "train_images": self.num_train})
 
     # --- the whole run ------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         # The run owns its save_dir from before anything there is read, cleaned, deleted or written until it ends;
         # the main process holds the lock and every process learns a refusal (run_lock.py).
         lock = RunLock(self.save_dir)
-        self.log.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
+        self.ranks.on_main(lambda: lock.acquire(self.log.say), (ConfigError,))
         try:
             return self.run_owned()
         finally:
@@ -230,7 +249,7 @@ class Trainer:
         folder = self.checkpoints.resume_point()
         # Every refusal before the folder changes (see CheckpointManager.check_save_dir).
         self.checkpoints.check_save_dir(folder)
-        resumed = self.checkpoints.resume(folder, self.resolved()) if folder is not None else None
+        resumed = self.checkpoints.resume(folder) if folder is not None else None
         self.checkpoints.set_aside()
         try:
             self.log.start_trackers(self.progress.global_step)
@@ -238,9 +257,8 @@ class Trainer:
             self.checkpoints.put_back()
             raise
         self.checkpoints.commit(folder)
-        resolved = self.resolved()
-        self.log.start(self.progress.epoch, self.progress.global_step, resolved, resumed)
-        r = resolved
+        r = self.resolved
+        self.log.start(self.progress.epoch, self.progress.global_step, r, resumed)
         self.log.say(
             f"model {cfg.model} ({r['timm_model']}, {r['parameters'] / 1e6:.2f} M parameters) | "
             f"{r['distributed_type']} on {r['processes']} process(es), {r['device']} | "
@@ -254,10 +272,19 @@ class Trainer:
         try:
             history = self.train_epochs()
         except BaseException:
-            self.log.abort()
+            self.log.end_trackers()
             raise
-        self.log.end()
+        self.log.end_trackers()  # before the lock is released: the next owner's trackers write into save_dir
         return history
+
+    def close(self) -> None:
+        """The explicit end of a run: the trackers (when run() did not end them) and the process group, while every
+        process is alive and Python whole (left to interpreter exit, gloo's teardown can abort the process: see
+        CheckpointManager). What accelerator.end_training() does, with each part once. The entry points call it
+        when every process ends at the same point: run() returned, or raised Preempted (exit 75). Not after other
+        errors: another process may have died, and its peers would wait on it in the teardown."""
+        self.log.end_trackers()
+        self.accelerator.state.destroy_process_group()
 
     def train_epochs(self) -> list[dict]:
         cfg, progress = self.config, self.progress
@@ -265,9 +292,9 @@ class Trainer:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
             epoch_start = time.perf_counter()
-            train = self.train_epoch(epoch)
-            if train is None:  # asked to stop mid-epoch
-                self.checkpoints.save_step(self.resolved())
+            trained = self.train_epoch(epoch)
+            if trained.stopped:  # asked to stop mid-epoch
+                self.checkpoints.save_step()
                 raise Preempted(f"stopped by {self.stop.cause()} at step {progress.global_step}; "
                                 f"resume with --resume auto")
             val = self.evaluate()
@@ -275,7 +302,7 @@ class Trainer:
                 val.update(self.evaluate(self.ema.module))
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             progress.epoch_loss_sum = progress.epoch_train_time = 0.0
-            metrics = {"epoch": epoch + 1, "step": progress.global_step, **train, **val,
+            metrics = {"epoch": epoch + 1, "step": progress.global_step, **trained.metrics, **val,
                        "epoch_time_s": time.perf_counter() - epoch_start}
             if not all(math.isfinite(v) for v in (metrics["train_loss"], metrics["val_loss"])):
                 raise FloatingPointError(f"loss is not finite after epoch {epoch + 1} "
@@ -286,8 +313,7 @@ class Trainer:
             # every process here, and the epoch is saved even when it is not a save epoch.
             stop = StopVote(self.runtime.device).now(self.stop.asked)
             if self.checkpoints.should_save(epoch + 1) or (stop and epoch + 1 < cfg.epochs):
-                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], self.resolved(),
-                                            preempted=stop and epoch + 1 < cfg.epochs)
+                self.checkpoints.save_epoch(epoch + 1, metrics["val_acc1"], preempted=stop and epoch + 1 < cfg.epochs)
             if stop and epoch + 1 < cfg.epochs:
                 raise Preempted(f"stopped by {self.stop.cause()} after epoch {epoch + 1}; "
                                 f"resume with --resume auto")

@@ -25,37 +25,41 @@ if __package__ in (None, ""):
 
 def main(argv=None) -> int:
     try:
-        from trainer.checkpoint import CheckpointError, SaveError
-        from trainer.config import PREEMPTED_EXIT_CODE, ConfigError, check_writable_folder, parse_config
-        from trainer.data import DataError
+        from trainer.checkpoint import SaveError
+        from trainer.config import PREEMPTED_EXIT_CODE, check_writable_folder, parse_config
+        from trainer.errors import run_command
         from trainer.loop import Preempted, Trainer
     except KeyboardInterrupt:  # Ctrl-C while torch & co. load
         return interrupted()
 
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    try:
-        if argv[:1] == ["--check_launch"]:  # launch.sh and the study, before they start a run (trainer/precheck.py)
-            from trainer import precheck
-            precheck.main(argv[1:])
-            return 0
-        config = parse_config(argv)
-        check_writable_folder(config.save_dir, "--save_dir")  # before anything is downloaded, built or written
-        Trainer(config).run()
-    except (ConfigError, DataError, CheckpointError) as error:
-        # Under launch.sh the line goes to launch.sh, which prints it once for all the processes of its node.
-        if not tell_launch_sh(2, f"error: {error}"):
+    def train(argv: list[str]) -> int:
+        """A launch's checks (--check_launch) or a run; every exit status but a UserError's 2."""
+        try:
+            if argv[:1] == ["--check_launch"]:  # launch.sh and the study, before they start a run (precheck.py)
+                from trainer import precheck
+                precheck.main(argv[1:])
+                return 0
+            config = parse_config(argv)
+            check_writable_folder(config.save_dir, "--save_dir")  # before anything is downloaded, built or written
+            trainer = Trainer(config)
+            trainer.run()
+            trainer.close()
+        except Preempted as stop:  # raised by trainer.run(), on every process after the same step
+            print(stop, file=sys.stderr)
+            tell_launch_sh(PREEMPTED_EXIT_CODE)
+            trainer.close()  # after the status is left: launch.sh then has it whatever the teardown takes
+            return PREEMPTED_EXIT_CODE
+        except KeyboardInterrupt:  # Ctrl-C before the run installed its handler (which saves like preemption)
+            return interrupted()
+        except (FloatingPointError, SaveError) as error:
             print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Preempted as stop:
-        print(stop, file=sys.stderr)
-        tell_launch_sh(PREEMPTED_EXIT_CODE)
-        return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:  # Ctrl-C before the run installed its handler (which saves like preemption)
-        return interrupted()
-    except (FloatingPointError, SaveError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+            return 1
+        return 0
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # A UserError (bad options, data, checkpoint): one line, exit 2. Under launch.sh the line goes to launch.sh,
+    # which prints it once for all the processes of its node.
+    return run_command(train, argv, tell=tell_launch_sh)
 
 
 def interrupted() -> int:

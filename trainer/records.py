@@ -1,7 +1,7 @@
 """What a run writes down: its resolved configuration, one metrics line per epoch, and the environment.
 
-The files' format, beneath the run logger (run_log.py), which decides when they are written and by which
-process: every writing function here is called on the main process alone.
+The files' format, beneath the run logger (run_log.py), which decides when they are written, by the process
+that ranks.py names: every writing function here is called on the main process alone.
 """
 
 from __future__ import annotations

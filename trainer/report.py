@@ -27,80 +27,19 @@ import json
 import math
 import shutil
 import sys
-import typing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
-from .config import MODEL_PRESETS, ConfigError, OneLineArgumentParser, TrainConfig, refuse, typed_value
+from .config import MODEL_PRESETS, OneLineArgumentParser
+from .errors import UserError, run_command
 from .export import ExportError, check_out
 from .records import read_lines
-
-DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
-
-
-class ReportError(ValueError):
-    """A user-facing error: printed as one line, exit status 2."""
+from .study import DEFAULT_STUDY, EVALUATION_DIR, Study, load_study
 
 
-# --- the study file -----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Study:
-    path: Path
-    defaults: dict             # trainer options of every experiment
-    experiments: dict          # name -> {"options": {...}, "reference": {...}}
-    comparisons: dict          # name -> {"title": str, "experiments": [names]}
-
-    def settings(self, name: str) -> dict:
-        """The trainer options of experiment `name`: the defaults, then its own."""
-        return {**self.defaults, **self.experiments[name]["options"]}
-
-
-def load_study(path) -> Study:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ReportError(f"study file {path}: {str(error).splitlines()[0]}") from None
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ReportError(f"study file {path}: {message}")
-
-    need(isinstance(raw, dict) and isinstance(raw.get("experiments"), dict) and raw["experiments"],
-         "needs a mapping `experiments` of at least one experiment")
-    defaults, experiments = raw.get("defaults") or {}, raw["experiments"]
-    comparisons = raw.get("comparisons") or {}
-    need(isinstance(defaults, dict), "`defaults` must be a mapping of trainer options")
-    for name, experiment in experiments.items():
-        need(isinstance(name, str) and "/" not in name and not name.startswith("."),
-             f"experiment name {name!r} is not a folder name")
-        need(isinstance(experiment, dict) and isinstance(experiment.get("options"), dict)
-             and set(experiment) <= {"options", "reference"},
-             f"{name}: needs a mapping `options` of trainer options, and optionally `reference`")
-        reference = experiment["reference"] = experiment.get("reference") or {}
-        need(set(reference) <= {"train_loss", "val_acc1"}, f"{name}: `reference` holds train_loss and val_acc1")
-    hints = typing.get_type_hints(TrainConfig)
-    for where, options in [("defaults", defaults)] + [(n, e["options"]) for n, e in experiments.items()]:
-        unknown = sorted(set(options) - set(hints))
-        need(not unknown, f"{where}: unknown trainer option(s) {', '.join(unknown)}")
-        for key, value in options.items():
-            # Values become command-line arguments, which have no spelling for null or for lists.
-            need(isinstance(value, (str, int, float, bool)), f"{where}: {key} must be a string, number or boolean")
-            # The type the trainer's --config files must have too (`epochs: 1.9` must not become 1); YAML's
-            # `5e-4` string becomes the number, which the report compares with the runs' numbers.
-            try:
-                options[key] = typed_value(key, value)
-            except ConfigError as error:
-                need(False, f"{where}: {error}")
-    for name, comparison in comparisons.items():
-        names = (comparison or {}).get("experiments")
-        need(isinstance(names, list) and set(names) <= set(experiments),
-             f"comparison {name}: `experiments` must list experiments of this file")
-    return Study(path, defaults, experiments, comparisons)
+class ReportError(UserError, ValueError):
+    """A run folder or report the user can fix (see UserError)."""
 
 
 def timm_name(model: str) -> str:
@@ -115,9 +54,6 @@ def read_jsonl(path: Path) -> list[dict]:
         return read_lines(path)
     except ValueError as error:
         raise ReportError(str(error)) from None
-
-
-EVALUATION_DIR = "evaluation"  # a run's trainer.evaluate output, which the study runner writes (trainer/study.py)
 
 
 @dataclasses.dataclass
@@ -436,6 +372,10 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
 
 
 def main(argv=None) -> int:
+    return run_command(report_command, argv)
+
+
+def report_command(argv) -> int:
     parser = OneLineArgumentParser(prog="python -m trainer.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -446,10 +386,7 @@ def main(argv=None) -> int:
                              "(default: the packaged reference study)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent / "report"
-    try:
-        report = write_report(args.runs, out, args.study)
-    except ReportError as error:
-        return refuse(error)
+    report = write_report(args.runs, out, args.study)
     print(f"report: {report}")
     return 0
 

@@ -1,7 +1,7 @@
-"""What a run shows and writes down besides its checkpoints, and the one place that decides which process
-writes: the main process of the whole job (accelerate's own `print` speaks once per node). Console lines, the
-progress bar, `steps.jsonl` and `metrics.jsonl` (records.py holds their format), `config.json`, accelerate's
-trackers, and their truncation when a run resumes from a checkpoint.
+"""What a run shows and writes down besides its checkpoints, from the process that writes (ranks.py decides
+which: the main process of the whole job). Console lines, the progress bar, `steps.jsonl` and `metrics.jsonl`
+(records.py holds their format), `config.json`, accelerate's trackers, and their truncation when a run resumes
+from a checkpoint.
 
 With --log_with (accelerate's trackers, e.g. tensorboard,mlflow) each tracker gets the run's options on a fresh
 start, `step/train_loss`, `step/lr` and `step/images_per_s` every log_interval steps, and `epoch/*` (the
@@ -12,66 +12,27 @@ run purges the events logged after its checkpoint, as it truncates the JSONL fil
 
 from __future__ import annotations
 
-import contextlib
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from . import records
 from .config import ConfigError, TrainConfig, to_dict
+from .ranks import Ranks
 
 
 class RunLog:
-    def __init__(self, accelerator, config: TrainConfig | None = None):
-        """`config`: the training run's (None for a command that only speaks and writes its own files once)."""
-        self.accelerator, self.config = accelerator, config
-        self.save_dir = Path(config.save_dir) if config is not None else None
-
-    @property
-    def writes(self) -> bool:
-        """Whether this process writes the run's files (and speaks): the main process of the whole job."""
-        return self.accelerator.is_main_process
+    def __init__(self, ranks: Ranks, config: TrainConfig):
+        self.ranks, self.config = ranks, config
+        self.accelerator = ranks.accelerator  # its trackers
+        self.save_dir = Path(config.save_dir)
+        self.trackers_ended = False
 
     def say(self, *args) -> None:
         """A line on the console, once per job."""
-        if self.writes:
-            print(*args, flush=True)
-
-    @contextlib.contextmanager
-    def first_on_main(self, per_node: bool = False):
-        """The main process (of the job, or of each node with `per_node`) runs the block first, the others
-        after it (accelerate's main_process_first): a download into a shared cache or data folder happens once.
-        Yields whether this process is that one (the one that downloads)."""
-        if per_node:
-            with self.accelerator.local_main_process_first():
-                yield self.accelerator.is_local_main_process
-        else:
-            with self.accelerator.main_process_first():
-                yield self.writes
-
-    @staticmethod
-    def say_here(*args) -> None:
-        """A line about this process alone (the signal it received), from every process it happens on."""
-        print(*args, flush=True)
-
-    def on_main(self, work, passed_on: tuple[type[Exception], ...] = ()):
-        """Run `work` (reading, hashing or writing the run's files) on the main process only and hand every
-        process its result; an error of a `passed_on` type raised there is raised on every process, which would
-        otherwise wait for the main one in the next collective."""
-        from accelerate.utils import broadcast_object_list
-        outcome = [None]
-        if self.writes:
-            try:
-                outcome[0] = (None, work())
-            except passed_on as error:
-                outcome[0] = ((type(error), str(error)), None)
-        broadcast_object_list(outcome)
-        error, result = outcome[0]
-        if error is not None:
-            kind, message = error
-            raise kind(message)
-        return result
+        self.ranks.say(*args)
 
     # --- a session's start and end ----------------------------------------------------------------------
     def start_trackers(self, global_step: int) -> None:
@@ -95,7 +56,7 @@ class RunLog:
                                                config=to_dict(cfg) if global_step == 0 else None,
                                                init_kwargs=init_kwargs)
             except Exception as error:  # a tracker's own set-up (server, credentials, URI): before the first step
-                self.abort()  # the trackers that did start close their files
+                self.end_trackers()  # the trackers that did start close their files
                 for path in set(records.entries(self.save_dir, records.RECORD_ENTRIES)) - before:
                     if path.is_dir():
                         shutil.rmtree(path)
@@ -103,32 +64,33 @@ class RunLog:
                         path.unlink()
                 raise ConfigError(f"--log_with {cfg.log_with}: the tracker did not start ({type(error).__name__}: "
                                   f"{str(error).splitlines()[0] if str(error) else ''})") from None
-        self.on_main(start, (ConfigError,))
+        self.ranks.on_main(start, (ConfigError,))
 
-    def start(self, epochs_done: int, global_step: int, resolved: dict, resumed: dict | None) -> None:
+    def start(self, epochs_done: int, global_step: int, resolved: Mapping, resumed: dict | None) -> None:
         """Keep the records up to the step training continues from and write config.json (after
         start_trackers)."""
-        if self.writes:
+        if self.ranks.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             records.truncate_records(self.save_dir, epochs_done, global_step)
-            records.write_run_config(self.save_dir, to_dict(self.config), resolved, resumed)
+            records.write_run_config(self.save_dir, to_dict(self.config), dict(resolved), resumed)
 
-    def end(self) -> None:
-        self.accelerator.end_training()
-
-    def abort(self) -> None:
-        """The run stops on an error: the trackers flush what was logged (the error goes on)."""
+    def end_trackers(self) -> None:
+        """The trackers write out what was logged and close: at the run's end, or when it stops on an error (the
+        error goes on). Once: Trainer.close() calls it again for a run that did not get that far."""
+        if self.trackers_ended:
+            return
+        self.trackers_ended = True
         for tracker in self.accelerator.trackers:
             tracker.finish()
 
     # --- during training ----------------------------------------------------------------------------------
     def progress_bar(self, total: int, initial: int, desc: str) -> tqdm:
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                    disable=not (self.config.progress and self.writes))
+                    disable=not (self.config.progress and self.ranks.is_main))
 
     def log_step(self, entry: dict) -> None:
         """A steps.jsonl line (step, epoch, lr, train_loss, images_per_s) and the trackers' step/* values."""
-        if self.writes:
+        if self.ranks.is_main:
             records.append_line(self.save_dir / records.STEPS_FILE, entry)
         # accelerate logs on the main process only (and not at all without --log_with).
         self.accelerator.log({f"step/{k}": entry[k] for k in ("train_loss", "lr", "images_per_s")},
@@ -136,7 +98,7 @@ class RunLog:
 
     def log_epoch(self, metrics: dict) -> None:
         """A metrics.jsonl line, the trackers' epoch/* values and the epoch's console line."""
-        if self.writes:
+        if self.ranks.is_main:
             records.append_line(self.save_dir / records.METRICS_FILE, metrics)
         self.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
                              step=metrics["step"])

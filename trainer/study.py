@@ -20,7 +20,7 @@ Each run's output is shown and appended to `{save_dir}/{experiment}/train.log`. 
 final checkpoint evaluated by `python -m trainer.evaluate` (one process; output in the same log) into
 `{save_dir}/{experiment}/evaluation/`: per-class accuracy and the confusion figure. A complete run that is skipped
 is evaluated when that folder lacks its metrics.json. The report is written to `{save_dir}/report/` (see
-trainer/report.py).
+trainer/report.py, which reads the study file through load_study here).
 
 Exit status: 0 done; 2 bad input (one line on stderr); 1 a run or its evaluation failed (named, with its log);
 75 a run was stopped by a preemption signal after saving a checkpoint (run the same command again to resume it).
@@ -37,13 +37,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import typing
 from pathlib import Path
+
+import yaml
 
 from .checkpoint import final_checkpoint, has_checkpoint
 from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, TrainConfig, check_writable_folder,
-                     parse_config, refuse)
-from .records import CONFIG_FILE, METRICS_FILE, read_run_config
-from .report import DEFAULT_STUDY, EVALUATION_DIR, ReportError, Study, load_study, read_jsonl, write_report
+                     parse_config, typed_value)
+from .errors import UserError, run_command
+from .records import CONFIG_FILE, METRICS_FILE, read_lines, read_run_config
+
+DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
+EVALUATION_DIR = "evaluation"  # a run's trainer.evaluate output, which the runner writes and the report shows
 
 LOG_FILE = "train.log"
 CIFAR_FOLDER = "cifar-100-python"  # trainer/data/cifar.py's, written out: importing trainer.data imports torch
@@ -54,8 +60,66 @@ RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--config": "put shared options in the study file's `defaults` instead"}
 
 
-class StudyError(ValueError):
-    """A user-facing error: printed as one line, exit status 2."""
+class StudyError(UserError, ValueError):
+    """A study the user can fix (see UserError)."""
+
+
+# --- the study file -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Study:
+    path: Path
+    defaults: dict             # trainer options of every experiment
+    experiments: dict          # name -> {"options": {...}, "reference": {...}}
+    comparisons: dict          # name -> {"title": str, "experiments": [names]}
+
+    def settings(self, name: str) -> dict:
+        """The trainer options of experiment `name`: the defaults, then its own."""
+        return {**self.defaults, **self.experiments[name]["options"]}
+
+
+def load_study(path) -> Study:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise StudyError(f"study file {path}: {str(error).splitlines()[0]}") from None
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise StudyError(f"study file {path}: {message}")
+
+    need(isinstance(raw, dict) and isinstance(raw.get("experiments"), dict) and raw["experiments"],
+         "needs a mapping `experiments` of at least one experiment")
+    defaults, experiments = raw.get("defaults") or {}, raw["experiments"]
+    comparisons = raw.get("comparisons") or {}
+    need(isinstance(defaults, dict), "`defaults` must be a mapping of trainer options")
+    for name, experiment in experiments.items():
+        need(isinstance(name, str) and "/" not in name and not name.startswith("."),
+             f"experiment name {name!r} is not a folder name")
+        need(isinstance(experiment, dict) and isinstance(experiment.get("options"), dict)
+             and set(experiment) <= {"options", "reference"},
+             f"{name}: needs a mapping `options` of trainer options, and optionally `reference`")
+        reference = experiment["reference"] = experiment.get("reference") or {}
+        need(set(reference) <= {"train_loss", "val_acc1"}, f"{name}: `reference` holds train_loss and val_acc1")
+    hints = typing.get_type_hints(TrainConfig)
+    for where, options in [("defaults", defaults)] + [(n, e["options"]) for n, e in experiments.items()]:
+        unknown = sorted(set(options) - set(hints))
+        need(not unknown, f"{where}: unknown trainer option(s) {', '.join(unknown)}")
+        for key, value in options.items():
+            # Values become command-line arguments, which have no spelling for null or for lists.
+            need(isinstance(value, (str, int, float, bool)), f"{where}: {key} must be a string, number or boolean")
+            # The type the trainer's --config files must have too (`epochs: 1.9` must not become 1); YAML's
+            # `5e-4` string becomes the number, which the report compares with the runs' numbers.
+            try:
+                options[key] = typed_value(key, value)
+            except ConfigError as error:
+                need(False, f"{where}: {error}")
+    for name, comparison in comparisons.items():
+        names = (comparison or {}).get("experiments")
+        need(isinstance(names, list) and set(names) <= set(experiments),
+             f"comparison {name}: `experiments` must list experiments of this file")
+    return Study(path, defaults, experiments, comparisons)
 
 
 def to_args(options: dict) -> list[str]:
@@ -135,7 +199,11 @@ def check_data(config: TrainConfig) -> None:
 
 
 def is_complete(run_dir: Path, epochs: int) -> bool:
-    return (any(m.get("epoch") == epochs for m in read_jsonl(run_dir / METRICS_FILE))
+    try:
+        lines = read_lines(run_dir / METRICS_FILE)
+    except ValueError as error:  # a damaged line: named in one line
+        raise StudyError(str(error)) from None
+    return (any(m.get("epoch") == epochs for m in lines)
             and final_checkpoint(run_dir, epochs) is not None)
 
 
@@ -225,12 +293,19 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
         # the final save failed and the trainer went on (--on_save_error continue): there is no checkpoint.
         if is_complete(run_dir, epochs) and not evaluate_run(head, run_dir, epochs):
             return 1
+    # Imported here: the report reads the study file through this module (load_study), and the two modules do not
+    # import each other at load time.
+    from .report import write_report
     report = write_report([run_dir for _, run_dir, _, _ in plans], save_dir / "report", study.path)
     print(f"study: done; report {report}", flush=True)
     return 0
 
 
 def main(argv=None) -> int:
+    return run_command(study_command, argv)
+
+
+def study_command(argv) -> int:
     parser = OneLineArgumentParser(
         prog="python -m trainer.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument is a trainer option given to every run.", allow_abbrev=False)
@@ -247,20 +322,17 @@ def main(argv=None) -> int:
     how.add_argument("--launcher", help="command that runs one training run, the run's options appended, "
                                         "e.g. \"./launch.sh --strategy zero2\" (instead of --processes)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        if args.processes < 1:
-            raise StudyError(f"--processes must be at least 1, got {args.processes}")
-        if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
-            raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
-        check_overrides(overrides)
-        check_writable_folder(args.save_dir, "--save_dir")
-        study = load_study(args.study)
-        # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
-        # The trainer's own checks of every run first, unless --launcher runs something of the user's.
-        return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
-                         run_package_trainer=not args.launcher)
-    except (StudyError, ReportError, ConfigError) as error:
-        return refuse(error)
+    if args.processes < 1:
+        raise StudyError(f"--processes must be at least 1, got {args.processes}")
+    if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
+        raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
+    check_overrides(overrides)
+    check_writable_folder(args.save_dir, "--save_dir")
+    study = load_study(args.study)
+    # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
+    # The trainer's own checks of every run first, unless --launcher runs something of the user's.
+    return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
+                     run_package_trainer=not args.launcher)
 
 
 if __name__ == "__main__":

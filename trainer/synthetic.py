@@ -38,7 +38,12 @@ def write_fake_cifar100(data_dir: str | Path, num_train: int = 320, num_test: in
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError, OneLineArgumentParser, check_writable_folder, refuse
+    from .errors import run_command
+    return run_command(synthetic_command, argv)
+
+
+def synthetic_command(argv) -> int:
+    from .config import ConfigError, OneLineArgumentParser, check_writable_folder
     parser = OneLineArgumentParser(prog="python -m trainer.synthetic",
                                    description="Write generated CIFAR-100-format pickles.")
     parser.add_argument("data_dir", help="folder to write cifar-100-python/ into (a trainer's --data_dir)")
@@ -49,21 +54,18 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the train, test and meta files of a data set already in DATA_DIR")
     args = parser.parse_args(argv)
-    try:
-        for name, low, high in (("num_train", 1, None), ("num_test", 1, None), ("num_classes", 1, NUM_CLASSES)):
-            value = getattr(args, name)
-            if value < low or (high is not None and value > high):
-                raise ConfigError(f"--{name} must lie in [{low}, {high}], got {value}" if high
-                                  else f"--{name} must be at least {low}, got {value}")
-        check_writable_folder(args.data_dir, "DATA_DIR")
-        folder = Path(args.data_dir).expanduser() / CIFAR_FOLDER
-        check_writable_folder(str(folder), "DATA_DIR")  # cifar-100-python itself may be a file
-        there = [name for name in ("train", "test", "meta") if (folder / name).exists()]
-        if there and not args.overwrite:  # a real data set, or another generated one: never replaced silently
-            raise ConfigError(f"{folder} already holds a data set ({', '.join(there)}); give another folder, or "
-                              f"--overwrite to replace it")
-    except ConfigError as error:
-        return refuse(error)
+    for name, low, high in (("num_train", 1, None), ("num_test", 1, None), ("num_classes", 1, NUM_CLASSES)):
+        value = getattr(args, name)
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"--{name} must lie in [{low}, {high}], got {value}" if high
+                              else f"--{name} must be at least {low}, got {value}")
+    check_writable_folder(args.data_dir, "DATA_DIR")
+    folder = Path(args.data_dir).expanduser() / CIFAR_FOLDER
+    check_writable_folder(str(folder), "DATA_DIR")  # cifar-100-python itself may be a file
+    there = [name for name in ("train", "test", "meta") if (folder / name).exists()]
+    if there and not args.overwrite:  # a real data set, or another generated one: never replaced silently
+        raise ConfigError(f"{folder} already holds a data set ({', '.join(there)}); give another folder, or "
+                          f"--overwrite to replace it")
     print(write_fake_cifar100(Path(args.data_dir).expanduser(), args.num_train, args.num_test, args.num_classes,
                               seed=args.seed))
     return 0

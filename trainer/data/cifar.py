@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 CIFAR_FOLDER = "cifar-100-python"
 NUM_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
@@ -33,8 +35,8 @@ CIFAR100_CLASSES = (
 )
 
 
-class DataError(RuntimeError):
-    """A user-facing data problem: printed as one line, exit status 2."""
+class DataError(UserError, RuntimeError):
+    """A data problem the user can fix (see UserError)."""
 
 
 # --- reading and downloading --------------------------------------------------------------------
