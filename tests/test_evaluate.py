@@ -61,6 +61,25 @@ def test_a_checkpoint_gives_its_runs_final_metrics_per_class_csv_and_confusion_p
     assert [r["superclass"] for r in rows[:10]] == [str(c // 5) for c in range(10)]
     width, height = png_size(out / "confusion.png")
     assert 600 <= width <= 2000 and 600 <= height <= 2000
+    # Each image's label and top-1 class in the test set's order, also when the test set was sharded: the same
+    # as the checkpoint's model predicts for each image in this process.
+    predictions = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [int(r["image"]) for r in predictions] == list(range(201))
+    assert [int(r["label"]) for r in predictions] == test.labels.tolist()
+    assert [int(r["prediction"]) for r in predictions] == predicted_here(run / "epoch_2", test)
+    assert sum(r["label"] == r["prediction"] for r in predictions) == sum(int(r["correct"]) for r in rows)
+
+
+def predicted_here(folder, test) -> list[int]:
+    from trainer.checkpoint import load_checkpoint_model
+    from trainer.data import Normalize
+    from trainer.records import read_run_config
+    fresh_accelerate_state()
+    model, _ = load_checkpoint_model(folder, ema=False)
+    resolved = read_run_config(folder.parent)["resolved"]
+    normalize = Normalize(resolved["normalize_mean"], resolved["normalize_std"], 32)
+    with torch.no_grad():
+        return model.eval()(normalize(test.images).float()).argmax(dim=1).tolist()
 
 
 def test_an_exported_folder_and_its_local_dir_name_give_the_same_numbers(run, tmp_path):

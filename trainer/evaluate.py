@@ -8,8 +8,9 @@
 Prints top-1, top-5 and loss (the trainer's own evaluation code, so a checkpoint gives the numbers of its run's
 metrics.jsonl line) and writes into --out: `metrics.json`, `per_class.csv` (images, correct and accuracy of each
 of the 100 classes, with its superclass) and `confusion.png` (the confusion matrix, classes grouped by CIFAR-100's
-20 superclasses, read from the test pickle's `coarse_labels`). Under `accelerate launch` the test set is sharded
-over the processes and each image is counted once.
+20 superclasses, read from the test pickle's `coarse_labels`) and `predictions.csv` (each test image's label and
+top-1 class, in the test set's order: what the study's seeds and intervals compare). Under `accelerate launch` the
+test set is sharded over the processes and each image is counted once.
 
 Exit status: 0 done; 2 a bad model, folder or data (one line on stderr).
 """
@@ -32,7 +33,8 @@ from trainer.errors import run_command  # noqa: E402
 from trainer.data import NUM_CLASSES  # noqa: E402
 from trainer.export import ExportError, check_out, run_records  # noqa: E402
 
-OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png"}
+PREDICTIONS_FILE = "predictions.csv"
+OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png", PREDICTIONS_FILE}
 
 
 def load_model(source: str, ema: bool):
@@ -93,6 +95,15 @@ def write_per_class(path: Path, confusion, class_names: list[str], coarse: list[
         for c in range(NUM_CLASSES):
             writer.writerow([c, class_names[c], coarse[c], coarse_names[coarse[c]] if coarse[c] >= 0 else "",
                              images[c], correct[c], f"{100 * correct[c] / images[c]:.2f}" if images[c] else ""])
+
+
+def write_predictions(path: Path, labels, predictions) -> None:
+    """One row per test image, in the test set's order: its label and the model's top-1 class (what the study's
+    seeds and intervals compare, trainer/stats.py)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "prediction"])
+        writer.writerows(zip(range(len(labels)), labels.tolist(), predictions.tolist()))
 
 
 def plot_confusion(path: Path, confusion, coarse: list[int], coarse_names: list[str], title: str) -> None:
@@ -162,7 +173,11 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = accelerator.prepare(loader)
     normalize = Normalize(norm["mean"], norm["std"], norm["image_size"], accelerator.device)
-    totals, confusion, _, _ = evaluate_model(accelerator, model, loader, normalize)
+    totals, confusion, labels, predictions = evaluate_model(accelerator, model, loader, normalize, per_image=True)
+    # The per-image file pairs runs image by image (trainer/stats.py): its order must be the test set's. A
+    # sequential loader sharded by accelerate gathers back in that order; this says so rather than assume it.
+    if not torch.equal(labels, test.labels.to(labels.dtype)):
+        raise RuntimeError("the gathered evaluation is not in the test set's order; predictions.csv not written")
     loss, correct1, correct5, count = totals.tolist()
     result = {"source": source, "ema": ema, "val_loss": loss / count, "val_acc1": 100 * correct1 / count,
               "val_acc5": 100 * correct5 / count, "val_images": int(count), "processes": accelerator.num_processes}
@@ -170,6 +185,7 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         write_per_class(out / "per_class.csv", confusion, class_names, coarse, coarse_names)
+        write_predictions(out / PREDICTIONS_FILE, labels, predictions)
         plot_confusion(out / "confusion.png", confusion, coarse, coarse_names,
                        f"{source}: top-1 {result['val_acc1']:.2f} %, {int(count)} test images")
     accelerator.wait_for_everyone()
