@@ -11,7 +11,7 @@ from trainer.report import main as report_main
 def report(tmp_path, *runs):
     assert report_main([str(r) for r in runs] + ["--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
-    results, reference = markdown_tables(text)
+    results, reference, *_ = markdown_tables(text)
     return text, {r["run"]: r for r in results}, {r["run"].split("[^")[0]: r for r in reference}
 
 
@@ -146,3 +146,32 @@ def test_figure_links_with_spaces_stay_markdown_links(tmp_path):
     # CommonMark: a bare destination ends at a space; percent-encoded, the link is whole and names the file.
     assert "![my run (2): " in text and "](my%20run%20%282%29.png)" in text
     assert (tmp_path / "out" / "my run (2).png").is_file()
+
+
+def write_predictions(run, rows: str):
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "predictions.csv").write_text("image,label,prediction\n" + rows)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("0,3,3\n1,4\n", "is damaged"),
+    ("0,3,3\n2,4,4\n", "one row per image in order"),
+])
+def test_a_damaged_predictions_file_is_one_line_naming_it(tmp_path, capsys, rows, message):
+    a = write_run(tmp_path / "nfnet_adamw_cosine")
+    b = write_run(tmp_path / "vit_adamw_cosine", model="vit", timm_model=VIT)
+    write_predictions(a, "0,3,3\n1,4,4\n")
+    write_predictions(b, rows)
+    assert report_main([str(a), str(b), "--out", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {b / 'evaluation' / 'predictions.csv'} is damaged") and message in line, line
+
+
+def test_runs_evaluated_on_other_images_are_not_compared(tmp_path):
+    a = write_run(tmp_path / "nfnet_adamw_cosine")
+    b = write_run(tmp_path / "vit_adamw_cosine", model="vit", timm_model=VIT)
+    write_predictions(a, "0,3,3\n1,4,4\n")
+    write_predictions(b, "0,3,3\n1,5,4\n")
+    text, _, _ = report(tmp_path, a, b)
+    (row,) = [r for r in markdown_tables(text)[-1] if r.get("B") == "vit_adamw_cosine"]
+    assert row["verdict"] == "not evaluated on the same test images"

@@ -47,7 +47,7 @@ def test_four_runs_with_the_overrides_and_a_report(tiny_study):
         assert (config["model"], config["epochs"], config["learning_rate"]) == ("test_vit", 2, 2e-3)
         assert (config["optimizer"], config["scheduler"]) == tuple(name.split("_", 2)[1:])
         assert "--resume auto" in (save_dir / name / "train.log").read_text()
-    results, reference = markdown_tables((save_dir / "report" / "report.md").read_text())
+    results, reference, *_ = markdown_tables((save_dir / "report" / "report.md").read_text())
     assert [r["run"] for r in results] == EXPERIMENTS
     for row in results:
         last = read_jsonl(save_dir / row["run"] / "metrics.jsonl")[-1]
@@ -155,6 +155,7 @@ def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
     (["--resume", "auto"], "--resume cannot be given to a study"),
     (["--study", "{tmp}/missing.yaml"], "study file {tmp}/missing.yaml"),
     (["--overwrite"], "--overwrite cannot be given to a study"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     # In this process: a setup error needs no subprocess (the exit status is main's return value).
@@ -164,3 +165,76 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not save_dir.exists()
+
+
+# --- seeds and intervals ---------------------------------------------------------------------------------
+SEEDS_STUDY = """
+defaults: {epochs: 2, warmup_epochs: 0, batch_size: 32, seed: 1}
+seeds: 2
+experiments:
+  trained: {options: {learning_rate: 2.0e-3}}
+  same_recipe: {options: {learning_rate: 2.0e-3, seed: 101}}
+  barely_trained: {options: {learning_rate: 1.0e-7}}
+comparisons:
+  other_seeds: {title: "the same recipe, other seeds", experiments: [trained, same_recipe]}
+  training: {title: "trained vs barely trained", experiments: [trained, barely_trained]}
+"""
+SEED_FOLDERS = {"trained": [1, 2], "same_recipe": [101, 102], "barely_trained": [1, 2]}
+
+
+@pytest.fixture(scope="module")
+@launching
+def seeds_study(noisy_cifar_dir, tmp_path_factory):
+    """Three experiments x 2 seeds on the noisy generated data (top-1 mid-range, where seeds differ): one recipe
+    twice with other seeds, and one that barely trains. The study file's `seeds: 2`."""
+    root = tmp_path_factory.mktemp("seeds")
+    (root / "study.yaml").write_text(SEEDS_STUDY)
+    tiny = [a for a in TINY if a not in ("--learning_rate", "2e-3")]  # the study file's learning rates must win
+    study("--study", root / "study.yaml", "--save_dir", root / "study", *tiny, "--data_dir", noisy_cifar_dir)
+    return root / "study"
+
+
+def correct(run_dir):
+    with open(run_dir / "evaluation" / "predictions.csv", newline="") as f:
+        return [int(r["label"] == r["prediction"]) for r in csv.DictReader(f)]
+
+
+def test_every_experiment_runs_once_per_seed_into_its_seed_folder(seeds_study):
+    for name, seeds in SEED_FOLDERS.items():
+        assert sorted(p.name for p in (seeds_study / name).iterdir()) == [f"seed_{s}" for s in seeds]
+        for seed in seeds:
+            options = json.loads((seeds_study / name / f"seed_{seed}" / "config.json").read_text())["options"]
+            assert options["seed"] == seed and options["epochs"] == 2
+            assert len(correct(seeds_study / name / f"seed_{seed}")) == 201
+
+
+def test_the_report_shows_means_spreads_and_which_differences_are_resolved(seeds_study):
+    import statistics
+    text = (seeds_study / "report" / "report.md").read_text()
+    tables = markdown_tables(text)
+    (means,) = [t for t in tables if t and "seeds" in t[0]]
+    (comparisons,) = [t for t in tables if t and "verdict" in t[0]]
+    for row in means:
+        seeds = SEED_FOLDERS[row["experiment"]]
+        top1 = [read_jsonl(seeds_study / row["experiment"] / f"seed_{s}" / "metrics.jsonl")[-1]["val_acc1"]
+                for s in seeds]
+        assert (row["runs"], row["seeds"]) == ("2", ", ".join(map(str, seeds)))
+        assert row["top-1 (%)"] == f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
+    by_b = {row["B"]: row for row in comparisons}
+    for b, row in by_b.items():
+        a_correct = [c for s in SEED_FOLDERS["trained"] for c in correct(seeds_study / "trained" / f"seed_{s}")]
+        b_correct = [c for s in SEED_FOLDERS[b] for c in correct(seeds_study / b / f"seed_{s}")]
+        assert row["A - B (points)"] == f"{100 * (statistics.mean(a_correct) - statistics.mean(b_correct)):+.2f}"
+    low, high = (float(v) for v in by_b["barely_trained"]["95 % interval"].strip("[]").split(","))
+    assert 0 < low < high and by_b["barely_trained"]["verdict"] == "resolved: trained is better"
+    low, high = (float(v) for v in by_b["same_recipe"]["95 % interval"].strip("[]").split(","))
+    assert low < 0 < high and by_b["same_recipe"]["verdict"].startswith("not resolved")
+
+
+def test_a_study_of_several_seeds_does_not_mix_with_a_single_seed_run(seeds_study, tmp_path, capsys):
+    shutil.copytree(seeds_study / "trained" / "seed_1", tmp_path / "trained")  # a single-seed layout
+    assert study_main(["--study", str(seeds_study.parent / "study.yaml"), "--save_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'trained'} holds a run of one seed")
+    assert study_main(["--study", str(seeds_study.parent / "study.yaml"), "--save_dir", str(seeds_study),
+                       "--seeds", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {seeds_study / 'trained'} holds runs of several seeds")

@@ -32,8 +32,8 @@ from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig  # no
 from trainer.errors import run_command  # noqa: E402
 from trainer.data import NUM_CLASSES  # noqa: E402
 from trainer.export import ExportError, check_out, run_records  # noqa: E402
+from trainer.records import PREDICTIONS_FILE  # noqa: E402
 
-PREDICTIONS_FILE = "predictions.csv"
 OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png", PREDICTIONS_FILE}
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
+# trainer.evaluate's per-image file in a run's evaluation/: each test image's label and top-1 class (what
+# trainer/stats.py pairs runs on).
+PREDICTIONS_FILE = "predictions.csv"
 # accelerate's trackers log under this project name: TensorBoard into {save_dir}/cifar-trainer/.
 TRACKER_PROJECT = "cifar-trainer"
 # What the records and the trackers leave in a run's save_dir (the folders accelerate's TensorBoard, wandb and

@@ -34,7 +34,7 @@ from typing import Optional
 from .config import MODEL_PRESETS, OneLineArgumentParser
 from .errors import UserError, run_command
 from .export import ExportError, check_out
-from .records import read_lines
+from .records import PREDICTIONS_FILE, read_lines
 from .study import DEFAULT_STUDY, EVALUATION_DIR, Study, load_study
 
 
@@ -173,6 +173,8 @@ def attach_study(run: Run, study: Study) -> None:
     """Find the run's experiment and decide whether its reference result is comparable."""
     if run.path.name in study.experiments:
         run.experiment = run.path.name
+    elif run.path.name.startswith("seed_") and run.path.parent.name in study.experiments:  # a study's --seeds
+        run.experiment = run.path.parent.name
     else:
         run.experiment = next((n for n, e in study.experiments.items() if not differences(run, e["options"])), None)
     if run.experiment is None:
@@ -282,6 +284,84 @@ def evaluation_lines(run: Run, figure: Optional[str]) -> list[str]:
     return lines + [""]
 
 
+# --- seeds and intervals ----------------------------------------------------------------------------
+
+def final_numbers(run: Run) -> dict:
+    """Top-1, top-5 (%) and loss of the run's final checkpoint: its evaluation, else its last epoch's line."""
+    source = run.evaluation or run.metrics[-1]
+    return {key: source.get(key) for key in ("val_acc1", "val_acc5", "val_loss")}
+
+
+def load_correct(run: Run):
+    """[images] of 0/1 (top-1 right) from the run's evaluation/predictions.csv, with its labels; None without it."""
+    import numpy as np
+    path = run.path / EVALUATION_DIR / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+        if table.shape[1] != 3 or not np.array_equal(table[:, 0], np.arange(len(table))):
+            raise ValueError("expected the columns image, label, prediction, one row per image in order")
+    except (OSError, ValueError) as error:
+        raise ReportError(f"{path} is damaged ({str(error).splitlines()[0]}); run trainer.evaluate again or "
+                          f"delete {path.parent}") from None
+    return table[:, 1], (table[:, 1] == table[:, 2]).astype(np.uint8)
+
+
+def seeds_lines(runs: list[Run], study: Study) -> list[str]:
+    """Each experiment's mean and spread over its runs, and each comparison's difference with its interval and
+    McNemar's test (trainer/stats.py), on the runs' per-image predictions."""
+    import numpy as np
+
+    from .stats import compare, mean_and_spread
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.experiment is not None:
+            groups.setdefault(run.experiment, []).append(run)
+    rows = []
+    for name, members in groups.items():
+        numbers = [final_numbers(r) for r in members]
+        cells = []
+        for key, digits in (("val_acc1", 2), ("val_acc5", 2), ("val_loss", 4)):
+            values = [n[key] for n in numbers if _number(n[key])]
+            mean, spread = mean_and_spread(values) if values else (float("nan"), 0.0)
+            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}" if values else "-")
+        seeds = sorted(r.options.get("seed", "?") for r in members)
+        rows.append([name, len(members), ", ".join(map(str, seeds)), *cells])
+    lines = ["Mean ± sample standard deviation over each experiment's runs (seeds), of the final checkpoint's "
+             "evaluation (else the last epoch's line).", ""]
+    lines += _table(["experiment", "runs", "seeds", "top-1 (%)", "top-5 (%)", "loss"], rows)
+    pairs = []  # each comparison's first experiment against each of the others
+    for name, comparison in study.comparisons.items():
+        first, *others = comparison["experiments"]
+        pairs += [(comparison.get("title", name), first, other) for other in others]
+    comparisons, images = [], None
+    for title, a, b in pairs:
+        if a not in groups or b not in groups:
+            continue
+        arms = {e: [load_correct(r) for r in groups[e]] for e in (a, b)}
+        if any(x is None for e in arms.values() for x in e):
+            comparisons.append([title, a, b, "-", "-", "-", "-", "no predictions.csv in every run's evaluation/"])
+            continue
+        labels = [x[0] for e in arms.values() for x in e]
+        if any(len(lab) != len(labels[0]) or (lab != labels[0]).any() for lab in labels):
+            comparisons.append([title, a, b, "-", "-", "-", "-", "not evaluated on the same test images"])
+            continue
+        images = len(labels[0])
+        result = compare(a, np.stack([x[1] for x in arms[a]]), b, np.stack([x[1] for x in arms[b]]))
+        comparisons.append([title, a, b, f"{100 * result.difference:+.2f}",
+                            f"[{100 * result.low:+.2f}, {100 * result.high:+.2f}]",
+                            f"{result.better_a} / {result.better_b}", f"{result.p:.2g}", result.verdict()])
+    if comparisons:
+        lines += ["", f"Each comparison: top-1 of A minus B in points, on the same {images or '-'} test images, "
+                  "with a 95 % paired bootstrap interval over images and seeds, and McNemar's test on the images "
+                  "(images where A's share of correct seeds is higher / where B's is). Resolved: the interval "
+                  "excludes 0 and p < 0.05.", ""]
+        lines += _table(["comparison", "A", "B", "A - B (points)", "95 % interval", "images A / B better",
+                         "McNemar p", "verdict"], comparisons)
+    return lines
+
+
 # --- figures ------------------------------------------------------------------------------------
 
 def plot(runs: list[Run], title: str, path: Path) -> None:
@@ -355,6 +435,8 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
              "## Results", ""] + results_table(runs) + \
             ["", "## Against the reference study", ""] + reference_table(runs) + ["", "## Figures", ""]
     lines += [f"![{title}]({link(file)})\n" for title, file in figures]
+    if any(run.experiment for run in runs):
+        lines += ["## Seeds and intervals", ""] + seeds_lines(runs, study) + [""]
     evaluated = [run for run in runs if run.evaluation]
     if evaluated:
         lines += ["## Per-class evaluation of the final checkpoint", "",

@@ -6,6 +6,10 @@
     python -m trainer.study --save_dir /tmp/smoke --epochs 1 --warmup_epochs 0 --model test_vit \\
         --no-pretrained --data_dir /tmp/fake_cifar          # a CPU smoke test of the whole pipeline
 
+With `--seeds N` (or `seeds: N` in the study file) every experiment runs N times, with seeds --seed, --seed + 1,
+..., into `{save_dir}/{experiment}/seed_{seed}/`, and the report shows each experiment's mean and spread and, for
+each comparison of the study file, the difference with a 95 % interval and McNemar's test (trainer/stats.py).
+
 Every argument that is not one of the options below is a trainer option (`python trainer/main.py --help`)
 given to every run after the study file's values, so it wins over them: `--model test_vit` replaces the
 model of all experiments. Run it again with the same arguments after an interruption: a complete run (its
@@ -72,6 +76,7 @@ class Study:
     defaults: dict             # trainer options of every experiment
     experiments: dict          # name -> {"options": {...}, "reference": {...}}
     comparisons: dict          # name -> {"title": str, "experiments": [names]}
+    seeds: int = 1             # runs per experiment, with seeds seed, seed + 1, ...
 
     def settings(self, name: str) -> dict:
         """The trainer options of experiment `name`: the defaults, then its own."""
@@ -93,7 +98,10 @@ def load_study(path) -> Study:
          "needs a mapping `experiments` of at least one experiment")
     defaults, experiments = raw.get("defaults") or {}, raw["experiments"]
     comparisons = raw.get("comparisons") or {}
+    seeds = raw.get("seeds", 1)
     need(isinstance(defaults, dict), "`defaults` must be a mapping of trainer options")
+    need(isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1,
+         f"`seeds` must be a whole number of runs per experiment, at least 1 (got {seeds!r})")
     for name, experiment in experiments.items():
         need(isinstance(name, str) and "/" not in name and not name.startswith("."),
              f"experiment name {name!r} is not a folder name")
@@ -119,7 +127,7 @@ def load_study(path) -> Study:
         names = (comparison or {}).get("experiments")
         need(isinstance(names, list) and set(names) <= set(experiments),
              f"comparison {name}: `experiments` must list experiments of this file")
-    return Study(path, defaults, experiments, comparisons)
+    return Study(path, defaults, experiments, comparisons, seeds)
 
 
 def to_args(options: dict) -> list[str]:
@@ -258,16 +266,36 @@ def check_runs(plans, processes: int) -> None:
         raise StudyError(f"checking the runs' options failed with exit status {result.returncode} (above)")
 
 
+def seed_runs(study: Study, name: str, save_dir: Path, overrides: list[str], seeds: int):
+    """(run folder, trainer arguments) of each seed of experiment `name`: one run in {save_dir}/{name}/, or with
+    several seeds one per seed (the experiment's --seed, then the next ones) in {save_dir}/{name}/seed_{seed}/."""
+    args = to_args(study.settings(name)) + overrides
+    if seeds == 1:
+        return [(save_dir / name, args + ["--save_dir", str(save_dir / name)])]
+    # Folders of the other layout are not mixed with: a single run's records beside seed folders, or the reverse.
+    if (save_dir / name / CONFIG_FILE).is_file():
+        raise StudyError(f"{save_dir / name} holds a run of one seed; a study with {seeds} seeds puts its runs in "
+                         f"seed_N folders: use another --save_dir")
+    first = parse_config(args + ["--save_dir", str(save_dir / name)]).seed
+    return [(save_dir / name / f"seed_{seed}", args + ["--seed", str(seed), "--save_dir",
+                                                       str(save_dir / name / f"seed_{seed}")])
+            for seed in range(first, first + seeds)]
+
+
 def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str], processes: int = 1,
-              run_package_trainer: bool = False) -> int:
+              run_package_trainer: bool = False, seeds: int | None = None) -> int:
+    seeds = seeds or study.seeds
     plans = []
     for name in study.experiments:  # every run's options are checked before the first one starts
-        run_dir = save_dir / name
-        args = to_args(study.settings(name)) + overrides + ["--save_dir", str(run_dir)]
-        config = parse_config(args)
-        check_same_settings(run_dir, config, study.settings(name))
-        check_data(config)
-        plans.append((name, run_dir, args, config.epochs))
+        if seeds == 1 and any((save_dir / name).glob("seed_*/" + CONFIG_FILE)):
+            raise StudyError(f"{save_dir / name} holds runs of several seeds (seed_N folders); give --seeds, or use "
+                             f"another --save_dir")
+        for run_dir, args in seed_runs(study, name, save_dir, overrides, seeds):
+            config = parse_config(args)
+            check_same_settings(run_dir, config, {**study.settings(name), "seed": config.seed})
+            check_data(config)
+            label = name if seeds == 1 else f"{name} seed {config.seed}"
+            plans.append((label, run_dir, args, config.epochs))
     if run_package_trainer:
         check_runs(plans, processes)
     for i, (name, run_dir, args, epochs) in enumerate(plans, 1):
@@ -314,6 +342,10 @@ def study_command(argv) -> int:
                              "(default: the packaged reference study, trainer/study.yaml)")
     parser.add_argument("--save_dir", "--save-dir", default="runs/study",
                         help="folder of the study: one subfolder per experiment, and report/ (default: runs/study)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="runs per experiment, with seeds --seed, --seed + 1, ... into {experiment}/seed_N/; the "
+                             "report then shows means, spreads and 95 %% intervals of the comparisons (default: the "
+                             "study file's `seeds`, else 1)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--processes", type=int, default=1,
                      help="processes per run: 1 runs `python trainer/main.py` (a GPU if there is one); N > 1 "
@@ -324,6 +356,8 @@ def study_command(argv) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.processes < 1:
         raise StudyError(f"--processes must be at least 1, got {args.processes}")
+    if args.seeds is not None and args.seeds < 1:
+        raise StudyError(f"--seeds must be at least 1, got {args.seeds}")
     if importlib.util.find_spec("matplotlib") is None:  # find out now, not after the last run
         raise StudyError("the study's report draws its figures with matplotlib: pip install -e '.[report]'")
     check_overrides(overrides)
@@ -332,7 +366,7 @@ def study_command(argv) -> int:
     # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
     # The trainer's own checks of every run first, unless --launcher runs something of the user's.
     return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
-                     run_package_trainer=not args.launcher)
+                     run_package_trainer=not args.launcher, seeds=args.seeds)
 
 
 if __name__ == "__main__":
