@@ -137,6 +137,18 @@ def test_failing_run_stops_the_study_naming_run_and_log(tmp_path):
 
 
 @pytest.mark.launches
+def test_a_time_limit_is_the_whole_studys_each_run_gets_what_is_left(tmp_path):
+    # A launcher that prints its arguments and stops as a run stopped by its time limit does (exit 75).
+    launcher = f"{sys.executable} -c 'import sys; print(sys.argv[1:]); sys.exit(75)'"
+    result = study("--save_dir", tmp_path, "--launcher", launcher, "--model", "test_vit", "--time_limit", "2h",
+                   check=False)
+    assert result.returncode == 75
+    args = ast.literal_eval((tmp_path / "nfnet_adamw_cosine" / "train.log").read_text().splitlines()[-1])
+    given = [args[i + 1] for i, a in enumerate(args) if a == "--time_limit"]
+    assert given[0] == "2h" and given[-1].endswith("s") and 7100 <= int(given[-1][:-1]) <= 7200, given  # last wins
+
+
+@pytest.mark.launches
 def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
     launcher = (f"{sys.executable} -c 'import signal, sys, time; "
                 f"signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); print(\"ready\", flush=True); time.sleep(60)'")

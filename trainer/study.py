@@ -41,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, Tr
                      parse_config, typed_value)
 from .errors import UserError, run_command
 from .records import CONFIG_FILE, METRICS_FILE, read_lines, read_run_config
+from .time_limit import parse_duration
 
 DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
 EVALUATION_DIR = "evaluation"  # a run's trainer.evaluate output, which the runner writes and the report shows
@@ -282,9 +284,22 @@ def seed_runs(study: Study, name: str, save_dir: Path, overrides: list[str], see
             for seed in range(first, first + seeds)]
 
 
+def study_deadline(overrides: list[str]) -> float | None:
+    """The Unix time the study must end by, from a --time_limit among the trainer options (counted from now): each
+    run gets what is left of it, not the whole limit again. The last one given wins, as in the trainer."""
+    seconds = None
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--time_limit="):
+            seconds = parse_duration(arg.split("=", 1)[1])
+        elif arg == "--time_limit" and i + 1 < len(overrides):
+            seconds = parse_duration(overrides[i + 1])
+    return None if seconds is None else time.time() + seconds
+
+
 def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str], processes: int = 1,
               run_package_trainer: bool = False, seeds: int | None = None) -> int:
     seeds = seeds or study.seeds
+    deadline = study_deadline(overrides)
     plans = []
     for name in study.experiments:  # every run's options are checked before the first one starts
         if seeds == 1 and any((save_dir / name).glob("seed_*/" + CONFIG_FILE)):
@@ -309,7 +324,12 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
               flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / LOG_FILE
-        status = run_logged(command + args + ["--resume", "auto"], log)
+        left = [] if deadline is None else ["--time_limit", f"{int(deadline - time.time())}s"]
+        if deadline is not None and deadline - time.time() < 1:
+            print(f"{head}: the study's --time_limit has passed; run the same command again to go on",
+                  file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        status = run_logged(command + args + left + ["--resume", "auto"], log)
         if status == PREEMPTED_EXIT_CODE:
             print(f"{head}: stopped by a preemption signal after saving a checkpoint; run the same command "
                   f"again to resume (log: {log})", file=sys.stderr)
