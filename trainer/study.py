@@ -3,6 +3,7 @@
     python -m trainer.study                                   # the reference study, one process, runs/study/
     ./launch.sh study --save_dir runs/study --processes 8     # the same, DDP over 8 GPUs of this machine
     python -m trainer.study --study my_study.yaml --launcher "./launch.sh --strategy zero2"
+    python -m trainer.study --submit slurm --seeds 3          # a SLURM job array, a task per run (trainer/slurm.py)
     python -m trainer.study --save_dir /tmp/smoke --epochs 1 --warmup_epochs 0 --model test_vit \\
         --no-pretrained --data_dir /tmp/fake_cifar          # a CPU smoke test of the whole pipeline
 
@@ -296,12 +297,10 @@ def study_deadline(overrides: list[str]) -> float | None:
     return None if seconds is None else time.time() + seconds
 
 
-def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str], processes: int = 1,
-              run_package_trainer: bool = False, seeds: int | None = None) -> int:
-    seeds = seeds or study.seeds
-    deadline = study_deadline(overrides)
+def plan_study(study: Study, save_dir: Path, overrides: list[str], seeds: int) -> list[tuple]:
+    """(label, run folder, trainer arguments, epochs) of every run, in order; every run's options checked."""
     plans = []
-    for name in study.experiments:  # every run's options are checked before the first one starts
+    for name in study.experiments:
         if seeds == 1 and any((save_dir / name).glob("seed_*/" + CONFIG_FILE)):
             raise StudyError(f"{save_dir / name} holds runs of several seeds (seed_N folders); give --seeds, or use "
                              f"another --save_dir")
@@ -311,42 +310,77 @@ def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[
             check_data(config)
             label = name if seeds == 1 else f"{name} seed {config.seed}"
             plans.append((label, run_dir, args, config.epochs))
-    if run_package_trainer:
-        check_runs(plans, processes)
-    for i, (name, run_dir, args, epochs) in enumerate(plans, 1):
-        head = f"study [{i}/{len(plans)}] {name}"
-        if is_complete(run_dir, epochs):
-            print(f"{head}: skipped, complete ({epochs} epochs in {run_dir})", flush=True)
-            if not (run_dir / EVALUATION_DIR / "metrics.json").is_file() and not evaluate_run(head, run_dir, epochs):
-                return 1
+    return plans
+
+
+def run_plan(head: str, plan: tuple, command: list[str], deadline: float | None) -> int:
+    """One run of the study, then its evaluation: 0 done (or already complete), 75 stopped after saving, 1 failed."""
+    _, run_dir, args, epochs = plan
+    if is_complete(run_dir, epochs):
+        print(f"{head}: skipped, complete ({epochs} epochs in {run_dir})", flush=True)
+        if not (run_dir / EVALUATION_DIR / "metrics.json").is_file() and not evaluate_run(head, run_dir, epochs):
+            return 1
+        return 0
+    print(f"{head}: {'resuming from its newest valid checkpoint' if has_checkpoint(run_dir) else 'starting'}",
+          flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / LOG_FILE
+    left = [] if deadline is None else ["--time_limit", f"{int(deadline - time.time())}s"]
+    if deadline is not None and deadline - time.time() < 1:
+        print(f"{head}: the study's --time_limit has passed; run the same command again to go on", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    status = run_logged(command + args + left + ["--resume", "auto"], log)
+    if status == PREEMPTED_EXIT_CODE:
+        print(f"{head}: stopped by a preemption signal after saving a checkpoint; run the same command "
+              f"again to resume (log: {log})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if status != 0:
+        print(f"error: {head} failed with exit status {status}; see its log {log}", file=sys.stderr)
+        return 1
+    # Always after a run (re)started, so a resumed run's evaluation is of its new final checkpoint. Not when
+    # the final save failed and the trainer went on (--on_save_error continue): there is no checkpoint.
+    if is_complete(run_dir, epochs) and not evaluate_run(head, run_dir, epochs):
+        return 1
+    return 0
+
+
+def report_study(study: Study, save_dir: Path, plans: list[tuple]) -> int:
+    """The report of the runs that have finished an epoch (the others are named), each complete one evaluated."""
+    started = []
+    for i, (label, run_dir, _, epochs) in enumerate(plans, 1):
+        metrics = run_dir / METRICS_FILE
+        if not metrics.is_file() or not read_lines(metrics):
+            print(f"study: {label} has no finished epoch yet ({run_dir}); not in the report", flush=True)
             continue
-        print(f"{head}: {'resuming from its newest valid checkpoint' if has_checkpoint(run_dir) else 'starting'}",
-              flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = run_dir / LOG_FILE
-        left = [] if deadline is None else ["--time_limit", f"{int(deadline - time.time())}s"]
-        if deadline is not None and deadline - time.time() < 1:
-            print(f"{head}: the study's --time_limit has passed; run the same command again to go on",
-                  file=sys.stderr)
-            return PREEMPTED_EXIT_CODE
-        status = run_logged(command + args + left + ["--resume", "auto"], log)
-        if status == PREEMPTED_EXIT_CODE:
-            print(f"{head}: stopped by a preemption signal after saving a checkpoint; run the same command "
-                  f"again to resume (log: {log})", file=sys.stderr)
-            return PREEMPTED_EXIT_CODE
-        if status != 0:
-            print(f"error: {head} failed with exit status {status}; see its log {log}", file=sys.stderr)
+        if is_complete(run_dir, epochs) and not (run_dir / EVALUATION_DIR / "metrics.json").is_file() and \
+                not evaluate_run(f"study [{i}/{len(plans)}] {label}", run_dir, epochs):
             return 1
-        # Always after a run (re)started, so a resumed run's evaluation is of its new final checkpoint. Not when
-        # the final save failed and the trainer went on (--on_save_error continue): there is no checkpoint.
-        if is_complete(run_dir, epochs) and not evaluate_run(head, run_dir, epochs):
-            return 1
+        started.append(run_dir)
+    if not started:
+        raise StudyError(f"no run of the study in {save_dir} has finished an epoch: nothing to report")
     # Imported here: the report reads the study file through this module (load_study), and the two modules do not
     # import each other at load time.
     from .report import write_report
-    report = write_report([run_dir for _, run_dir, _, _ in plans], save_dir / "report", study.path)
+    report = write_report(started, save_dir / "report", study.path)
     print(f"study: done; report {report}", flush=True)
     return 0
+
+
+def run_study(study: Study, save_dir: Path, command: list[str], overrides: list[str], processes: int = 1,
+              run_package_trainer: bool = False, seeds: int | None = None, task: int | None = None) -> int:
+    """Every run in order, then the report; with `task`, that run alone (a SLURM array task), no report."""
+    plans = plan_study(study, save_dir, overrides, seeds or study.seeds)
+    if task is not None and not 0 <= task < len(plans):
+        raise StudyError(f"--task {task} is not a run of this study (0 to {len(plans) - 1})")
+    todo = list(enumerate(plans, 1)) if task is None else [(task + 1, plans[task])]
+    if run_package_trainer:  # every run's own checks before the first one starts
+        check_runs([plan for _, plan in todo], processes)
+    deadline = study_deadline(overrides)
+    for i, plan in todo:
+        status = run_plan(f"study [{i}/{len(plans)}] {plan[0]}", plan, command, deadline)
+        if status != 0:
+            return status
+    return 0 if task is not None else report_study(study, save_dir, plans)
 
 
 def main(argv=None) -> int:
@@ -366,6 +400,15 @@ def study_command(argv) -> int:
                         help="runs per experiment, with seeds --seed, --seed + 1, ... into {experiment}/seed_N/; the "
                              "report then shows means, spreads and 95 %% intervals of the comparisons (default: the "
                              "study file's `seeds`, else 1)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--task", type=int, help="run only run number TASK (from 0, in the study's order) and its "
+                                                "evaluation, no report: one task of the SLURM array of --submit")
+    mode.add_argument("--report_only", action="store_true",
+                      help="run nothing: evaluate the complete runs not yet evaluated, and write the report of "
+                           "every run that has finished an epoch")
+    mode.add_argument("--submit", choices=["slurm"],
+                      help="submit the study to SLURM: a job array of one task per run (slurm/study.sbatch, "
+                           "each requeued until its run is complete), then a report job once they have ended")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--processes", type=int, default=1,
                      help="processes per run: 1 runs `python trainer/main.py` (a GPU if there is one); N > 1 "
@@ -384,9 +427,24 @@ def study_command(argv) -> int:
     check_writable_folder(args.save_dir, "--save_dir")
     study = load_study(args.study)
     # Absolute: the run folders must not depend on the folder a launcher starts the trainer in.
+    save_dir, command = Path(args.save_dir).resolve(), launcher(args)
+    if args.report_only:
+        return report_study(study, save_dir, plan_study(study, save_dir, overrides, args.seeds or study.seeds))
+    if args.submit:
+        from .slurm import submit
+        plans = plan_study(study, save_dir, overrides, args.seeds or study.seeds)
+        if not args.launcher:  # every run's own checks now, on the login node, not in the tasks hours later
+            check_runs(plans, args.processes)
+        argv = sys.argv[1:] if argv is None else argv
+        passed_on = [a for i, a in enumerate(argv) if a != "--submit" and not (i and argv[i - 1] == "--submit")
+                     and not a.startswith("--submit=")] + ["--save_dir", str(save_dir)]  # wherever a task starts
+        array, report = submit(len(plans), passed_on)
+        print(f"study: submitted job array {array} ({len(plans)} runs, slurm/study.sbatch) and report job {report} "
+              f"(after the array ends); report in {save_dir / 'report'}", flush=True)
+        return 0
     # The trainer's own checks of every run first, unless --launcher runs something of the user's.
-    return run_study(study, Path(args.save_dir).resolve(), launcher(args), overrides, args.processes,
-                     run_package_trainer=not args.launcher, seeds=args.seeds)
+    return run_study(study, save_dir, command, overrides, args.processes,
+                     run_package_trainer=not args.launcher, seeds=args.seeds, task=args.task)
 
 
 if __name__ == "__main__":
