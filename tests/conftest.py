@@ -248,9 +248,13 @@ def wait_while_running(process, condition, what: str, log: Path | None = None) -
         except subprocess.TimeoutExpired:
             if time.monotonic() < deadline:
                 continue
+        hung = process.returncode is None
+        if hung:
+            process.kill()  # hung: its pipe would not reach end-of-file while it runs
+            process.wait()
         output = process.stdout.read() if process.stdout else (log.read_text()[-5000:] if log else "")
-        raise AssertionError(f"the trainer {'exited (%s)' % process.returncode if process.returncode is not None else 'hung'} "
-                             f"before {what}:\n{output}")
+        raise AssertionError(f"the trainer {'hung' if hung else f'exited ({process.returncode})'} before {what}:\n"
+                             f"{output}")
 
 
 # --- in-process runs of the trainer's entry point -------------------------------------------------------------

@@ -158,8 +158,8 @@ def write_predictions(run, rows: str):
     ("0,3,3\n2,4,4\n", "one row per image in order"),
 ])
 def test_a_damaged_predictions_file_is_one_line_naming_it(tmp_path, capsys, rows, message):
-    a = write_run(tmp_path / "nfnet_adamw_cosine")
-    b = write_run(tmp_path / "vit_adamw_cosine", model="vit", timm_model=VIT)
+    a = write_run(tmp_path / "nfnet_adamw_cosine", epochs=2)
+    b = write_run(tmp_path / "vit_adamw_cosine", model="vit", timm_model=VIT, epochs=2)
     write_predictions(a, "0,3,3\n1,4,4\n")
     write_predictions(b, rows)
     assert report_main([str(a), str(b), "--out", str(tmp_path / "out")]) == 2
@@ -167,11 +167,14 @@ def test_a_damaged_predictions_file_is_one_line_naming_it(tmp_path, capsys, rows
     assert line.startswith(f"error: {b / 'evaluation' / 'predictions.csv'} is damaged") and message in line, line
 
 
-def test_runs_evaluated_on_other_images_are_not_compared(tmp_path):
-    a = write_run(tmp_path / "nfnet_adamw_cosine")
-    b = write_run(tmp_path / "vit_adamw_cosine", model="vit", timm_model=VIT)
+def test_runs_evaluated_on_other_images_are_not_compared_and_unfinished_ones_are_not_counted(tmp_path):
+    a = write_run(tmp_path / "nfnet_adamw_cosine", epochs=2)  # 2 metrics lines: finished
+    b = write_run(tmp_path / "vit_adamw_cosine", model="vit", timm_model=VIT, epochs=2)
+    c = write_run(tmp_path / "nfnet_sgdm_cosine", optimizer="sgdm")  # 2 of 25 epochs
     write_predictions(a, "0,3,3\n1,4,4\n")
     write_predictions(b, "0,3,3\n1,5,4\n")
-    text, _, _ = report(tmp_path, a, b)
+    text, _, _ = report(tmp_path, a, b, c)
     (row,) = [r for r in markdown_tables(text)[-1] if r.get("B") == "vit_adamw_cosine"]
     assert row["verdict"] == "not evaluated on the same test images"
+    assert [r["experiment"] for r in markdown_tables(text)[-2]] == ["nfnet_adamw_cosine", "vit_adamw_cosine"]
+    assert "Not counted, unfinished: nfnet_sgdm_cosine." in text

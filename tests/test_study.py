@@ -53,6 +53,10 @@ def test_four_runs_with_the_overrides_and_a_report(tiny_study):
         last = read_jsonl(save_dir / row["run"] / "metrics.jsonl")[-1]
         assert row["final top-1 (%)"] == f"{last['val_acc1']:.2f}" and row["epochs done / planned"] == "2 / 2"
     assert all(r["reference top-1 (%)"].startswith("-[^") for r in reference)  # test_vit, 2 epochs: not comparable
+    # One run per experiment: each comparison says it saw the test images' noise only.
+    comparisons = markdown_tables((save_dir / "report" / "report.md").read_text())[-1]
+    assert len(comparisons) == 3 and all(r["verdict"].endswith("(one seed: test-image noise only, not seed noise)")
+                                         for r in comparisons), comparisons
     figures = EXPERIMENTS + ["compare_cnn_vs_vit", "compare_adamw_vs_sgdm", "compare_cosine_vs_linear_decay"]
     for name in figures:
         assert matplotlib.image.imread(save_dir / "report" / f"{name}.png").shape[:2] == FIGURE_PIXELS
@@ -139,13 +143,22 @@ def test_failing_run_stops_the_study_naming_run_and_log(tmp_path):
 @pytest.mark.launches
 def test_a_time_limit_is_the_whole_studys_each_run_gets_what_is_left(tmp_path):
     # A launcher that prints its arguments and stops as a run stopped by its time limit does (exit 75).
-    launcher = f"{sys.executable} -c 'import sys; print(sys.argv[1:]); sys.exit(75)'"
-    result = study("--save_dir", tmp_path, "--launcher", launcher, "--model", "test_vit", "--time_limit", "2h",
-                   check=False)
-    assert result.returncode == 75
-    args = ast.literal_eval((tmp_path / "nfnet_adamw_cosine" / "train.log").read_text().splitlines()[-1])
-    given = [args[i + 1] for i, a in enumerate(args) if a == "--time_limit"]
-    assert given[0] == "2h" and given[-1].endswith("s") and 7100 <= int(given[-1][:-1]) <= 7200, given  # last wins
+    # Launchers that print their arguments and take 2 s; the first run "finishes" without records (so the report
+    # has nothing at the end), and the second is given less time than the first.
+    launcher = f"{sys.executable} -c 'import sys, time; print(sys.argv[1:]); time.sleep(2)'"
+    study("--save_dir", tmp_path, "--launcher", launcher, "--model", "test_vit", "--time_limit", "2h", check=False)
+    left = []
+    for name in EXPERIMENTS[:2]:
+        args = ast.literal_eval((tmp_path / name / "train.log").read_text().splitlines()[-1])
+        given = [args[i + 1] for i, a in enumerate(args) if a == "--time_limit"]
+        assert given[0] == "2h" and given[-1].endswith("s"), given  # the last one given wins
+        left.append(int(given[-1][:-1]))
+    assert 7100 <= left[0] <= 7200 and left[1] <= left[0] - 2, left
+    # Past the limit: the next run is not started; exit 75, as a run stopped at its limit.
+    stopped = study("--save_dir", tmp_path / "late", "--launcher", launcher, "--model", "test_vit", "--time_limit",
+                    "1s", check=False)
+    assert stopped.returncode == 75 and "the study's --time_limit has passed" in stopped.stderr
+    assert not (tmp_path / "late" / "vit_adamw_cosine").exists()
 
 
 @pytest.mark.launches

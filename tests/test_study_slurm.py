@@ -96,3 +96,12 @@ def test_a_bad_task_or_no_sbatch_is_one_line(study_file, tmp_path, capsys, monke
     assert study_main(["--study", str(study_file), "--save_dir", str(tmp_path / "study"), *launcher, *args]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {message}"), line
+
+
+def test_bad_input_is_refused_before_anything_is_submitted(study_file, tmp_path, capsys, monkeypatch):
+    bin_dir = stand_ins(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert study_main(["--submit", "slurm", "--study", str(study_file), "--save_dir", str(tmp_path / "study"),
+                       "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --epochs must be at least 1")
+    assert not (bin_dir / "sbatch.log").exists()

@@ -1,10 +1,14 @@
 """The stop that knows the time limit (trainer/time_limit.py): when it comes due, and where the end is read.
 The real run that stops on it, under slurm/train.sbatch with no signal, is in test_preempt.py."""
 
+import time
+
 import pytest
 
 from conftest import TINY, refused
-from trainer.time_limit import TimeLimit, job_end_time, parse_duration
+from trainer.time_limit import TimeLimit, job_end_time, parse_duration, process_start
+
+IMPORTED = time.time()
 
 
 class Clock:
@@ -17,7 +21,8 @@ class Clock:
 
 @pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("230m", 13800), ("45s", 45), ("1d2h", 93600),
                                            ("1.5h", 5400), ("03:50:00", 13800), ("1-00:00:00", 86400),
-                                           ("10:00", 600), ("90", None), ("soon", None), ("", None)])
+                                           ("10:00", 600), ("1-02", 93600),
+                                           ("1-02:00", 93600), ("1-02:00:30", 93630), ("90", None), ("soon", None), ("", None)])
 def test_durations_are_read_as_slurm_and_people_write_them(text, seconds):
     # A bare number is refused: SLURM reads --time=90 as minutes, a reader might take seconds.
     assert parse_duration(text) == seconds
@@ -43,8 +48,9 @@ def test_no_limit_never_comes_due():
 def test_the_earlier_of_time_limit_and_the_slurm_jobs_end_wins():
     clock = Clock(1000.0)
     environ = {"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "5000"}
-    assert TimeLimit.resolve("1h", 60.0, environ=environ, clock=clock).deadline == 4600.0
-    limit = TimeLimit.resolve("2h", 60.0, environ=environ, clock=clock)
+    # --time_limit counts from the process's start (here: 1000), imports and data loading included.
+    assert TimeLimit.resolve("1h", 60.0, environ=environ, clock=clock, started=1000.0).deadline == 4600.0
+    limit = TimeLimit.resolve("2h", 60.0, environ=environ, clock=clock, started=1000.0)
     assert (limit.deadline, limit.source) == (5000.0, "the SLURM job's end (SLURM_JOB_END_TIME)")
 
 
@@ -56,6 +62,13 @@ def test_the_slurm_jobs_end_comes_from_squeue_where_the_environment_has_none():
     assert asked == ["7"]
     assert job_end_time({"SLURM_JOB_ID": "7"}, lambda job: None)[0] is None  # unlimited, or squeue unreachable
     assert job_end_time({}, squeue) == (None, "not a SLURM job")
+    # One squeue per node: the node's other processes follow its first one's stop (the vote).
+    assert job_end_time({"SLURM_JOB_ID": "7", "LOCAL_RANK": "1"}, squeue)[0] is None and asked == ["7"]
+
+
+def test_the_time_limit_counts_from_the_processs_start():
+    # This process started before this module was imported (and within a day of it), not when asked.
+    assert IMPORTED - 86400 < process_start() <= IMPORTED
 
 
 @pytest.mark.parametrize("extra, message", [

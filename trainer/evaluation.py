@@ -40,10 +40,12 @@ class Evaluator:
 
 
 class Evaluation(NamedTuple):
-    totals: torch.Tensor  # summed loss, top-1 hits, top-5 hits, images (float64, on the CPU)
-    confusion: torch.Tensor  # true x predicted class counts (on the CPU)
-    labels: Optional[torch.Tensor] = None  # with per_image: each image's label and top-1 class, in the order the
-    predictions: Optional[torch.Tensor] = None  # processes' shares gather to (the test set's, for a sequential one)
+    """What evaluate_model returns, on the CPU. With per_image, `labels` and `predictions` hold each image's label
+    and top-1 class in the order the processes' shares gather to (the test set's order, for a sequential loader)."""
+    totals: torch.Tensor  # summed loss, top-1 hits, top-5 hits, images (float64)
+    confusion: torch.Tensor  # true x predicted class counts
+    labels: Optional[torch.Tensor] = None
+    predictions: Optional[torch.Tensor] = None
 
 
 @torch.no_grad()

@@ -315,8 +315,11 @@ def seeds_lines(runs: list[Run], study: Study) -> list[str]:
 
     from .stats import compare, mean_and_spread
     groups: dict[str, list[Run]] = {}
+    unfinished = []  # a run still training (e.g. --report_only while array tasks run) is not mixed with final ones
     for run in runs:
-        if run.experiment is not None:
+        if run.experiment is not None and run.metrics[-1]["epoch"] != run.options.get("epochs"):
+            unfinished.append(run.name)
+        elif run.experiment is not None:
             groups.setdefault(run.experiment, []).append(run)
     rows = []
     for name, members in groups.items():
@@ -331,6 +334,8 @@ def seeds_lines(runs: list[Run], study: Study) -> list[str]:
     lines = ["Mean ± sample standard deviation over each experiment's runs (seeds), of the final checkpoint's "
              "evaluation (else the last epoch's line).", ""]
     lines += _table(["experiment", "runs", "seeds", "top-1 (%)", "top-5 (%)", "loss"], rows)
+    if unfinished:
+        lines += ["", f"Not counted, unfinished: {', '.join(unfinished)}."]
     pairs = []  # each comparison's first experiment against each of the others
     for name, comparison in study.comparisons.items():
         first, *others = comparison["experiments"]
@@ -351,7 +356,9 @@ def seeds_lines(runs: list[Run], study: Study) -> list[str]:
         result = compare(a, np.stack([x[1] for x in arms[a]]), b, np.stack([x[1] for x in arms[b]]))
         comparisons.append([title, a, b, f"{100 * result.difference:+.2f}",
                             f"[{100 * result.low:+.2f}, {100 * result.high:+.2f}]",
-                            f"{result.better_a} / {result.better_b}", f"{result.p:.2g}", result.verdict()])
+                            f"{result.better_a} / {result.better_b}", f"{result.p:.2g}",
+                            result.verdict() + (" (one seed: test-image noise only, not seed noise)"
+                                                if min(len(arms[a]), len(arms[b])) == 1 else "")])
     if comparisons:
         lines += ["", f"Each comparison: top-1 of A minus B in points, on the same {images or '-'} test images, "
                   "with a 95 % paired bootstrap interval over images and seeds, and McNemar's test on the images "

@@ -28,7 +28,8 @@ is evaluated when that folder lacks its metrics.json. The report is written to `
 trainer/report.py, which reads the study file through load_study here).
 
 Exit status: 0 done; 2 bad input (one line on stderr); 1 a run or its evaluation failed (named, with its log);
-75 a run was stopped by a preemption signal after saving a checkpoint (run the same command again to resume it).
+75 a run stopped after saving a checkpoint (a preemption signal or its time limit; run the same command again to
+resume it).
 """
 
 from __future__ import annotations
@@ -331,8 +332,8 @@ def run_plan(head: str, plan: tuple, command: list[str], deadline: float | None)
         return PREEMPTED_EXIT_CODE
     status = run_logged(command + args + left + ["--resume", "auto"], log)
     if status == PREEMPTED_EXIT_CODE:
-        print(f"{head}: stopped by a preemption signal after saving a checkpoint; run the same command "
-              f"again to resume (log: {log})", file=sys.stderr)
+        print(f"{head}: stopped after saving a checkpoint (a preemption signal or its time limit); run the same "
+              f"command again to resume (log: {log})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     if status != 0:
         print(f"error: {head} failed with exit status {status}; see its log {log}", file=sys.stderr)
@@ -432,9 +433,9 @@ def study_command(argv) -> int:
         return report_study(study, save_dir, plan_study(study, save_dir, overrides, args.seeds or study.seeds))
     if args.submit:
         from .slurm import submit
+        # The runs' options, folders and data are checked here; the checks that read the machine (GPUs for
+        # --device cuda, --cuda_graph) are each task's, before its run trains: a login node has no GPU to ask.
         plans = plan_study(study, save_dir, overrides, args.seeds or study.seeds)
-        if not args.launcher:  # every run's own checks now, on the login node, not in the tasks hours later
-            check_runs(plans, args.processes)
         argv = sys.argv[1:] if argv is None else argv
         passed_on = [a for i, a in enumerate(argv) if a != "--submit" and not (i and argv[i - 1] == "--submit")
                      and not a.startswith("--submit=")] + ["--save_dir", str(save_dir)]  # wherever a task starts

@@ -17,24 +17,44 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-_CLOCK = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)")  # SLURM's [D-][HH:]MM:SS
+# SLURM's --time forms, a bare number of minutes aside: MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_CLOCK = re.compile(r"(\d+):(\d+)|(\d+):(\d+):(\d+)|(\d+)-(\d+)(?::(\d+))?(?::(\d+))?")
 
 
 def parse_duration(text: str) -> Optional[float]:
-    """Seconds in `3h50m`, `90m`, `45s`, `1d2h` or SLURM's `[D-][HH:]MM:SS`; None when it is neither."""
+    """Seconds in `3h50m`, `90m`, `45s`, `1d2h` or SLURM's `HH:MM:SS`, `MM:SS`, `D-HH[:MM[:SS]]`; None when it is
+    neither (a bare number too: SLURM reads it as minutes, a reader might take seconds)."""
     text = text.strip().lower()
     match = _DURATION.fullmatch(text)
     if text and match and any(match.groups()):
         return sum(float(v) * _UNITS[u] for v, u in zip(match.groups(), "dhms") if v)
     match = _CLOCK.fullmatch(text)
-    if match:
-        days, hours, minutes, seconds = (int(v or 0) for v in match.groups())
-        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    return None
+    if not match:
+        return None
+    mm_ss, hh_mm_ss, with_days = match.groups()[0:2], match.groups()[2:5], match.groups()[5:]
+    if mm_ss[0] is not None:
+        days, (hours, minutes, seconds) = 0, (0, *map(int, mm_ss))
+    elif hh_mm_ss[0] is not None:
+        days, (hours, minutes, seconds) = 0, map(int, hh_mm_ss)
+    else:
+        days, hours, minutes, seconds = (int(v or 0) for v in with_days)
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def process_start() -> float:
+    """When this process started (Linux's /proc: the boot time plus the process's start in clock ticks), so that
+    --time_limit counts the imports, the data and the model too; elsewhere, now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def squeue_end_time(job_id: str) -> Optional[float]:
@@ -61,6 +81,10 @@ def job_end_time(environ=os.environ, squeue: Callable[[str], Optional[float]] = 
             return float(value), "SLURM_JOB_END_TIME"
         except ValueError:
             pass
+    # One squeue per node, not one per process against the SLURM controller: the other processes of the node stop
+    # with the first, whose stop every process follows (preemption.py's vote).
+    if environ.get("LOCAL_RANK", "0") != "0":
+        return None, "squeue asked by the node's first process only"
     end = squeue(environ["SLURM_JOB_ID"])
     return (end, "squeue") if end is not None else (None, "no end time from SLURM_JOB_END_TIME or squeue")
 
@@ -76,11 +100,11 @@ class TimeLimit:
     @classmethod
     def resolve(cls, time_limit: Optional[str], margin: float, environ=os.environ,
                 squeue: Callable[[str], Optional[float]] = squeue_end_time,
-                clock: Callable[[], float] = time.time) -> "TimeLimit":
-        now = clock()
+                clock: Callable[[], float] = time.time, started: Optional[float] = None) -> "TimeLimit":
         ends = []
         if time_limit:
-            ends.append((now + parse_duration(time_limit), f"--time_limit {time_limit}"))
+            start = process_start() if started is None else started
+            ends.append((start + parse_duration(time_limit), f"--time_limit {time_limit}"))
         end, source = job_end_time(environ, squeue)
         if end is not None:
             ends.append((end, f"the SLURM job's end ({source})"))
