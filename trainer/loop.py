@@ -1,6 +1,7 @@
 """The Trainer conducts a run: it builds the parts (runtime.py resolved the run, data/, models.py, optim.py,
 step.py, evaluation.py, checkpoint.py, ranks.py, run_log.py), resumes, then per epoch trains, evaluates, logs
-and maybe saves, stopping every process after the same step when a signal asks (preemption.py).
+and maybe saves, stopping every process after the same step when a signal or the time limit asks
+(preemption.py, time_limit.py).
 
 With --model_ema the trainer keeps timm's ModelEmaV3 of the unwrapped model, updated once per optimizer step,
 evaluated beside the model (`val_*_ema` in metrics.jsonl) and saved beside its weights in each checkpoint.
