@@ -327,8 +327,11 @@ def seeds_lines(runs: list[Run], study: Study) -> list[str]:
         cells = []
         for key, digits in (("val_acc1", 2), ("val_acc5", 2), ("val_loss", 4)):
             values = [n[key] for n in numbers if _number(n[key])]
-            mean, spread = mean_and_spread(values) if values else (float("nan"), 0.0)
-            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}" if values else "-")
+            if not values:
+                cells.append("-")
+                continue
+            mean, spread = mean_and_spread(values)
+            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}")
         seeds = sorted(r.options.get("seed", "?") for r in members)
         rows.append([name, len(members), ", ".join(map(str, seeds)), *cells])
     lines = ["Mean ± sample standard deviation over each experiment's runs (seeds), of the final checkpoint's "
@@ -341,10 +344,14 @@ def seeds_lines(runs: list[Run], study: Study) -> list[str]:
         first, *others = comparison["experiments"]
         pairs += [(comparison.get("title", name), first, other) for other in others]
     comparisons, images = [], None
+    correct: dict[str, list] = {}  # each experiment's files read once, though it may be in several comparisons
     for title, a, b in pairs:
         if a not in groups or b not in groups:
             continue
-        arms = {e: [load_correct(r) for r in groups[e]] for e in (a, b)}
+        for e in (a, b):
+            if e not in correct:
+                correct[e] = [load_correct(r) for r in groups[e]]
+        arms = {e: correct[e] for e in (a, b)}
         if any(x is None for e in arms.values() for x in e):
             comparisons.append([title, a, b, "-", "-", "-", "-", "no predictions.csv in every run's evaluation/"])
             continue

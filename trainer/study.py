@@ -272,11 +272,14 @@ def check_runs(plans, processes: int) -> None:
 
 def seed_runs(study: Study, name: str, save_dir: Path, overrides: list[str], seeds: int):
     """(run folder, trainer arguments) of each seed of experiment `name`: one run in {save_dir}/{name}/, or with
-    several seeds one per seed (the experiment's --seed, then the next ones) in {save_dir}/{name}/seed_{seed}/."""
+    several seeds one per seed (the experiment's --seed, then the next ones) in {save_dir}/{name}/seed_{seed}/.
+    The two layouts are not mixed: seed folders beside a single run's records, or the reverse, are refused."""
     args = to_args(study.settings(name)) + overrides
     if seeds == 1:
+        if any((save_dir / name).glob("seed_*/" + CONFIG_FILE)):
+            raise StudyError(f"{save_dir / name} holds runs of several seeds (seed_N folders); give --seeds, or use "
+                             f"another --save_dir")
         return [(save_dir / name, args + ["--save_dir", str(save_dir / name)])]
-    # Folders of the other layout are not mixed with: a single run's records beside seed folders, or the reverse.
     if (save_dir / name / CONFIG_FILE).is_file():
         raise StudyError(f"{save_dir / name} holds a run of one seed; a study with {seeds} seeds puts its runs in "
                          f"seed_N folders: use another --save_dir")
@@ -302,9 +305,6 @@ def plan_study(study: Study, save_dir: Path, overrides: list[str], seeds: int) -
     """(label, run folder, trainer arguments, epochs) of every run, in order; every run's options checked."""
     plans = []
     for name in study.experiments:
-        if seeds == 1 and any((save_dir / name).glob("seed_*/" + CONFIG_FILE)):
-            raise StudyError(f"{save_dir / name} holds runs of several seeds (seed_N folders); give --seeds, or use "
-                             f"another --save_dir")
         for run_dir, args in seed_runs(study, name, save_dir, overrides, seeds):
             config = parse_config(args)
             check_same_settings(run_dir, config, {**study.settings(name), "seed": config.seed})
