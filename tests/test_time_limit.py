@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import TINY, refused
+from conftest import TINY, make_trainer, refused
 from trainer.time_limit import TimeLimit, job_end_time, parse_duration, process_start
 
 IMPORTED = time.time()
@@ -79,3 +79,11 @@ def test_the_time_limit_counts_from_the_processs_start():
 def test_a_time_limit_that_is_not_a_duration_is_refused(tmp_path, capsys, extra, message):
     assert message in refused(TINY + ["--data_dir", tmp_path / "data", "--save_dir", tmp_path / "run"] + extra,
                               capsys)
+
+
+def test_the_trainer_takes_its_time_limit_and_margin_from_the_options(cifar_dir, tmp_path):
+    trainer = make_trainer(cifar_dir, tmp_path, time_limit="1h", time_limit_margin=7.0)
+    limit = trainer.stop.time_limit
+    assert limit.margin == 7.0 and limit.source == "--time_limit 1h"
+    assert limit.deadline == pytest.approx(process_start() + 3600, abs=2)
+    trainer.close()
