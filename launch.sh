@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Launch the trainer with the accelerate config that fits this machine (or this node of a cluster).
 #
-# usage: ./launch.sh [--strategy auto|single|ddp|zero1|zero2|zero3|zero2_offload|zero3_offload] [--dry-run]
+# usage: ./launch.sh [--strategy auto|single|ddp|zero1|zero2|zero3|zero2_offload|zero3_offload|fsdp] [--dry-run]
 #                    [trainer options...]
 #        ./launch.sh study [study options...]        # the reference study (python -m trainer.study)
 #
 #   --strategy   auto (default): one process on the CPU or the GPU when there are 0 or 1 GPUs, DDP over all
-#                GPUs when there are several; single, ddp or a DeepSpeed ZeRO stage when named.
+#                GPUs when there are several; single, ddp, a DeepSpeed ZeRO stage or fsdp (torch's FSDP2) when named.
 #   --dry-run    print the command and exit.
 # Every other argument goes to trainer/main.py unchanged.
 #
@@ -45,8 +45,8 @@ while (($#)); do
   esac
 done
 case "$strategy" in
-  auto|single|ddp|zero1|zero2|zero3|zero2_offload|zero3_offload) ;;
-  *) echo "error: --strategy $strategy is not one of auto, single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload" >&2; exit 2 ;;
+  auto|single|ddp|zero1|zero2|zero3|zero2_offload|zero3_offload|fsdp) ;;
+  *) echo "error: --strategy $strategy is not one of auto, single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload, fsdp" >&2; exit 2 ;;
 esac
 
 if [[ -z "${GPUS:-}" ]]; then

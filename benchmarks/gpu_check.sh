@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of the trainer, as prepared runs in stages, most important first. Each stage writes its result
 # file under $OUT the moment it finishes (benchmark rows as each is measured), and has a time budget. The whole
-# takes about 800 s on one H200 (measured 2026-12-04: stage a needed more than 200 s, b more than 150 s), more than
-# one device command (600 s), so run it as two commands of at most $GPU_CHECK_BUDGET (540) s each:
-# `--stage a`, then `--stage b,c,d`.
+# takes about 900 s on one H200 (measured 2026-12-04: stage a needed more than 200 s, b more than 150 s, e 95 s
+# without DeepSpeed), more than one device command (600 s), so run it as commands of at most $GPU_CHECK_BUDGET (540)
+# s each: `--stage a`, then `--stage b,c`, then `--stage e,d`.
 #   a  correctness (budget 300 s): eager vs --cuda_graph per-step losses for both study models (20 steps,
 #      2 epochs, the learning rate rising every step); a --cuda_graph run stopped after step 6 by the preemption
 #      signal and resumed from its step checkpoint continues the uninterrupted run's losses, its lr tensors on
@@ -15,6 +15,11 @@
 #   c  ZeRO-2 vs the plain trainer at world size 1 (150 s; needs deepspeed)         -> $OUT/c_zero2/bench.md,
 #      then a ZeRO-2 run with --model_ema (the float32 EMA follows DeepSpeed's half-precision weights)
 #                                                                                    $OUT/c_zero2_ema.txt
+#   e  FSDP2 at world size 1 (300 s; no DeepSpeed needed): the ViT under accelerate_configs/fsdp.yaml against the
+#      plain trainer, per-step losses; its epoch-1 checkpoint finished by the plain trainer (another strategy:
+#      through the full state, trainer/full_state.py) against the FSDP run; with deepspeed, a ZeRO-2 run's epoch-1
+#      checkpoint finished under FSDP against the ZeRO-2 run; then the trainer's throughput under FSDP beside
+#      eager.                                                                    -> $OUT/e_fsdp.txt, $OUT/e_fsdp/bench.md
 #   d  torch.compile, last (whatever is left of the budget; running out of it there is "stopped", not a failure)
 #                                                                                  -> $OUT/d_compile/bench.md
 # First, before any stage, what decides whether the check can run at all: the versions (pip show), the room in
@@ -26,7 +31,7 @@
 #
 # Usage, in the repository root:
 #   OUT=results bash benchmarks/gpu_check.sh --stage a       # a GPU machine (the device tool sets OUT itself):
-#   OUT=results bash benchmarks/gpu_check.sh --stage b,c,d   # the preamble, then those stages; no --stage: all
+#   OUT=results bash benchmarks/gpu_check.sh --stage b,c     # the preamble, then those stages; no --stage: all
 #   bash benchmarks/gpu_check.sh --cpu-smoke         # the same stages on the CPU, tiny models, a few steps
 #                                                    # (what needs CUDA is skipped, saying so); tests/test_gpu_check.py
 #   bash benchmarks/gpu_check.sh --make-wheels       # on a machine with PyPI: DeepSpeed and its needs into .whl/
@@ -61,15 +66,15 @@ if [[ ${1:-} == --make-wheels ]]; then
 fi
 
 SMOKE=0
-STAGES=a,b,c,d  # --stage: the stages this run does (the preamble always runs)
+STAGES=a,b,c,d,e  # --stage: the stages this run does (the preamble always runs)
 RUN_STAGE=      # --run-stage: one stage, in the child process the main run starts for it under its time limit
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu-smoke) SMOKE=1 ;;
     --stage) STAGES=${2:-}; shift
-      [[ $STAGES =~ ^[abcd](,[abcd])*$ ]] || { echo "error: --stage takes stages a-d, comma-separated (got '$STAGES')" >&2; exit 2; } ;;
+      [[ $STAGES =~ ^[abcde](,[abcde])*$ ]] || { echo "error: --stage takes stages a-e, comma-separated (got '$STAGES')" >&2; exit 2; } ;;
     --run-stage) RUN_STAGE=$2; shift ;;
-    *) echo "error: unknown argument $1 (use --cpu-smoke, --stage a,b,c,d or --make-wheels)" >&2; exit 2 ;;
+    *) echo "error: unknown argument $1 (use --cpu-smoke, --stage a,b,c,d,e or --make-wheels)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -81,12 +86,15 @@ if [[ $SMOKE == 1 ]]; then
   DEVICE_ARGS=(--device cpu --mixed_precision no)
   GRAPH=()  # CUDA graphs need CUDA
   TOL_GRAPH=0 TOL_SAME=1e-5  # fp32 on the CPU: a resumed run is bit-identical (README)
+  # FSDP through accelerate launch: torchrun sets OMP_NUM_THREADS=1, which changes the CPU's float sums (1.1e-7).
+  TOL_FSDP=1e-5
 else
   VIT=vit NFNET=nfnet BATCH=256 STEPS=10 TEST=500 BENCH_STEPS=20 REPEATS=3
   DEVICE_ARGS=(--device cuda)
   GRAPH=(--cuda_graph)
   # bf16: eager and graphed steps may order float sums differently; the same path resumed should agree closely.
   TOL_GRAPH=2e-2 TOL_SAME=1e-2
+  TOL_FSDP=2e-2  # bf16: FSDP2's mixed-precision policy casts the weights; the plain trainer autocasts
 fi
 STOP=$((STEPS / 2))  # the resume check signals a run at step STOP, mid-epoch 1
 
@@ -182,6 +190,20 @@ train() {
 }
 
 compare() { $PY "$W/compare.py" "$@" | record; return "${PIPESTATUS[0]}"; }
+
+# One training run through `accelerate launch` with one process: name, accelerate config (fsdp, zero2), trainer
+# options; as train() otherwise, but its checkpoint after epoch 1 is kept (a resume under another strategy reads it).
+launched() {
+  local name=$1 config=$2; shift 2
+  $PY -m accelerate.commands.launch --config_file "accelerate_configs/$config.yaml" --num_processes 1 \
+    trainer/main.py --no-pretrained --data_dir "$W/data" --save_dir "$W/$name" --epochs 2 --warmup_epochs 2 \
+    --batch_size "$BATCH" --micro_batch_size "$BATCH" --eval_batch_size 250 --log_interval 1 --save_epochs 1 \
+    --no-progress "${DEVICE_ARGS[@]}" "$@" > "$W/$name.log" 2>&1
+  local status=$?
+  rm -rf "$W/$name"/epoch_2
+  grep -E "^(epoch|error)|Error" "$W/$name.log" | sed "s/^/  [$name] /" | record
+  return $status
+}
 
 bench() {  # out folder, then bench options; the rows reach $OUT/<folder>/bench.md as they are measured
   local folder=$OUT/$1; shift
@@ -279,6 +301,48 @@ stage_c() {
   return "$ema_status"
 }
 
+stage_e() {
+  RESULT=e_fsdp.txt
+  local failed=0 fsdp=${VIT}_fsdp finish=${VIT}_fsdp_then_plain
+  write_helpers
+  # The plain run: stage a's eager ViT when this command ran it, else here (the same options).
+  [[ -f $W/${VIT}_eager/steps.jsonl ]] || train "${VIT}_eager" --model "$VIT" || failed=1
+  launched "$fsdp" fsdp --model "$VIT" || failed=1
+  grep -q '"distributed_type": "FSDP"' "$W/$fsdp/config.json" 2>/dev/null \
+    || { say "FAIL $VIT: the FSDP run did not resolve distributed_type FSDP"; failed=1; }
+  compare "$W/${VIT}_eager/steps.jsonl" "$W/$fsdp/steps.jsonl" \
+    "$VIT: FSDP2 (fsdp.yaml, 1 process) vs the plain trainer, per-step losses" "$TOL_FSDP" 0 || failed=1
+  # The FSDP run finished without FSDP: its epoch-1 checkpoint and records, as after a crash in epoch 2.
+  mkdir -p "$W/$finish"
+  cp -r "$W/$fsdp/epoch_1" "$W/$fsdp/steps.jsonl" "$W/$fsdp/metrics.jsonl" "$W/$finish/" 2>/dev/null || failed=1
+  train "$finish" --model "$VIT" --save_epochs 1 --checkpoint "$W/$finish/epoch_1" || failed=1
+  grep -q "^converted the training state of .* from fsdp" "$W/$finish.log" \
+    || { say "FAIL $VIT: the plain trainer did not convert the FSDP checkpoint"; failed=1; }
+  compare "$W/$fsdp/steps.jsonl" "$W/$finish/steps.jsonl" \
+    "$VIT: FSDP run finished by the plain trainer from epoch 1 vs the FSDP run, steps after $STEPS" "$TOL_SAME" \
+    "$STEPS" || failed=1
+  rm -rf "$W/$fsdp" "$W/$finish"
+  # With DeepSpeed: a ZeRO-2 run's epoch-1 checkpoint finished under FSDP (ds_to_universal, then FSDP's loaders).
+  if $PY -c "import deepspeed" >/dev/null 2>&1; then
+    local zero2=${VIT}_zero2 then_fsdp=${VIT}_zero2_then_fsdp
+    launched "$zero2" zero2 --model "$VIT" || failed=1
+    mkdir -p "$W/$then_fsdp"
+    cp -r "$W/$zero2/epoch_1" "$W/$zero2/steps.jsonl" "$W/$zero2/metrics.jsonl" "$W/$then_fsdp/" 2>/dev/null || failed=1
+    launched "$then_fsdp" fsdp --model "$VIT" --checkpoint "$W/$then_fsdp/epoch_1" || failed=1
+    grep -q "^converted the training state of .* from zero2 on 1 process(es) to fsdp" "$W/$then_fsdp.log" \
+      || { say "FAIL $VIT: FSDP did not convert the ZeRO-2 checkpoint"; failed=1; }
+    compare "$W/$zero2/steps.jsonl" "$W/$then_fsdp/steps.jsonl" \
+      "$VIT: ZeRO-2 run finished under FSDP from epoch 1 vs the ZeRO-2 run, steps after $STEPS" "$TOL_FSDP" \
+      "$STEPS" || failed=1
+    rm -rf "$W/$zero2" "$W/$then_fsdp"
+  else
+    say "skipped: a ZeRO-2 checkpoint finished under FSDP (deepspeed is not importable; carry .whl)"
+  fi
+  RESULT=
+  bench e_fsdp --models "$VIT" --modes eager --augment crop_flip --no-zero2 --fsdp || failed=1
+  return $failed
+}
+
 stage_d() {
   # NFNet first: launch-bound (its bf16 step took ~46-51 ms at batch 32, 256 and 1024 alike on one H200), where compilation can matter most. The CPU smoke compiles one
   # tiny model only (inductor takes minutes on 2 cores; test_train.py tests compilation itself).
@@ -341,7 +405,7 @@ fi
 } | tee -a "$OUT/summary.txt"
 
 start=$SECONDS failures=0
-for stage in a:300 b:240 c:150 d:0; do
+for stage in a:300 b:240 c:150 e:300 d:0; do
   name=${stage%%:*} budget=${stage##*:}
   [[ ,$STAGES, == *,$name,* ]] || continue
   [[ $SMOKE == 1 ]] && budget=0

@@ -33,12 +33,13 @@ else exec {real_df} "$@"; fi
 @pytest.fixture(scope="module")
 @launching
 def smoke(tmp_path_factory):
-    """The smoke as two device commands would run it, `--stage a,b` then `--stage c,d`: every stage once, and each
-    command runs only the stages it names. {"ab": (result, out), "cd": ...}, and the folder reported too small."""
+    """The smoke as two device commands would run it, `--stage a,b` then `--stage c,e,d`: every stage once, and each
+    command runs only the stages it names (d last: it takes what time is left). {"ab": (result, out), "ced": ...},
+    and the folder reported too small."""
     root = tmp_path_factory.mktemp("stand_ins")
     env = stand_ins(root, root / "small")
     runs = {}
-    for stages in ("ab", "cd"):
+    for stages in ("ab", "ced"):
         out = tmp_path_factory.mktemp(f"gpu_check_{stages}")
         runs[stages] = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--stage", ",".join(stages)],
                                       cwd=REPO, capture_output=True, text=True, timeout=3000,
@@ -56,9 +57,9 @@ def test_every_stage_runs_and_passes_in_the_command_that_names_it_only(smoke):
 
 @pytest.mark.launches
 def test_a_bad_stage_is_one_line(tmp_path):
-    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--stage", "e"], cwd=REPO, capture_output=True,
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--stage", "f"], cwd=REPO, capture_output=True,
                          text=True, timeout=60, env=child_env(OUT=str(tmp_path / "bad")))
-    assert (bad.returncode, bad.stderr) == (2, "error: --stage takes stages a-d, comma-separated (got 'e')\n")
+    assert (bad.returncode, bad.stderr) == (2, "error: --stage takes stages a-e, comma-separated (got 'f')\n")
 
 
 def test_the_preamble_says_what_decides_whether_it_can_run_and_it_runs_despite_bad_wheels_and_a_small_folder(smoke):
@@ -77,7 +78,7 @@ def test_the_preamble_says_what_decides_whether_it_can_run_and_it_runs_despite_b
 
 def test_correctness_checks_pass_and_cuda_only_ones_say_why_they_were_skipped(smoke):
     runs, _ = smoke
-    (_, out), (_, out_cd) = runs["ab"], runs["cd"]
+    (_, out), (_, out_cd) = runs["ab"], runs["ced"]
     lines = (out / "a_correctness.txt").read_text().splitlines()
     passed = [line for line in lines if line.startswith("PASS")]
     assert len(passed) == 2 and "resumed from step_2 vs uninterrupted" in passed[0] and "--num_workers 2" in passed[1]
@@ -87,16 +88,25 @@ def test_correctness_checks_pass_and_cuda_only_ones_say_why_they_were_skipped(sm
     assert "skipped: evaluation's synchronising calls (CUDA's sync debug mode needs CUDA)" in lines
     assert (out_cd / "c_zero2_ema.txt").read_text().splitlines()[-1].startswith(
         "PASS test_vit: ZeRO-2 with --model_ema, 1 epoch, the EMA evaluated")
+    # Stage e: FSDP against the plain trainer, an FSDP checkpoint finished without FSDP, a ZeRO-2 one under FSDP.
+    fsdp = [line for line in (out_cd / "e_fsdp.txt").read_text().splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert [line.split(":")[1].strip() for line in fsdp] == [
+        "FSDP2 (fsdp.yaml, 1 process) vs the plain trainer, per-step losses",
+        "FSDP run finished by the plain trainer from epoch 1 vs the FSDP run, steps after 4",
+        "ZeRO-2 run finished under FSDP from epoch 1 vs the ZeRO-2 run, steps after 4"]
+    assert all(line.startswith("PASS") for line in fsdp), fsdp
 
 
 def test_each_benchmark_stage_leaves_its_table_and_few_files(smoke):
     runs, _ = smoke
-    (_, out_ab), (_, out_cd) = runs["ab"], runs["cd"]
+    (_, out_ab), (_, out_cd) = runs["ab"], runs["ced"]
     tables = {name: (out / name / "bench.md").read_text() for out, names in
-              ((out_ab, ("b_throughput", "b_throughput_cl")), (out_cd, ("c_zero2", "d_compile"))) for name in names}
+              ((out_ab, ("b_throughput", "b_throughput_cl")), (out_cd, ("c_zero2", "e_fsdp", "d_compile")))
+              for name in names}
     assert tables["b_throughput"].count("| test_vit |") == 3 and tables["b_throughput"].count("| test_nfnet |") == 3
     assert tables["b_throughput_cl"].count("| eager, channels_last |") == 2
     assert "| zero2 |" in tables["c_zero2"] and "| zero2, 2 micro-steps |" in tables["c_zero2"]
+    assert "| test_vit | trainer | fsdp | crop_flip |" in tables["e_fsdp"]
     assert tables["d_compile"].count("| test_vit | raw | compile |") == 1  # the smoke compiles test_vit only
     assert tables["d_compile"].count("| test_vit | trainer | compile |") == 1
     assert not any("failed:" in table for table in tables.values())

@@ -209,9 +209,9 @@ def test_explicit_variables_override_slurm(fake_bin):
 
 # --- strategies ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "fsdp"])
 @pytest.mark.launches
-def test_strategy_picks_its_deepspeed_config(fake_bin, strategy):
+def test_strategy_picks_its_config(fake_bin, strategy):
     fake_nvidia_smi(fake_bin, 2)
     rc, lines, command = launch(fake_bin, "--strategy", strategy, *TRAINER_ARGS)
     assert rc == 0
@@ -279,7 +279,7 @@ def walk_keys(value):
 
 def test_every_strategy_and_topology_has_its_config():
     names = {p.stem for p in ALL_CONFIGS}
-    assert names >= {"single_gpu", "multi_gpu", "multi_node", "cpu_multi", *STRATEGIES}
+    assert names >= {"single_gpu", "multi_gpu", "multi_node", "cpu_multi", *STRATEGIES, "fsdp"}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)

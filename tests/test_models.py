@@ -53,3 +53,12 @@ def test_pretrained_file_loads_through_timm_resetting_the_head_and_resampling_po
     assert source.pos_embed.shape[1] == 1 + 4 * 4
     assert model.pos_embed.shape[1] == 1 + 2 * 2  # resampled to 2x2 patches at 32x32
     assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("name, blocks", [("test_vit", ["Block"]), ("test_nfnet", ["NormFreeBlock"]),
+                                          ("resnet18", ["BasicBlock"]), ("test_convnext", ["ConvNeXtBlock"])])
+def test_fsdp_shards_the_blocks_where_timm_keeps_them(name, blocks):
+    """The units FSDP gathers one at a time (runtime.configure_fsdp): the repeated blocks of timm's `blocks`,
+    `stages.N`, `stages.N.blocks` and `layerN` containers, not the layers inside them nor the stages around them."""
+    from trainer.models import block_classes
+    assert block_classes(timm.create_model(name)) == blocks

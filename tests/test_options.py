@@ -4,7 +4,7 @@ process (one CPU process, no launch): what the option must change, and that it c
 Guarded elsewhere (each checked by ignoring the option on purpose): momentum, nesterov, --layer_decay and the
 weight-decay value in test_optim.py; --min_lr in test_optim.py; label smoothing of class labels in
 test_augment.py; --model_ema_decay in test_ema.py; --pretrained_file in test_models.py; --grad_clip on 2 DDP
-processes and under DeepSpeed in test_deepspeed.py.
+processes and under DeepSpeed and FSDP in test_strategies.py.
 """
 
 import math

@@ -551,13 +551,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(trained, tmp_p
 @pytest.mark.parametrize("launch, extra, message", [
     (["3", "ddp"], [], "--batch_size 8 is not divisible by the 3 processes"),
     (["2", "zero3"], ["--model_ema"], "--model_ema is not supported under DeepSpeed ZeRO-3"),
+    (["2", "fsdp"], ["--model_ema"], "--model_ema is not supported under FSDP (each process holds a slice"),
     (["2", "ddp"], ["--batch_size", "32"], "--batch_size 32 is larger than the training set (16 images"),
     (["2", "ddp"], ["--data_dir", "{tmp}/none", "--no-download"], "CIFAR-100 not found"),
     (["2", "ddp"], ["--model", "no_such_model"], "--model 'no_such_model' is neither a preset"),
     (["2", "ddp"], ["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
     (["x", "ddp"], [], "--check_launch needs PROCESSES STRATEGY"),
     (["2", "ddp"], ["--epochs", "1"], None),  # nothing to refuse: exit 0
-], ids=["processes", "zero3-ema", "batch", "data", "model", "option", "usage", "fine"])
+], ids=["processes", "zero3-ema", "fsdp-ema", "batch", "data", "model", "option", "usage", "fine"])
 def test_launch_sh_checks_a_launch_once_before_its_workers(data, tmp_path, capsys, launch, extra, message):
     """What launch.sh runs before it starts several workers (trainer/precheck.py), in this process: what the
     process count or ZeRO stage cannot train, the data and the model, one line, exit 2, nothing written."""
@@ -585,6 +586,17 @@ def test_launch_sh_numeric_variables_are_checked(env, message):
     result = subprocess.run([str(REPO / "launch.sh"), "--dry-run"], env={**base, **env}, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2 and result.stderr.splitlines() == [f"error: {message}"]
+
+
+def test_fsdp1_is_refused_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    """An accelerate config with fsdp_version 1 (accelerate's default when the key is missing): FSDP1 renames the
+    parameters (FlatParameter) that checkpoints and resume rely on. As `accelerate launch` sets it in the workers."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    argv = TINY + ["--data_dir", tmp_path / "none", "--no-download", "--save_dir", tmp_path / "run"]
+    assert refused(argv, capsys) == ("error: FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (see "
+                                     "accelerate_configs/fsdp.yaml) or pass --fsdp_version 2 to accelerate launch")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("extra, message", [

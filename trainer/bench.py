@@ -7,7 +7,7 @@ raw      the model's forward, backward and fused optimizer step on synthetic dat
 trainer  Trainer.train_epoch on generated CIFAR-format files: data (GPU-resident when on a GPU), augmentation,
          step, schedule and logging; evaluation excluded.
 Modes: eager, compile (torch.compile), cuda_graph (the whole step as one CUDA graph, GPU only), and the trainer
-under DeepSpeed ZeRO-2 at world size 1 (`zero2`, eager). Each figure is the median of --repeats timings
+under DeepSpeed ZeRO-2 (`zero2`, eager) or FSDP2 (`fsdp`, eager, with --fsdp) at world size 1. Each figure is the median of --repeats timings
 after a warm-up that absorbs compilation and capture. This is a measurement, not a test: nothing asserts a speed.
 `--channels_last` runs every row with the model's weights (and the raw step's images) in channels-last layout,
 an A/B switch for convolutional models. With `--out`, each row is appended to bench.md and bench.jsonl the
@@ -91,18 +91,20 @@ def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: i
     return time_steps(step, steps, repeats, device)
 
 
-def zero2_step_time(config: TrainConfig, steps: int, repeats: int, channels_last: bool = False) -> float:
-    """The trainer under DeepSpeed ZeRO-2 at world size 1, in a child process of its own.
+def launched_step_time(config: TrainConfig, strategy: str, steps: int, repeats: int,
+                       channels_last: bool = False) -> float:
+    """The trainer under `strategy` (accelerate_configs/{strategy}.yaml: zero2 or fsdp) at world size 1, in a child
+    process of its own.
 
-    DeepSpeed needs the process group and environment its launcher sets up, and keeps global state
-    that a process which already ran other trainers cannot reset; so it runs through the real launcher.
+    DeepSpeed and FSDP need the process group and environment their launcher sets up, and DeepSpeed keeps global
+    state that a process which already ran other trainers cannot reset; so they run through the real launcher.
     """
     import subprocess
     import sys
     repo = Path(__file__).resolve().parent.parent
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(repo / "accelerate_configs" / "zero2.yaml"), "--num_processes", "1", "-m", "trainer.bench",
+                   str(repo / "accelerate_configs" / f"{strategy}.yaml"), "--num_processes", "1", "-m", "trainer.bench",
                    "--child_config", json.dumps(vars(config)), "--child_result", result.name,
                    "--steps", str(steps), "--repeats", str(repeats)] + (["--channels_last"] if channels_last else [])
         # The same number of CPU threads as this process (torchrun would set 1), so the rows compare.
@@ -136,7 +138,8 @@ def trainer_step_time(config: TrainConfig, steps: int, repeats: int, channels_la
 
 
 def run(models: list[str], modes: list[str], augments: list[str], batch_size: int, steps: int, repeats: int,
-        zero2: bool, workdir: Path, channels_last: bool = False, written=lambda row: None) -> list[dict]:
+        zero2: bool, workdir: Path, channels_last: bool = False, written=lambda row: None,
+        fsdp: bool = False) -> list[dict]:
     """Every row, each also handed to `written` the moment it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The trainer turns cuDNN's autotuning on for its one static training shape (loop.py), globally; set here
@@ -184,8 +187,11 @@ def run(models: list[str], modes: list[str], augments: list[str], batch_size: in
         if zero2:
             for label, micro in (("zero2", batch_size), ("zero2, 2 micro-steps", batch_size // 2)):
                 config = TrainConfig(**{**vars(base), "micro_batch_size": micro})
-                record("trainer", label, base.augment, lambda: zero2_step_time(config, steps, repeats, channels_last),
-                       "eager")
+                record("trainer", label, base.augment,
+                       lambda: launched_step_time(config, "zero2", steps, repeats, channels_last), "eager")
+        if fsdp:
+            record("trainer", "fsdp", base.augment,
+                   lambda: launched_step_time(base, "fsdp", steps, repeats, channels_last), "eager")
     return rows
 
 
@@ -245,6 +251,8 @@ def bench_command(argv) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is reported")
     parser.add_argument("--zero2", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the trainer under DeepSpeed ZeRO-2 at world size 1 (needs deepspeed)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="also time the trainer under FSDP2 at world size 1 (accelerate_configs/fsdp.yaml)")
     parser.add_argument("--channels_last", action="store_true",
                         help="weights (and the raw step's images) in channels-last layout, for an A/B comparison")
     parser.add_argument("--out", type=Path, help="also write the table (bench.md) and the raw figures (bench.jsonl, "
@@ -278,7 +286,7 @@ def bench_command(argv) -> int:
                     f.write(line + "\n")
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(split(args.models), split(args.modes), split(args.augment), args.batch_size, args.steps,
-                   args.repeats, args.zero2, Path(workdir), args.channels_last, written)
+                   args.repeats, args.zero2, Path(workdir), args.channels_last, written, args.fsdp)
     print(header)
     print(table(rows))
     if args.out:

@@ -17,8 +17,9 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import records
-from .checkpoint_folder import (LATEST_FILE, MANIFEST_FILE, MODEL_EMA_FILE, MODEL_FILE, CheckpointError, SaveError,
+from . import full_state, records
+from .checkpoint_folder import (LATEST_FILE, MANIFEST_FILE, MODEL_EMA_FILE, MODEL_FILE, UNIVERSAL_PREFIX,
+                                CheckpointError, SaveError,
                                 list_checkpoints, load_weights, newest_valid, read_manifest, remove_stale, rotate,
                                 verify)
 from .checkpoint_folder import load as load_folder
@@ -130,16 +131,19 @@ def clear_run(save_dir: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, config: TrainConfig, runtime, ranks, resolved, model, scheduler, ema, progress):
+    def __init__(self, config: TrainConfig, runtime, ranks, resolved, model, scheduler, ema, progress,
+                 param_names: list[str]):
         """`ranks`: the job's Ranks (which process writes, broadcasts); `resolved`: what the run resolved
         (Trainer.resolved, read-only), part of each checkpoint's metadata and of the resume checks; `model`: the
-        prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress.
+        prepared model; `ema`: timm's ModelEmaV3 or None; `progress`: the trainer's Progress; `param_names`: the
+        model's parameter names in its optimizer's order (full_state.py reads a checkpoint of another layout by them).
         No reference back to the Trainer: a cycle would keep the DDP model, and the process group it holds,
         alive until interpreter exit, where gloo's teardown can abort the process (seen once while such a cycle
         existed: exit -6, "terminate called without an active exception", after a complete 2-process run;
         tests/test_options.py checks that the Trainer is freed when its run returns)."""
         self.config, self.runtime, self.ranks, self.resolved = config, runtime, ranks, resolved
         self.model, self.scheduler, self.ema, self.progress = model, scheduler, ema, progress
+        self.param_names = param_names
         self.save_dir = Path(config.save_dir)
         self.note = None  # check_save_dir's line about the start, said once the start is committed
 
@@ -317,28 +321,11 @@ class CheckpointManager:
         steps_per_epoch = here["steps_per_epoch"]
         changed = self.check_resume_options(folder, saved, here["train_images"])
         rt = self.runtime
-        if (saved.get("distributed_type") == "DEEPSPEED") != rt.deepspeed:
-            raise CheckpointError(
-                f"{folder} was saved by a {saved.get('distributed_type')} run and cannot resume a "
-                f"{here['distributed_type']} run; start from its model.safetensors with --pretrained_file instead")
-        if rt.deepspeed and saved.get("deepspeed_zero_stage") != rt.zero_stage:
-            raise CheckpointError(
-                f"{folder} holds ZeRO-{saved.get('deepspeed_zero_stage')} state; resume it with the same stage (this "
-                f"run: ZeRO-{rt.zero_stage}), or start from its model.safetensors with --pretrained_file")
         if saved.get("compiled", False) != self.config.compile:
             # accelerate's training state names the weights with or without torch.compile's wrapper.
             raise CheckpointError(
                 f"{folder} was saved {'with' if saved.get('compiled') else 'without'} --compile; resume it the same "
                 f"way, or start from its model.safetensors with --pretrained_file")
-        reshard = rt.deepspeed and saved.get("processes") != rt.processes
-        if reshard and rt.zero_stage == 3:
-            # Measured: ZeRO-3 state re-partitioned through DeepSpeed's universal checkpoint resumes 3e-4 (relative
-            # L2) away from the uninterrupted run after 5 steps, against 1e-7 for ZeRO-2: not float noise, so
-            # it is refused rather than trained on.
-            raise CheckpointError(
-                f"{folder} holds ZeRO-3 state sharded over {saved.get('processes')} processes; resume it with "
-                f"{saved.get('processes')} processes (ZeRO-1/2 checkpoints resume with any count), or start from "
-                f"its model.safetensors with --pretrained_file")
         if self.ema is not None and not weights_file(folder, ema=True).is_file():
             raise CheckpointError(
                 f"{folder} holds no {MODEL_EMA_FILE} (saved without --model_ema); resume it without "
@@ -354,7 +341,12 @@ class CheckpointManager:
         from .optim import scheduled_lr
         optimizer = self.scheduler.optimizer
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        load_folder(rt.accelerator, self.ranks, folder, reshard_deepspeed=reshard)
+        natively = full_state.loads_natively(saved, here)
+        if natively:
+            load_folder(rt.accelerator, self.ranks, folder)
+        else:  # another strategy or, under DeepSpeed, another process count: through the full state
+            full_state.load(rt, self.ranks, folder, saved, self.model, optimizer, self.param_names,
+                            scratch=self.save_dir / f"{UNIVERSAL_PREFIX}{Path(folder).name}")
         for group, options in zip(optimizer.param_groups, built):
             group.update(options)
         scheduler = self.scheduler
@@ -368,9 +360,10 @@ class CheckpointManager:
         # accelerate restores its micro-step counter, which decides when gradients synchronise; checkpoints lie
         # on optimizer-step boundaries, and the accumulation count may differ from the saving run's.
         rt.accelerator.step = 0
-        if reshard:
-            self.ranks.say(f"re-partitioned the ZeRO state of {folder} from {saved.get('processes')} to "
-                         f"{rt.processes} processes")
+        if not natively:
+            before = full_state.layout(saved.get("distributed_type"), saved.get("deepspeed_zero_stage"))
+            self.ranks.say(f"converted the training state of {folder} from {before} on {saved.get('processes')} "
+                           f"process(es) to {rt.strategy} on {rt.processes} through its full state")
         if self.ema is not None:
             self.ema.module.load_state_dict(load_weights(weights_file(folder, ema=True)))
         p = self.progress

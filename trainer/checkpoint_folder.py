@@ -169,8 +169,10 @@ def _publish(staging: Path, final: Path, save_dir: Path, name: str, info: dict) 
     os.replace(tmp, save_dir / LATEST_FILE)
 
 
-# Left by a save or a resharding killed midway (see save, _publish and load); nothing reads them.
-STALE_PATTERNS = (".tmp-*", ".old-*", ".universal-*", LATEST_FILE + ".tmp")
+# Where a resume converts DeepSpeed state of another layout (full_state.py), in the run's save_dir.
+UNIVERSAL_PREFIX = ".universal-"
+# Left by a save or a conversion killed midway (see save, _publish and full_state.load); nothing reads them.
+STALE_PATTERNS = (".tmp-*", ".old-*", UNIVERSAL_PREFIX + "*", LATEST_FILE + ".tmp")
 
 
 def remove_stale(save_dir: Path) -> list[Path]:
@@ -225,48 +227,12 @@ def rotate(save_dir: Path, keep_last: int, keep_best: bool) -> list[Path]:
     return removed
 
 
-def load(accelerator, ranks, folder: Path, reshard_deepspeed: bool = False) -> None:
-    """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint.
-
-    `reshard_deepspeed`: the checkpoint's ZeRO state was partitioned over another number of processes.
-    DeepSpeed's loader refuses that; its universal checkpoint format does not, so the state is converted
-    (DeepSpeed's own ds_to_universal, once, by the main process) into a hidden sibling folder, loaded from
-    there with the engine's load_universal switch, and the converted copy is removed.
-    """
+def load(accelerator, ranks, folder: Path) -> None:
+    """Restore model, optimizer, scheduler, RNG and progress from a verified checkpoint written under this run's
+    layout (full_state.py reads one of another layout)."""
     folder = Path(folder)
     ranks.on_main(lambda: verify(folder))
-    if not reshard_deepspeed:
-        accelerator.load_state(str(folder / STATE_DIR))
-        return
-    universal = folder.parent / f".universal-{folder.name}"
-    ranks.on_main(lambda: _convert_to_universal(folder, universal))
-    engine = accelerator._models[0]
-    engine._config.load_universal_checkpoint = True
-    try:
-        accelerator.load_state(str(universal))
-    finally:
-        engine._config.load_universal_checkpoint = False
-        accelerator.wait_for_everyone()
-        if ranks.is_main:
-            shutil.rmtree(universal, ignore_errors=True)
-
-
-def _convert_to_universal(folder: Path, universal: Path) -> None:
-    import subprocess
-    import sys
-    state = folder / STATE_DIR
-    shutil.rmtree(universal, ignore_errors=True)
-    universal.mkdir(parents=True)
-    for small in state.glob("*.pkl"):  # scheduler, progress and RNG states, as accelerate saved them
-        shutil.copy(small, universal / small.name)
-    # --inject_missing_state: the universal_checkpoint_info that Megatron-style clients write; plain
-    # (no tensor or pipeline parallelism) defaults describe this trainer's data-parallel state.
-    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                             str(state / "pytorch_model"), "--output_folder", str(universal / "pytorch_model"),
-                             "--inject_missing_state"], capture_output=True, text=True)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
-        raise CheckpointError(f"could not convert the ZeRO state of {folder} for another number of processes: {reason}")
+    accelerator.load_state(str(folder / STATE_DIR))
 
 
 def load_weights(path: Path) -> dict:

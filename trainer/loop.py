@@ -28,7 +28,7 @@ from .preemption import Preempted, StopRequest, StopVote
 from .ranks import Ranks
 from .run_lock import RunLock
 from .run_log import RunLog
-from .runtime import check_batch_fits, deepspeed_applied, resolve_runtime
+from .runtime import check_batch_fits, configure_fsdp, deepspeed_applied, fsdp_applied, resolve_runtime
 from .step import create_step
 from .time_limit import TimeLimit
 
@@ -109,6 +109,11 @@ class Trainer:
         self.scheduler = create_scheduler(config, optimizer, self.steps_per_epoch)
         test_loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(test.images, test.labels), batch_size=config.eval_batch_size)
+        # Before prepare(), which may shard or flatten them: a checkpoint of another layout is read by these names.
+        names = {id(p): n for n, p in model.named_parameters()}
+        param_names = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        if rt.fsdp:
+            configure_fsdp(accelerator.state.fsdp_plugin, model)
         self.model, self.optimizer, self.test_loader = accelerator.prepare(model, optimizer, test_loader)
         self.step = create_step(rt, self.model, self.optimizer, config)
         self.plain_model = self.step.plain_model  # the bare timm model (the EMA follows it)
@@ -119,7 +124,7 @@ class Trainer:
         # checkpoint's metadata read this one read-only mapping.
         self.resolved = self.resolve()
         self.checkpoints = CheckpointManager(config, rt, self.ranks, self.resolved, self.model, self.scheduler,
-                                             self.ema, self.progress)
+                                             self.ema, self.progress, param_names)
         self.stop = StopRequest(self.ranks.say_here,
                                 TimeLimit.resolve(config.time_limit, config.time_limit_margin))
         if rt.device.type == "cuda":
@@ -144,6 +149,7 @@ class Trainer:
             "compile": self.config.compile,
             "cuda_graph": self.config.cuda_graph,
             "deepspeed_engine": deepspeed_applied(self.model) if rt.deepspeed else None,
+            "fsdp": fsdp_applied(self.accelerator.state.fsdp_plugin, self.model) if rt.fsdp else None,
             "normalize_mean": tuple(self.normalize.mean.flatten().tolist()),
             "normalize_std": tuple(self.normalize.std.flatten().tolist()),
         })

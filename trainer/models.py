@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import unittest.mock
 from urllib.parse import urlparse
@@ -165,6 +166,23 @@ def buffers_kept(model: torch.nn.Module):
         with torch.no_grad():
             for buffer, copy in zip(model.buffers(), saved):
                 buffer.copy_(copy)
+
+
+# The containers in which timm's models keep their repeated blocks: ViT/DeiT/EVA `blocks`, NFNet/RegNet `stages.N`
+# (a Sequential of blocks), ConvNeXt `stages.N.blocks`, ResNet `layerN`.
+BLOCK_CONTAINERS = re.compile(r"(.*\.)?blocks|stages\.[0-9]+|layer[0-9]+")
+
+
+def block_classes(model: torch.nn.Module) -> list[str]:
+    """The class names of the model's repeated blocks (sorted): the units FSDP shards one at a time, gathering one
+    block's weights for its forward and backward. timm models carry no `_no_split_modules` (the list accelerate
+    wraps by default, which transformers' models have), so the blocks are found where timm keeps them."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)) and BLOCK_CONTAINERS.fullmatch(name):
+            names.update(type(child).__name__ for child in module.children()
+                         if any(p.requires_grad for p in child.parameters()))
+    return sorted(names)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

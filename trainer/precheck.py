@@ -31,15 +31,14 @@ def main(argv: list[str]) -> None:
 
 def check_launch(argv: list[str], processes: int, strategy: str) -> None:
     """ConfigError, DataError or CheckpointError for what the launch of `processes` workers under `strategy`
-    (launch.sh's: single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload) would refuse."""
+    (launch.sh's: single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload, fsdp) would refuse."""
     config = parse_config(argv)  # first, before torch is imported: the options' own refusals in a fraction of a second
     check_writable_folder(config.save_dir, "--save_dir")
     from .data import ensure_downloaded, load_cifar100
     from .models import check_trainable, create_model
     from .runtime import check_batch_fits, check_layout, runs_on_cpu
 
-    zero_stage = int(strategy[4]) if strategy.startswith("zero") else None
-    _, accumulation = check_layout(config, processes, zero_stage, runs_on_cpu(config.device))
+    _, accumulation = check_layout(config, processes, strategy, runs_on_cpu(config.device))
     folder = ensure_downloaded(config.data_dir, config.download)
     train, _, _ = load_cifar100(folder)
     check_batch_fits(config.batch_size, len(train.labels), folder / "train")

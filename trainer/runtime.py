@@ -1,17 +1,18 @@
 """What the run will be, resolved before any data is read or any model built: the Accelerator for the
-topology at hand (CPU or GPU, DDP or DeepSpeed), processes, micro-batch and accumulation, precision and the
+topology at hand (CPU or GPU, DDP, DeepSpeed or FSDP2), processes, micro-batch and accumulation, precision and the
 DeepSpeed settings written before `prepare()`, and every refusal that needs no data: a launch that would train
 wrongly without saying so stops here, in one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, TorchDynamoPlugin
 
 from .config import ConfigError, TrainConfig, env_world_size
 
@@ -30,6 +31,7 @@ class Runtime:
     mixed_precision: str  # what `auto` became: no, bf16 or fp16
     deepspeed: bool
     zero_stage: int | None
+    fsdp: bool  # torch's FSDP2 (fully_shard) through accelerate's plugin
     # Under DeepSpeed with bf16/fp16 the weights themselves are half precision and autocast does not
     # apply: a float32 input fails with "Input type (float) and bias type (c10::BFloat16) should be the same".
     # So inputs are cast to the engine's dtype.
@@ -43,6 +45,11 @@ class Runtime:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def strategy(self) -> str:
+        """launch.sh's name for what accelerate resolved: ddp (one process included), zero1/2/3 or fsdp."""
+        return "fsdp" if self.fsdp else f"zero{self.zero_stage}" if self.deepspeed else "ddp"
 
     def resolved(self) -> dict:
         """For config.json, the start-up line and checkpoint metadata."""
@@ -58,6 +65,7 @@ class Runtime:
             "device": str(self.device),
             "data_on_accelerator": self.data_on_accelerator,
             "deepspeed_zero_stage": self.zero_stage,
+            "strategy": self.strategy,
         }
 
 
@@ -67,8 +75,10 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     processes = accelerator.num_processes
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
+    fsdp = accelerator.is_fsdp2
     on_cpu = accelerator.device.type == "cpu"
-    micro_batch_size, accumulation = check_layout(config, processes, zero_stage, on_cpu)
+    strategy = "fsdp" if fsdp else f"zero{zero_stage}" if deepspeed else "ddp"
+    micro_batch_size, accumulation = check_layout(config, processes, strategy, on_cpu)
     accelerator.gradient_accumulation_steps = accumulation
     if deepspeed:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config, micro_batch_size,
@@ -78,7 +88,7 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     return Runtime(
         accelerator=accelerator, processes=processes, rank=accelerator.process_index,
         micro_batch_size=micro_batch_size, accumulation=accumulation, mixed_precision=mixed_precision,
-        deepspeed=deepspeed, zero_stage=zero_stage,
+        deepspeed=deepspeed, zero_stage=zero_stage, fsdp=fsdp,
         input_dtype=HALF_DTYPES.get(accelerator.mixed_precision, torch.float32) if deepspeed else torch.float32,
         half_dtype=HALF_DTYPES.get(mixed_precision),
         # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
@@ -86,21 +96,24 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         cuda_graph=config.cuda_graph)
 
 
-def check_layout(config: TrainConfig, processes: int, zero_stage: int | None, on_cpu: bool) -> tuple[int, int]:
-    """(micro_batch_size, accumulation_steps), or ConfigError for options that this many processes, this ZeRO
-    stage or the CPU cannot train. Needs no Accelerator: launch.sh asks it once, before the workers start
-    (trainer/precheck.py), and every worker asks it again with what accelerate resolved."""
+def check_layout(config: TrainConfig, processes: int, strategy: str, on_cpu: bool) -> tuple[int, int]:
+    """(micro_batch_size, accumulation_steps), or ConfigError for options that this many processes, this strategy
+    (launch.sh's names: single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload, fsdp) or the CPU cannot
+    train. Needs no Accelerator: launch.sh asks it once, before the workers start (trainer/precheck.py), and every
+    worker asks it again with what accelerate resolved."""
     micro_batch_size, accumulation = resolve_batching(
         config.batch_size, processes, config.micro_batch_size, config.max_micro_batch_size)
-    if config.model_ema and zero_stage == 3:
-        raise ConfigError("--model_ema is not supported under DeepSpeed ZeRO-3 (each process holds a slice "
-                          "of the weights); use ZeRO-1/2 or DDP")
+    if config.model_ema and strategy.startswith(("zero3", "fsdp")):
+        # timm's ModelEmaV3 copies the whole module and lerps towards its weights: each process holds a slice.
+        name = "FSDP" if strategy == "fsdp" else "DeepSpeed ZeRO-3"
+        raise ConfigError(f"--model_ema is not supported under {name} (each process holds a slice of the weights); "
+                          f"use ZeRO-1/2 or DDP")
     if config.data_device == "accelerator" and on_cpu:
         raise ConfigError("--data_device accelerator needs a GPU; use --data_device cpu or auto")
     if config.mixes and micro_batch_size % 2:
         raise ConfigError(f"--mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
                           f"got {micro_batch_size} (set --micro_batch_size or --batch_size)")
-    if config.cuda_graph and (on_cpu or processes > 1 or zero_stage is not None or config.compile):
+    if config.cuda_graph and (on_cpu or processes > 1 or strategy not in ("single", "ddp") or config.compile):
         raise ConfigError(CUDA_GRAPH_SETUP)
     if config.cuda_graph and accumulation != 1:
         raise ConfigError(f"--cuda_graph cannot accumulate gradients: use --micro_batch_size "
@@ -115,8 +128,8 @@ def check_batch_fits(batch_size: int, images: int, train_file) -> None:
                           f"{train_file})")
 
 
-CUDA_GRAPH_SETUP = ("--cuda_graph needs one process on a GPU, without DeepSpeed, fp16 or --compile (use --compile "
-                    "alone on other set-ups)")
+CUDA_GRAPH_SETUP = ("--cuda_graph needs one process on a GPU, without DeepSpeed, FSDP, fp16 or --compile (use "
+                    "--compile alone on other set-ups)")
 
 
 # The first timm whose ModelEmaV3 updates a float32 EMA from half-precision weights: before it, its update calls
@@ -216,6 +229,12 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     on_cpu = runs_on_cpu(config.device)
     has_cuda = torch.cuda.is_available()
     deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and os.environ.get("FSDP_VERSION", "1") != "2":
+        # FSDP1 wraps the model in FlatParameters whose names, state dicts and no_sync differ from DDP's: only
+        # fully_shard (FSDP2) keeps the timm model's own parameter names that checkpoints and resume rely on.
+        raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (see "
+                          "accelerate_configs/fsdp.yaml) or pass --fsdp_version 2 to accelerate launch")
     # On CPU the process group must be gloo; accelerate picks it for DDP, but under DeepSpeed it only
     # counts the processes when told: without the gloo handler, 2 CPU processes under DeepSpeed each see
     # num_processes 1 and DeepSpeed stops on "train_batch_size is not equal to micro_batch_per_gpu * ...".
@@ -229,7 +248,7 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
                                dynamic=False)
     precision = resolve_mixed_precision(config, on_cpu)
     if config.cuda_graph:
-        if on_cpu or deepspeed_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
+        if on_cpu or deepspeed_asked or fsdp_asked or env_world_size() > 1 or precision == "fp16" or config.compile:
             raise ConfigError(CUDA_GRAPH_SETUP)
         # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
         # forward wrapper would cache casts.
@@ -238,6 +257,8 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
                               log_with=config.trackers or None, project_dir=config.save_dir)
     check_process_group(accelerator, launched=env_world_size())
+    if fsdp_asked and on_cpu:
+        use_fsdp_on_cpu(accelerator, precision)
     # accelerate 1.15 autocasts fp16 only on accelerators: on the CPU it keeps mixed_precision "fp16" but sets
     # native_amp False and trains in fp32 (measured: a Linear layer's output stays float32). bf16 it does autocast on
     # the CPU (the same layer's output is bfloat16).
@@ -251,6 +272,61 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     if deepspeed_asked and config.device == "cpu" and has_cuda:
         raise ConfigError("--device cpu is not supported under DeepSpeed on a machine with GPUs")
     return accelerator
+
+
+def use_fsdp_on_cpu(accelerator: Accelerator, precision: str) -> None:
+    """Turn accelerate's FSDP plugin on for processes on the CPU (gloo), as it is on GPUs.
+
+    accelerate 1.16 sets DistributedType.FSDP only for accelerator types (MULTI_GPU, MULTI_XPU, ...;
+    accelerate/state.py): with cpu=True it resolves MULTI_CPU and drops the plugin, which would train DDP while
+    the launcher asked for FSDP. torch's fully_shard itself runs on the CPU over gloo (measured: 2 processes, the
+    same weights as DDP within 2.5e-7 after 2 epochs of test_vit), so the state is set as accelerate sets it on a
+    GPU: the distributed type, in the shared process state too, and the plugin from the launcher's FSDP_*
+    variables, with the run's precision."""
+    plugin = FullyShardedDataParallelPlugin()
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    state = accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def configure_fsdp(plugin, model) -> None:
+    """Wrap the timm model's own blocks (models.block_classes) unless the accelerate config names the classes or
+    another policy; called before `prepare()`, which shards each wrapped block, then the whole model."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from .models import block_classes
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy and not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = block_classes(model)
+    policy = plugin.mixed_precision_policy
+    if policy is not None and policy.reduce_dtype not in (None, torch.float32):
+        # accelerate reduces the gradients in the compute dtype (bf16), where DDP sums the float32 gradients that
+        # autocast leaves: float32, as DDP (and torchtitan's default policy). Measured (test_vit, 2 CPU processes,
+        # bf16, 2 epochs, 2026-12-04): 3.6e-3 from DDP (relative L2) against 3.8e-3 with bf16 reductions; the rest
+        # is FSDP computing in bf16 weights where DDP autocasts.
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+
+
+def fsdp_applied(plugin, model) -> dict:
+    """What FSDP applies to the prepared `model`, for config.json: the classes of the sharded units (the blocks,
+    the final norm that accelerate shards apart, the whole model), the dtypes, and the share of the parameters'
+    elements this process holds (1 / processes when the shards are even)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+    from torch.distributed.tensor import DTensor
+    policy = plugin.mixed_precision_policy
+    params = list(model.parameters())
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return {"fsdp_version": plugin.fsdp_version, "reshard_after_forward": plugin.reshard_after_forward,
+            # fully_shard makes each sharded module an instance of a class named FSDP<its class>.
+            "sharded_units": sorted({type(m).__name__.removeprefix("FSDP") for m in model.modules()
+                                     if isinstance(m, FSDPModule)}),
+            "param_dtype": str(getattr(policy, "param_dtype", None) or torch.float32).removeprefix("torch."),
+            "reduce_dtype": str(getattr(policy, "reduce_dtype", None) or torch.float32).removeprefix("torch."),
+            "state_dict_type": str(plugin.state_dict_type).split(".")[-1],
+            "cpu_offload": isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+            "parameter_share_held": round(held / sum(p.numel() for p in params), 4)}
 
 
 def check_process_group(accelerator: Accelerator, launched: int) -> None:
