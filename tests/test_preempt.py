@@ -182,9 +182,12 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     assert_resumes_only_what_was_left(save_dir, saved, requeued.stdout, reference)
 
 
-def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, reference, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, reference, tmp_path, strategy):
+    """Under FSDP too: the step checkpoint is collective (the full state gathered from the shards), and the resumed
+    run ends as the uninterrupted DDP run (FSDP on 2 CPU processes computes the same sums, tests/test_strategies.py)."""
     save_dir, log = tmp_path / "run", tmp_path / "out.log"
-    run = start([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir)], log, launch_env())
+    run = start([LAUNCH, "--strategy", strategy, *args_for(data_dir, save_dir)], log, launch_env())
     wait_while_running(run, lambda: latest(save_dir) == "epoch_1", "epoch 1 saved", log)
     kill_one_rank(run, 1)
     output = finish(run, log)
@@ -194,9 +197,10 @@ def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, referenc
     (saved,) = [p for p in checkpoint.list_checkpoints(save_dir) if p.name.startswith("step_")]
     assert saved.name == f"step_{stops[0][1]}"
     assert 0 < checkpoint.read_manifest(saved)["step_in_epoch"] < STEPS_PER_EPOCH
-    resumed = subprocess.run([LAUNCH, "--strategy", "ddp", *args_for(data_dir, save_dir, "--resume", "auto")],
+    resumed = subprocess.run([LAUNCH, "--strategy", strategy, *args_for(data_dir, save_dir, "--resume", "auto")],
                              cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "converted the training state" not in resumed.stdout  # its own layout: accelerate's load_state
     assert_resumes_only_what_was_left(save_dir, saved, resumed.stdout, reference)
 
 
