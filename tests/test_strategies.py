@@ -367,3 +367,17 @@ def test_which_checkpoints_accelerate_reads_as_saved(saved, here, natively):
     from trainer import full_state
     as_dict = lambda t: {"distributed_type": t[0], "deepspeed_zero_stage": t[1], "processes": t[2]}  # noqa: E731
     assert full_state.loads_natively(as_dict(saved), as_dict(here)) is natively
+
+
+def test_a_zero_checkpoint_of_sgd_is_refused_for_another_layout_in_one_line(tmp_path):
+    """DeepSpeed's ds_to_universal reads Adam's moments by name; for SGD it would fail midway (KeyError 'exp_avg',
+    measured with a 2-process zero2 --optimizer sgdm checkpoint). DDP's and FSDP's SGD state converts (DDP -> ZeRO-2
+    with sgdm measured 1.9e-9 from the uninterrupted DDP run)."""
+    from trainer import full_state
+    from trainer.checkpoint import CheckpointError
+    saved = {"distributed_type": "DEEPSPEED", "deepspeed_zero_stage": 2, "processes": 2, "options": {"optimizer": "sgdm"}}
+    with pytest.raises(CheckpointError, match=r"holds DeepSpeed zero2 state of --optimizer sgdm on 2 process\(es\).*"
+                                              r"resume it under zero2 on 2 process\(es\)$"):
+        full_state.check_convertible(tmp_path, saved)
+    full_state.check_convertible(tmp_path, {**saved, "options": {"optimizer": "adamw"}})
+    full_state.check_convertible(tmp_path, {**saved, "distributed_type": "MULTI_CPU"})

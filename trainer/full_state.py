@@ -34,12 +34,9 @@ import torch
 
 from .checkpoint_folder import MODEL_FILE, STATE_DIR, CheckpointError, load_weights
 
-# accelerate's distributed types by the layout of the state they save.
-DDP_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU")
-
-
 def layout(distributed_type: str | None, zero_stage: int | None) -> str:
-    """The checkpoint layout a run of this distributed type writes: ddp, fsdp or zeroN."""
+    """The checkpoint layout a run of this accelerate distributed type writes: zeroN, fsdp, or ddp (NO, MULTI_CPU,
+    MULTI_GPU and the other data-parallel types, whose state is replicated)."""
     if distributed_type == "DEEPSPEED":
         return f"zero{zero_stage}"
     return "fsdp" if distributed_type == "FSDP" else "ddp"
@@ -60,6 +57,7 @@ def load(runtime, ranks, folder: Path, saved: dict, model, optimizer, param_name
     DeepSpeed state (every process reads it there), removed afterwards."""
     from .checkpoint_folder import verify
     folder = Path(folder)
+    check_convertible(folder, saved)
     ranks.on_main(lambda: verify(folder), (CheckpointError,))
     deepspeed_source = layout(saved.get("distributed_type"), saved.get("deepspeed_zero_stage")).startswith("zero")
     try:
@@ -72,6 +70,18 @@ def load(runtime, ranks, folder: Path, saved: dict, model, optimizer, param_name
         runtime.accelerator.wait_for_everyone()
         if ranks.is_main:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_convertible(folder: Path, saved: dict) -> None:
+    """CheckpointError for a checkpoint whose state cannot be read for another layout: DeepSpeed's ds_to_universal
+    (deepspeed 0.19.8) reads Adam's moments by name (exp_avg, exp_avg_sq) and fails on SGD's momentum."""
+    kind = layout(saved.get("distributed_type"), saved.get("deepspeed_zero_stage"))
+    optimizer = (saved.get("options") or {}).get("optimizer", "adamw")
+    if kind.startswith("zero") and optimizer != "adamw":
+        raise CheckpointError(
+            f"{folder} holds DeepSpeed {kind} state of --optimizer {optimizer} on {saved.get('processes')} "
+            f"process(es), and DeepSpeed's ds_to_universal, which reads it for another strategy or process count, "
+            f"converts Adam's state only: resume it under {kind} on {saved.get('processes')} process(es)")
 
 
 def read(folder: Path, saved: dict, param_names: list[str], scratch: Path) -> tuple[dict, dict]:
@@ -113,7 +123,8 @@ def _read_deepspeed(engine_dir: Path, model_state: dict, param_names: list[str],
     rank0 = torch.load(engine_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
                        weights_only=False)["optimizer_state_dict"]
     base = rank0.get("base_optimizer_state") or rank0["optimizer_state_dict"]  # ZeRO-1/2, ZeRO-3
-    step = next(iter(base["state"].values()))["step"]
+    # (SGD keeps no step count, and without momentum no state at all.)
+    step = next(iter(base["state"].values()), {}).get("step")
     optimizer_state = {}
     for name in param_names:
         shape = model_state[name].shape
@@ -125,7 +136,9 @@ def _read_deepspeed(engine_dir: Path, model_state: dict, param_names: list[str],
             value = value["param"] if isinstance(value, dict) else value  # ZeRO-1/2 dict, ZeRO-3 flat tensor
             entry[file.stem] = value.reshape(shape).float()
         model_state[name] = entry.pop("fp32")
-        optimizer_state[name] = {"step": step.clone() if torch.is_tensor(step) else step, **entry}
+        if step is not None:
+            entry["step"] = step.clone() if torch.is_tensor(step) else step
+        optimizer_state[name] = entry
     return model_state, optimizer_state
 
 
@@ -157,18 +170,19 @@ def _write_deepspeed(engine, model_state: dict, optimizer_state: dict) -> None:
     # loader builds the same entries from per-parameter files (base_optimizer.load_hp_checkpoint_state_from_
     # checkpoint_dir), which would mean writing the full state to disk first.
     partitions = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
-    first = next(iter(optimizer_state.values()))
+    first = next(iter(optimizer_state.values()), {})  # empty for a stateless optimizer (SGD without momentum)
     for partition in partitions:
         entry = zero.optimizer.state[partition]
-        entry["step"] = first["step"].clone() if torch.is_tensor(first["step"]) else first["step"]
-        for key in first:
-            if key != "step" and key not in entry:
+        for key, value in first.items():
+            if key == "step":
+                entry["step"] = value.clone() if torch.is_tensor(value) else value
+            elif key not in entry:
                 entry[key] = torch.zeros_like(partition)
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         zero._lazy_init_hp_params_optimizer_state()
     for name, param in engine.module.named_parameters():
         safe_set_full_fp32_param(param, model_state[name])
-        for key, value in optimizer_state[name].items():
+        for key, value in optimizer_state.get(name, {}).items():
             if key != "step":
                 safe_set_full_optimizer_state(param, value, key)
     # The working weights the module computes with, from the fp32 master just written: DeepSpeed's universal

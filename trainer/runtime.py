@@ -48,8 +48,7 @@ class Runtime:
 
     @property
     def strategy(self) -> str:
-        """launch.sh's name for what accelerate resolved: ddp (one process included), zero1/2/3 or fsdp."""
-        return "fsdp" if self.fsdp else f"zero{self.zero_stage}" if self.deepspeed else "ddp"
+        return strategy_name(self.deepspeed, self.zero_stage, self.fsdp)
 
     def resolved(self) -> dict:
         """For config.json, the start-up line and checkpoint metadata."""
@@ -77,8 +76,8 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
     fsdp = accelerator.is_fsdp2
     on_cpu = accelerator.device.type == "cpu"
-    strategy = "fsdp" if fsdp else f"zero{zero_stage}" if deepspeed else "ddp"
-    micro_batch_size, accumulation = check_layout(config, processes, strategy, on_cpu)
+    micro_batch_size, accumulation = check_layout(config, processes, strategy_name(deepspeed, zero_stage, fsdp),
+                                                  on_cpu)
     accelerator.gradient_accumulation_steps = accumulation
     if deepspeed:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config, micro_batch_size,
@@ -94,6 +93,11 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         # RandAugment takes PIL images: its data stay on the CPU (config.py refuses --data_device accelerator).
         data_on_accelerator=not on_cpu and config.data_device != "cpu" and config.augment != "randaug",
         cuda_graph=config.cuda_graph)
+
+
+def strategy_name(deepspeed: bool, zero_stage: int | None, fsdp: bool) -> str:
+    """launch.sh's name for what accelerate resolved: ddp (one process included), zero1/2/3 or fsdp."""
+    return "fsdp" if fsdp else f"zero{zero_stage}" if deepspeed else "ddp"
 
 
 def check_layout(config: TrainConfig, processes: int, strategy: str, on_cpu: bool) -> tuple[int, int]:
@@ -279,10 +283,10 @@ def use_fsdp_on_cpu(accelerator: Accelerator, precision: str) -> None:
 
     accelerate 1.16 sets DistributedType.FSDP only for accelerator types (MULTI_GPU, MULTI_XPU, ...;
     accelerate/state.py): with cpu=True it resolves MULTI_CPU and drops the plugin, which would train DDP while
-    the launcher asked for FSDP. torch's fully_shard itself runs on the CPU over gloo (measured: 2 processes, the
-    same weights as DDP within 2.5e-7 after 2 epochs of test_vit), so the state is set as accelerate sets it on a
-    GPU: the distributed type, in the shared process state too, and the plugin from the launcher's FSDP_*
-    variables, with the run's precision."""
+    the launcher asked for FSDP. torch's fully_shard itself runs on the CPU over gloo (measured: 2 processes, 2
+    epochs of test_vit, the same weights as DDP bit for bit; tests/test_strategies.py), so the state is set as
+    accelerate sets it on a GPU (state.py, where it resolves DistributedType.FSDP): the distributed type, in the
+    shared process state too, and the plugin from the launcher's FSDP_* variables, with the run's precision."""
     plugin = FullyShardedDataParallelPlugin()
     if precision != "no":
         plugin.set_mixed_precision(precision)
