@@ -301,9 +301,23 @@ stage_c() {
   return "$ema_status"
 }
 
+# A run finished from another run's epoch-1 checkpoint under another strategy: SOURCE NAME SAVED_LAYOUT LABEL TOL
+# RUNNER [options]. Copies SOURCE's epoch_1 and records into NAME (as after a crash in epoch 2), runs RUNNER (train
+# or `launched NAME CONFIG`), checks that the run converted the state from SAVED_LAYOUT, and compares its losses after
+# epoch 1 with SOURCE's.
+finish_elsewhere() {
+  local source=$1 name=$2 saved=$3 label=$4 tol=$5; shift 5
+  mkdir -p "$W/$name"
+  cp -r "$W/$source/epoch_1" "$W/$source/steps.jsonl" "$W/$source/metrics.jsonl" "$W/$name/" 2>/dev/null || return 1
+  "$@" --model "$VIT" --checkpoint "$W/$name/epoch_1" || return 1
+  grep -q "^converted the training state of .* from $saved on 1 process(es)" "$W/$name.log" \
+    || { say "FAIL $VIT: $name did not convert the $saved checkpoint"; return 1; }
+  compare "$W/$source/steps.jsonl" "$W/$name/steps.jsonl" "$VIT: $label, steps after $STEPS" "$tol" "$STEPS"
+}
+
 stage_e() {
   RESULT=e_fsdp.txt
-  local failed=0 fsdp=${VIT}_fsdp finish=${VIT}_fsdp_then_plain
+  local failed=0 fsdp=${VIT}_fsdp
   write_helpers
   # The plain run: stage a's eager ViT when this command ran it, else here (the same options).
   [[ -f $W/${VIT}_eager/steps.jsonl ]] || train "${VIT}_eager" --model "$VIT" || failed=1
@@ -312,32 +326,19 @@ stage_e() {
     || { say "FAIL $VIT: the FSDP run did not resolve distributed_type FSDP"; failed=1; }
   compare "$W/${VIT}_eager/steps.jsonl" "$W/$fsdp/steps.jsonl" \
     "$VIT: FSDP2 (fsdp.yaml, 1 process) vs the plain trainer, per-step losses" "$TOL_FSDP" 0 || failed=1
-  # The FSDP run finished without FSDP: its epoch-1 checkpoint and records, as after a crash in epoch 2.
-  mkdir -p "$W/$finish"
-  cp -r "$W/$fsdp/epoch_1" "$W/$fsdp/steps.jsonl" "$W/$fsdp/metrics.jsonl" "$W/$finish/" 2>/dev/null || failed=1
-  train "$finish" --model "$VIT" --save_epochs 1 --checkpoint "$W/$finish/epoch_1" || failed=1
-  grep -q "^converted the training state of .* from fsdp" "$W/$finish.log" \
-    || { say "FAIL $VIT: the plain trainer did not convert the FSDP checkpoint"; failed=1; }
-  compare "$W/$fsdp/steps.jsonl" "$W/$finish/steps.jsonl" \
-    "$VIT: FSDP run finished by the plain trainer from epoch 1 vs the FSDP run, steps after $STEPS" "$TOL_SAME" \
-    "$STEPS" || failed=1
-  rm -rf "$W/$fsdp" "$W/$finish"
+  finish_elsewhere "$fsdp" "${VIT}_fsdp_then_plain" fsdp \
+    "FSDP run finished by the plain trainer from epoch 1 vs the FSDP run" "$TOL_SAME" \
+    train "${VIT}_fsdp_then_plain" --save_epochs 1 || failed=1
   # With DeepSpeed: a ZeRO-2 run's epoch-1 checkpoint finished under FSDP (ds_to_universal, then FSDP's loaders).
   if $PY -c "import deepspeed" >/dev/null 2>&1; then
-    local zero2=${VIT}_zero2 then_fsdp=${VIT}_zero2_then_fsdp
-    launched "$zero2" zero2 --model "$VIT" || failed=1
-    mkdir -p "$W/$then_fsdp"
-    cp -r "$W/$zero2/epoch_1" "$W/$zero2/steps.jsonl" "$W/$zero2/metrics.jsonl" "$W/$then_fsdp/" 2>/dev/null || failed=1
-    launched "$then_fsdp" fsdp --model "$VIT" --checkpoint "$W/$then_fsdp/epoch_1" || failed=1
-    grep -q "^converted the training state of .* from zero2 on 1 process(es) to fsdp" "$W/$then_fsdp.log" \
-      || { say "FAIL $VIT: FSDP did not convert the ZeRO-2 checkpoint"; failed=1; }
-    compare "$W/$zero2/steps.jsonl" "$W/$then_fsdp/steps.jsonl" \
-      "$VIT: ZeRO-2 run finished under FSDP from epoch 1 vs the ZeRO-2 run, steps after $STEPS" "$TOL_FSDP" \
-      "$STEPS" || failed=1
-    rm -rf "$W/$zero2" "$W/$then_fsdp"
+    launched "${VIT}_zero2" zero2 --model "$VIT" || failed=1
+    finish_elsewhere "${VIT}_zero2" "${VIT}_zero2_then_fsdp" zero2 \
+      "ZeRO-2 run finished under FSDP from epoch 1 vs the ZeRO-2 run" "$TOL_FSDP" \
+      launched "${VIT}_zero2_then_fsdp" fsdp || failed=1
   else
     say "skipped: a ZeRO-2 checkpoint finished under FSDP (deepspeed is not importable; carry .whl)"
   fi
+  rm -rf "$W/$fsdp" "$W/${VIT}_fsdp_then_plain" "$W/${VIT}_zero2" "$W/${VIT}_zero2_then_fsdp"
   RESULT=
   bench e_fsdp --models "$VIT" --modes eager --augment crop_flip --no-zero2 --fsdp || failed=1
   return $failed
