@@ -46,11 +46,19 @@ def launch_env(**extra) -> dict:
     return child_env(NPROC_PER_NODE="2", GPUS="0", MASTER_PORT=str(free_port()), **extra)
 
 
+def sigint_as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child, as a terminal's (or srun's) process has it. A script that starts
+    pytest in the background without job control (`python -m pytest &`) starts it with SIGINT ignored, every
+    process inherits that, and then bash cannot trap it (launch.sh) nor Python raise KeyboardInterrupt: both Ctrl-C
+    tests failed in a suite started so (2026-12-04), while the trainer was right."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     """In a session of its own, as srun starts a task; output to a file (a pipe could fill up and block)."""
     with open(log, "w") as out:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> str:
@@ -290,7 +298,8 @@ def test_ctrl_c_in_a_terminal_saves_like_preemption(data_dir, tmp_path):
 def test_ctrl_c_before_training_is_one_line_and_status_130(cifar_dir, tmp_path):
     process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"),
                                 *args_for(cifar_dir, tmp_path)], cwd=REPO, env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=sigint_as_in_a_terminal)
     # Once main() imports torch (trainer/main.py imports it nowhere else), and long before the trainer installs its
     # own handler (after reading the data and building the model).
     maps = Path(f"/proc/{process.pid}/maps")
