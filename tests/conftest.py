@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,6 +220,21 @@ def pytest_runtest_call(item):
         yield
     finally:
         _current_item = None
+
+
+def _sigint_reaches_children() -> tuple[bool, bool]:
+    """(SIGINT ignored, SIGINT blocked) in this thread: what every process started from here inherits."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_as_found():
+    """A test must not leave the worker's SIGINT ignored or blocked: every later process started from this worker
+    would inherit it and never see Ctrl-C (both Ctrl-C tests of test_preempt.py once failed so in one worker)."""
+    before = _sigint_reaches_children()
+    yield
+    assert _sigint_reaches_children() == before, \
+        f"the test left SIGINT (ignored, blocked) {_sigint_reaches_children()}, found {before}"
 
 
 # --- a trainer in a child process, watched while it runs ------------------------------------------------------
