@@ -32,6 +32,7 @@
 # Usage, in the repository root:
 #   OUT=results bash benchmarks/gpu_check.sh --stage a       # a GPU machine (the device tool sets OUT itself):
 #   OUT=results bash benchmarks/gpu_check.sh --stage b,c     # the preamble, then those stages; no --stage: all
+#   OUT=results bash benchmarks/gpu_check.sh --stage e,d     # (d last: it takes the time the others left)
 #   bash benchmarks/gpu_check.sh --cpu-smoke         # the same stages on the CPU, tiny models, a few steps
 #                                                    # (what needs CUDA is skipped, saying so); tests/test_gpu_check.py
 #   bash benchmarks/gpu_check.sh --make-wheels       # on a machine with PyPI: DeepSpeed and its needs into .whl/

@@ -222,7 +222,7 @@ def pytest_runtest_call(item):
         _current_item = None
 
 
-def _sigint_reaches_children() -> tuple[bool, bool]:
+def _sigint_state() -> tuple[bool, bool]:
     """(SIGINT ignored, SIGINT blocked) in this thread: what every process started from here inherits."""
     return signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
@@ -231,10 +231,10 @@ def _sigint_reaches_children() -> tuple[bool, bool]:
 def sigint_left_as_found():
     """A test must not leave the worker's SIGINT ignored or blocked: every later process started from this worker
     would inherit it and never see Ctrl-C (both Ctrl-C tests of test_preempt.py once failed so in one worker)."""
-    before = _sigint_reaches_children()
+    before = _sigint_state()
     yield
-    assert _sigint_reaches_children() == before, \
-        f"the test left SIGINT (ignored, blocked) {_sigint_reaches_children()}, found {before}"
+    assert _sigint_state() == before, \
+        f"the test left SIGINT (ignored, blocked) {_sigint_state()}, found {before}"
 
 
 # --- a trainer in a child process, watched while it runs ------------------------------------------------------

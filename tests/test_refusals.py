@@ -561,7 +561,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(trained, tmp_p
 ], ids=["processes", "zero3-ema", "fsdp-ema", "batch", "data", "model", "option", "usage", "fine"])
 def test_launch_sh_checks_a_launch_once_before_its_workers(data, tmp_path, capsys, launch, extra, message):
     """What launch.sh runs before it starts several workers (trainer/precheck.py), in this process: what the
-    process count or ZeRO stage cannot train, the data and the model, one line, exit 2, nothing written."""
+    process count or strategy cannot train, the data and the model, one line, exit 2, nothing written."""
     argv = ["--check_launch", *launch, *TINY, "--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run",
             *[a.format(tmp=tmp_path) for a in extra]]
     if message is None:

@@ -150,6 +150,7 @@ def test_launch_sh_fsdp_trains_the_same_model_as_ddp(launch):
     ddp, fsdp = launch("cpu_multi"), launch("fsdp")
     assert_fsdp_really_ran(fsdp)
     assert_same_training(ddp, fsdp, "fsdp")
+    assert all(relative_l2(weights(ddp, epoch), weights(fsdp, epoch)) == 0 for epoch in (1, 2))  # bit-identical
     assert_lrs_follow_the_schedule(read_jsonl(fsdp / "steps.jsonl"), warmup_steps=5, total_steps=10, peak=2e-3)
     # model.safetensors holds the full timm model, gathered from the shards.
     saved = weights(fsdp, 2)
@@ -223,7 +224,7 @@ def test_zero2_checkpoint_resumes_with_another_process_count(launch, noisy_cifar
     resolved = json.loads((resumed / "config.json").read_text())["resolved"]
     assert (resolved["distributed_type"], resolved["deepspeed_zero_stage"], resolved["processes"]) == ("DEEPSPEED", 2, after)
     assert relative_l2(weights(resumed, 2), weights(launch("zero2"), 2)) < DEEPSPEED_TOLERANCE
-    # The re-partitioned optimizer steps with the schedule's lr (read from it), as the uninterrupted run did.
+    # The converted optimizer steps with the schedule's lr (read from it), as the uninterrupted run did.
     assert [s["lr"] for s in read_jsonl(resumed / "steps.jsonl")] == \
         [s["lr"] for s in read_jsonl(launch("zero2") / "steps.jsonl")]
     assert read_jsonl(resumed / "metrics.jsonl")[-1]["val_acc1"] == read_jsonl(launch("zero2") / "metrics.jsonl")[-1]["val_acc1"]

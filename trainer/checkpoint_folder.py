@@ -134,11 +134,11 @@ def save(accelerator, ranks, model, save_dir: Path, name: str, info: dict, ema: 
     del state_dict
     # save_state is collective under DeepSpeed, so every process enters it even after a local failure.
     attempt(lambda: accelerator.save_state(str(staging / STATE_DIR)))
-    if not _all_ok(accelerator, failure is None):
+    if not all_ok(accelerator, failure is None):
         failure = failure or "failed on another process"
     if ranks.is_main and failure is None:
         attempt(lambda: _publish(staging, final, save_dir, name, info))
-    ok = _all_ok(accelerator, failure is None)
+    ok = all_ok(accelerator, failure is None)
     if not ok:
         if ranks.is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -147,7 +147,8 @@ def save(accelerator, ranks, model, save_dir: Path, name: str, info: dict, ema: 
     return final if ok else None
 
 
-def _all_ok(accelerator, ok: bool) -> bool:
+def all_ok(accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process (collective)."""
     import torch
     flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() == 0

@@ -1,4 +1,4 @@
-"""Export any checkpoint (DDP or DeepSpeed ZeRO) as a timm model folder.
+"""Export any checkpoint (DDP, DeepSpeed ZeRO or FSDP) as a timm model folder.
 
     python -m trainer.export checkpoint/epoch_25 --out exported/ [--ema] [--push_to_hub user/cifar100-vit]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_folder import MODEL_FILE, STATE_DIR, CheckpointError, load_weights
+from .checkpoint_folder import MODEL_FILE, STATE_DIR, CheckpointError, all_ok, load_weights
 
 def layout(distributed_type: str | None, zero_stage: int | None) -> str:
     """The checkpoint layout a run of this accelerate distributed type writes: zeroN, fsdp, or ddp (NO, MULTI_CPU,
@@ -63,7 +63,16 @@ def load(runtime, ranks, folder: Path, saved: dict, model, optimizer, param_name
     try:
         if deepspeed_source:
             ranks.on_main(lambda: _convert_deepspeed(folder, scratch), (CheckpointError,))
-        model_state, optimizer_state = read(folder, saved, param_names, scratch)
+        # Every process reads; they agree on the outcome before any enters write()'s collectives, so a read that
+        # fails on one process (a node whose mount lacks a file) is one refusal everywhere, not a hang.
+        problem = None
+        try:
+            model_state, optimizer_state = read(folder, saved, param_names, scratch)
+        except (CheckpointError, OSError, KeyError, ValueError, RuntimeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+        if not all_ok(runtime.accelerator, problem is None):
+            raise CheckpointError(f"could not read the training state of {folder} for this strategy "
+                                  f"({problem or 'failed on another process'})")
         write(runtime, model, optimizer, model_state, optimizer_state, param_names)
         load_rest(runtime.accelerator, folder)
     finally:
@@ -170,14 +179,14 @@ def _write_deepspeed(engine, model_state: dict, optimizer_state: dict) -> None:
     # loader builds the same entries from per-parameter files (base_optimizer.load_hp_checkpoint_state_from_
     # checkpoint_dir), which would mean writing the full state to disk first.
     partitions = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
-    first = next(iter(optimizer_state.values()), {})  # empty for a stateless optimizer (SGD without momentum)
+    keys = set().union(*optimizer_state.values())  # none for a stateless optimizer (SGD without momentum)
+    step = next((entry["step"] for entry in optimizer_state.values() if "step" in entry), None)
     for partition in partitions:
         entry = zero.optimizer.state[partition]
-        for key, value in first.items():
-            if key == "step":
-                entry["step"] = value.clone() if torch.is_tensor(value) else value
-            elif key not in entry:
-                entry[key] = torch.zeros_like(partition)
+        if step is not None:
+            entry["step"] = step.clone() if torch.is_tensor(step) else step
+        for key in keys - {"step"} - set(entry):
+            entry[key] = torch.zeros_like(partition)
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         zero._lazy_init_hp_params_optimizer_state()
     for name, param in engine.module.named_parameters():
@@ -207,7 +216,10 @@ def load_rest(accelerator, folder: Path) -> None:
     way under every strategy; with another process count the new ranks have no random state of their own and
     keep the seeded one (accelerate's loader says so in its log)."""
     from accelerate.checkpointing import load_accelerator_state, load_custom_state
+    from accelerate.utils import SCALER_NAME
     state_dir = str(Path(folder) / STATE_DIR)
-    load_accelerator_state(state_dir, [], [], [], [], accelerator.process_index)
+    # fp16's gradient scaler (accelerate's scaler.pt; not DeepSpeed's own loss scale, which is not carried over)
+    scaler = accelerator.scaler if (Path(state_dir) / SCALER_NAME).is_file() else None
+    load_accelerator_state(state_dir, [], [], [], [], accelerator.process_index, scaler=scaler)
     for index, obj in enumerate(accelerator._custom_objects):
         load_custom_state(obj, state_dir, index)

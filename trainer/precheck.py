@@ -5,7 +5,7 @@
 
 Inside the workers a refusal is printed by every process and reported by torch's elastic agent as a
 ChildFailedError traceback (exit 1). Here it is one line and exit 2, before any worker starts: the options and
-config file, --save_dir, what the process count and ZeRO stage allow (runtime.check_layout, the workers' own
+config file, --save_dir, what the process count and strategy allow (runtime.check_layout, the workers' own
 check), the data (downloaded here, once per node, when missing: the workers then read it), and the model with
 its weights (models.create_model and check_trainable, the workers' own). What needs the process group (the
 accelerator, a checkpoint's resume) is still checked by the workers.

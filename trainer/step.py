@@ -1,5 +1,5 @@
 """The optimizer step: one call, `step(micro_batches, step_images)`, returning this process's summed per-image
-loss on the device, whichever way the step runs: eagerly through accelerate (DDP or DeepSpeed, accumulating
+loss on the device, whichever way the step runs: eagerly through accelerate (DDP, DeepSpeed or FSDP, accumulating
 micro-batches), or as one captured CUDA graph (--cuda_graph, graphs.py). The loss is a plain function.
 """
 
