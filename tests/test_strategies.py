@@ -57,9 +57,9 @@ def launch(noisy_cifar_dir, tmp_path_factory):
     return launch
 
 
-def run_launch_sh(strategy: str, noisy_cifar_dir, save_dir, *extra: str, processes: int = 2):
+def run_launch_sh(strategy: str, noisy_cifar_dir, save_dir, *extra: str, processes: int = 2, check: bool = True):
     """`./launch.sh --strategy STRATEGY` with NPROC_PER_NODE processes on this machine without GPUs (it adds
-    --device cpu, as tests/test_launch.py checks), the runs' options as run() gives them."""
+    --device cpu, as tests/test_launch.py checks), the runs' options as run() gives them; `check`: it must exit 0."""
     import subprocess
 
     from conftest import child_env, free_port
@@ -68,7 +68,7 @@ def run_launch_sh(strategy: str, noisy_cifar_dir, save_dir, *extra: str, process
     env = child_env(NPROC_PER_NODE=str(processes), GPUS="0", MASTER_PORT=str(free_port()))
     result = subprocess.run([str(REPO / "launch.sh"), "--strategy", strategy, *map(str, args)], cwd=save_dir.parent,
                             env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
 
@@ -270,18 +270,11 @@ def test_a_checkpoint_resumes_under_another_strategy_and_process_count(launch, n
 def test_a_refusal_only_the_workers_can_make_is_one_line_through_launch_sh(launch, noisy_cifar_dir, tmp_path):
     """Through launch.sh, a refusal made after the process group formed (it reads the checkpoint): the line once,
     exit 2, without torch's ChildFailedError."""
-    import subprocess
-
-    from conftest import child_env, free_port
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(launch("zero3") / "epoch_1", resumed / "epoch_1")
-    args = TINY + ["--data_dir", noisy_cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
-                   "--micro_batch_size", "16", "--save_dir", resumed, "--checkpoint", resumed / "epoch_1",
-                   "--model_ema"]
-    env = child_env(NPROC_PER_NODE="2", GPUS="0", MASTER_PORT=str(free_port()))
-    result = subprocess.run([str(REPO / "launch.sh"), "--strategy", "ddp", *map(str, args)], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_launch_sh("ddp", noisy_cifar_dir, resumed, "--checkpoint", resumed / "epoch_1", "--model_ema",
+                           check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = (f"error: {resumed / 'epoch_1'} holds no model_ema.safetensors (saved without --model_ema); resume it "
             f"without --model_ema, or start from its model.safetensors with --pretrained_file")
@@ -292,16 +285,8 @@ def test_launch_sh_zero3_trains_like_ddp(launch, noisy_cifar_dir, tmp_path):
     """The issue's own words: `./launch.sh --strategy zero3 ...` trains to the same result as DDP (this module's
     DDP run: on the CPU, launch.sh --strategy ddp runs `accelerate launch` with cpu_multi.yaml and --device cpu,
     as tests/test_launch.py checks)."""
-    import subprocess
-
-    from conftest import child_env, free_port
     save_dir = tmp_path / "zero3"
-    args = TINY + ["--data_dir", noisy_cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
-                   "--micro_batch_size", "16", "--save_epochs", "1", "--save_dir", save_dir]
-    env = child_env(NPROC_PER_NODE="2", GPUS="0", MASTER_PORT=str(free_port()))
-    result = subprocess.run([str(REPO / "launch.sh"), "--strategy", "zero3", *map(str, args)], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_launch_sh("zero3", noisy_cifar_dir, save_dir)
     resolved = json.loads((save_dir / "config.json").read_text())["resolved"]
     assert (resolved["distributed_type"], resolved["deepspeed_zero_stage"], resolved["processes"]) == ("DEEPSPEED", 3, 2)
     ddp = launch("cpu_multi")
