@@ -51,7 +51,8 @@ def process_start() -> float:
     --time_limit counts the imports, the data and the model too; elsewhere, now."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
