@@ -158,12 +158,12 @@ model = timm.create_model("test_vit", num_classes=100, img_size=(32, 32)).cuda()
 loader = [(torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, device="cuda"),
            torch.randint(0, 100, (50,), device="cuda")) for _ in range(4)]
 normalize = Normalize((0.5,) * 3, (0.5,) * 3, 32, "cuda")
-evaluate_model(accelerator, model, loader, normalize)  # warm-up: cuBLAS and the allocator
+evaluate_model(accelerator, model, loader, normalize, 100)  # warm-up: cuBLAS and the allocator
 torch.cuda.synchronize()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
-    evaluate_model(accelerator, model, loader, normalize)
+    evaluate_model(accelerator, model, loader, normalize, 100)
     torch.cuda.set_sync_debug_mode("default")
 # (torch also warns once that the mode is a prototype: not a synchronising call)
 syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing CUDA operation" in str(w.message)]

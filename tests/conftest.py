@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.synthetic import write_fake_cifar100
+from trainer.synthetic import write_digits, write_fake_cifar100
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = str(REPO / "trainer" / "main.py")
@@ -89,6 +89,13 @@ def noisy_cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("noisy_cifar")
     write_fake_cifar100(root, num_train=288, num_test=201, num_classes=10, noise=0.8)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict[str, list[str]]:
+    """scikit-learn's digits as an image folder, a parquet data set and CIFAR-10 pickles (trainer.synthetic):
+    each source's trainer options."""
+    return write_digits(tmp_path_factory.mktemp("digits"))
 
 
 def warmup_cosine_lr(step: int, warmup_steps: int, total_steps: int, peak: float) -> float:
@@ -200,6 +207,13 @@ def pytest_collection_modifyitems(items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "launches: the test starts processes (the full suite only; "
                                        "the fast tier is -m 'not launches')")
+    # `datasets` converts a data set into its cache on first read: a temporary one, not the user's ~/.cache.
+    import atexit
+    import shutil
+    import tempfile
+    cache = tempfile.mkdtemp(prefix="hf-datasets-cache-")
+    os.environ["HF_DATASETS_CACHE"] = cache
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

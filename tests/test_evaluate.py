@@ -135,10 +135,10 @@ def test_evaluation_counts_every_image_once_in_its_totals_and_confusion_matrix()
 
     loader = [(images[i:i + 7], labels[i:i + 7]) for i in range(0, 17, 7)]
     totals, confusion, no_labels, no_predictions = evaluate_model(Accelerator(cpu=True), Lookup(), loader,
-                                                                   Normalize((0.5,) * 3, (0.5,) * 3, 2))
+                                                                   Normalize((0.5,) * 3, (0.5,) * 3, 2), NUM_CLASSES)
     assert no_labels is None and no_predictions is None  # per image only when asked
     per_image = evaluate_model(Accelerator(cpu=True), Lookup(), loader, Normalize((0.5,) * 3, (0.5,) * 3, 2),
-                               per_image=True)
+                               NUM_CLASSES, per_image=True)
     predicted = logits.argmax(dim=1)
     assert torch.equal(per_image.labels, labels) and torch.equal(per_image.predictions, predicted)
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")

@@ -49,7 +49,9 @@ SET_ASIDE_DIR = ".overwritten"
 # holds, their order and augmentation, a function of seed and epoch) are counted in steps of batch_size, so a
 # changed batch_size or seed would continue neither the saved run nor one that config.json describes;
 # layer_decay shapes timm's parameter groups, which the saved optimizer state is matched to (so does
-# weight_decay 0 against > 0, checked apart). Every other option takes effect from the resumed step (see
+# weight_decay 0 against > 0, checked apart). The data is compared by what it is, not by --data's spelling: its
+# classes (the model's head) and its number of training images (what the plan indexes), so that a data set copied
+# to another path (a node's local disk) resumes. Every other option takes effect from the resumed step (see
 # CheckpointManager.resume).
 FIXED_ON_RESUME = ("model", "image_size", "optimizer", "batch_size", "seed", "layer_decay")
 # Options about one session rather than the run (how it is started, where its folder is, how it is shown and
@@ -62,6 +64,17 @@ def changed_options(before: dict, now: dict) -> dict[str, list]:
     `before` does not know, from an older version of the trainer, is not compared)."""
     return {k: [before[k], v] for k, v in now.items() if k not in SESSION_OPTIONS and k in before and before[k] != v}
 
+
+
+def class_change(saved_names, saved_count: int, names) -> str | None:
+    """How the data's classes differ from a checkpoint's (None: the same), named by the first that differs."""
+    names = list(names)
+    if saved_count != len(names):
+        return f"{saved_count} classes -> {len(names)}"
+    if saved_names is None or list(saved_names) == names:
+        return None
+    i = next(i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b)
+    return f"class {i} {saved_names[i]!r} -> {names[i]!r}"
 
 
 def epoch_name(epoch: int) -> str:
@@ -168,7 +181,8 @@ class CheckpointManager:
         resolved = self.resolved
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
                 "step_in_epoch": self.progress.step_in_epoch, "val_acc1": val_acc1,
-                "timm_model": resolved["timm_model"], "num_classes": 100,
+                "timm_model": resolved["timm_model"], "num_classes": resolved["num_classes"],
+                "class_names": resolved["class_names"], "data_title": resolved["data_title"],
                 # what timm.create_model needs besides the name to rebuild this model (for export)
                 "model_kwargs": {"img_size": list(img_size)} if img_size is not None else {},
                 "compiled": self.config.compile, "model_ema": self.ema is not None,
@@ -319,7 +333,7 @@ class CheckpointManager:
         here = self.resolved
         saved = read_manifest(folder)
         steps_per_epoch = here["steps_per_epoch"]
-        changed = self.check_resume_options(folder, saved, here["train_images"])
+        changed = self.check_resume_options(folder, saved, here["train_images"], here["class_names"])
         rt = self.runtime
         if saved.get("compiled", False) != self.config.compile:
             # accelerate's training state names the weights with or without torch.compile's wrapper.
@@ -377,7 +391,7 @@ class CheckpointManager:
                      + (f"; from here on with changed options: {changes}" if changed else ""))
         return {"checkpoint": str(folder), "epoch": p.epoch, "global_step": p.global_step, "changed_options": changed}
 
-    def check_resume_options(self, folder: Path, saved: dict, num_train: int) -> dict:
+    def check_resume_options(self, folder: Path, saved: dict, num_train: int, class_names) -> dict:
         """Refuse what a resume cannot change (FIXED_ON_RESUME); return the options that changed."""
         config = self.config
         before = saved.get("options")
@@ -390,6 +404,10 @@ class CheckpointManager:
                          f"changes the optimizer's parameter groups)")
         if saved.get("train_images", num_train) != num_train:
             fixed.append(f"training images {saved['train_images']} -> {num_train}")
+        # Checkpoints from before --data recorded no class names: CIFAR-100's 100 classes.
+        classes = class_change(saved.get("class_names"), saved.get("num_classes", 100), class_names)
+        if classes is not None:
+            fixed.append(classes)
         if fixed:
             raise CheckpointError(
                 f"{folder} cannot be resumed with {', '.join(fixed)}: resume with the checkpoint's values, or start "

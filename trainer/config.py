@@ -57,10 +57,12 @@ class TrainConfig:
     """Side of the square training image in pixels; CIFAR's 32x32 images are resized when different."""
 
     # --- data --------------------------------------------------------------------------------
+    data: str = "cifar100"
+    """`cifar100`, `cifar10`, `imagefolder:PATH` (PATH/train/<class>/, PATH/val/<class>/) or `hf:PATH_OR_NAME` (a Hugging Face datasets data set)."""
     data_dir: str = "./data"
-    """Folder that holds `cifar-100-python/`; downloaded there when missing."""
+    """Folder that holds `cifar-100-python/` (or CIFAR-10's `cifar-10-batches-py/`); downloaded there when missing."""
     download: bool = True
-    """Download CIFAR-100 into data_dir when it is missing."""
+    """Download CIFAR-100 (or CIFAR-10) into data_dir when it is missing."""
     augment: Literal["crop_flip", "randaug", "none"] = "crop_flip"
     """`crop_flip`: random crop of the 4-pixel zero-padded image + flip; `randaug`: then timm's RandAugment; `none`."""
     randaug: str = "rand-m9-mstd0.5-inc1"
@@ -198,6 +200,7 @@ class TrainConfig:
         _need(0 <= self.label_smoothing < 1, f"--label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         _need(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
         _need(self.image_size >= 8, f"--image_size must be at least 8 pixels, got {self.image_size}")
+        data_source(self.data)  # a ConfigError naming the accepted spellings
         _need(self.save_epochs == -1 or self.save_epochs >= 1, f"--save_epochs must be -1 or >= 1, got {self.save_epochs}")
         _need(self.log_interval >= 1, f"--log_interval must be at least 1, got {self.log_interval}")
         _need(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")
@@ -259,6 +262,19 @@ class TrainConfig:
         return MODEL_PRESETS.get(self.model, (self.model, {}))
 
 
+DATA_KINDS = ("cifar100", "cifar10", "imagefolder:PATH", "hf:PATH_OR_NAME")
+
+
+def data_source(spec: str) -> tuple[str, str | None]:
+    """--data as (kind, location): ("cifar100", None), ("imagefolder", "/data/pets"), ("hf", "user/name"), ..."""
+    kind, colon, location = spec.partition(":")
+    if not colon and kind in ("cifar100", "cifar10"):
+        return kind, None
+    if colon and kind in ("imagefolder", "hf") and location.strip():
+        return kind, os.path.expanduser(location) if kind == "imagefolder" else location
+    raise ConfigError(f"--data {spec!r} is not one of: {', '.join(DATA_KINDS)}")
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -303,6 +319,13 @@ def check_environment(config: TrainConfig) -> None:
         _need(Path(config.pretrained_file).is_file(), f"--pretrained_file {config.pretrained_file} does not exist")
     if config.checkpoint is not None:
         _need(Path(config.checkpoint).is_dir(), f"--checkpoint {config.checkpoint} is not a folder")
+    kind, location = data_source(config.data)
+    if kind == "imagefolder":
+        _need(Path(location).is_dir(), f"--data imagefolder:{location}: no such folder")
+    if kind == "hf":
+        import importlib.util
+        _need(importlib.util.find_spec("datasets") is not None,
+              f"--data {config.data} needs Hugging Face datasets: pip install -e '.[datasets]'")
     if config.augment == "randaug":  # the string's form was checked in __post_init__; here, whether timm takes it
         from timm.data import rand_augment_transform
         try:

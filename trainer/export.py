@@ -3,8 +3,8 @@
     python -m trainer.export checkpoint/epoch_25 --out exported/ [--ema] [--push_to_hub user/cifar100-vit]
 
 writes what timm's own saver (`timm.models.save_for_hf`) writes: `model.safetensors` and `config.json`
-(architecture, num_classes 100, the model arguments such as ViT's img_size, the input size and normalisation
-the run used, CIFAR-100's 100 label names), plus a model card `README.md` with the run's options and final
+(architecture, num_classes, the model arguments such as ViT's img_size, the input size and normalisation
+the run used, the run's class names: CIFAR-100's 100, or its --data's), plus a model card `README.md` with the run's options and final
 metrics. `--ema` exports the checkpoint's EMA weights instead. Load it with
 
     model = timm.create_model("local-dir:exported", pretrained=True)   # pretrained=True: load the folder's weights
@@ -73,8 +73,11 @@ def run_records(folder: Path) -> tuple[dict, dict | None]:
     return config, metrics
 
 
-def label_names(data_dir: str | None) -> list[str]:
-    """The run's own class names (its data's `meta` pickle) when its data folder is still there, else CIFAR-100's."""
+def label_names(info: dict, data_dir: str | None) -> list[str]:
+    """The run's class names: those its checkpoint recorded (any --data); for a checkpoint from before they were
+    recorded (always CIFAR-100), its data's `meta` pickle when its data folder is still there, else CIFAR-100's."""
+    if info.get("class_names"):
+        return list(info["class_names"])
     from .data import CIFAR100_CLASSES, CIFAR_FOLDER, DataError, read_class_names
     meta = Path(data_dir or "", CIFAR_FOLDER, "meta").expanduser()
     if data_dir is not None and meta.is_file():
@@ -97,8 +100,9 @@ def export_kwargs(folder: Path, model, info: dict, ema: bool) -> dict:
         # The trainer feeds the whole 32x32 image, bilinearly resized to image_size: no crop.
         "input_size": (3, image_size, image_size), "crop_pct": 1.0, "interpolation": "bilinear",
     }
-    names = label_names(options.get("data_dir"))
-    details = {"Architecture": info["timm_model"], "Dataset": "CIFAR-100", "Classes": info["num_classes"],
+    names = label_names(info, options.get("data_dir"))
+    dataset = info.get("data_title", "CIFAR-100")
+    details = {"Architecture": info["timm_model"], "Dataset": dataset, "Classes": info["num_classes"],
                "Image size": f"{image_size} x {image_size}", "Weights": "EMA" if ema else "trained model",
                "Checkpoint": f"{folder.name} (epoch {info.get('epoch')}, step {info.get('global_step')})",
                "Params (M)": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"}
@@ -108,10 +112,11 @@ def export_kwargs(folder: Path, model, info: dict, ema: bool) -> dict:
         details["Final train loss"] = metrics.get("train_loss")
     if options:
         details["Training options"] = options
-    card = {"description": f"{info['timm_model']} fine-tuned on CIFAR-100 with cifar-trainer (timm + accelerate).",
+    card = {"description": f"{info['timm_model']} fine-tuned on {dataset} with cifar-trainer (timm + accelerate).",
             "details": details,
             "usage": "```python\nimport timm\nmodel = timm.create_model(\"local-dir:PATH\", pretrained=True)  "
-                     "# or \"hf-hub:NAME\" once pushed\nmodel.pretrained_cfg[\"label_names\"]  # the 100 classes\n```"}
+                     "# or \"hf-hub:NAME\" once pushed\nmodel.pretrained_cfg[\"label_names\"]  "
+                     f"# the {len(names)} classes\n```"}
     return {"model_config": {"label_names": names}, "data_config": data_config, "model_card": card}
 
 

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 
 from .checkpoint import CheckpointManager
 from .config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig
-from .data import Normalize, TrainSteps, ensure_downloaded, iterate_steps, load_cifar100
+from .data import Normalize, TrainSteps, iterate_steps, load_data
 from .evaluation import Evaluator
 from .models import check_trainable, count_parameters, create_model
 from .optim import create_optimizer, create_scheduler, scheduled_lr
@@ -28,7 +28,8 @@ from .preemption import Preempted, StopRequest, StopVote
 from .ranks import Ranks
 from .run_lock import RunLock
 from .run_log import RunLog
-from .runtime import check_batch_fits, configure_fsdp, deepspeed_applied, fsdp_applied, resolve_runtime
+from .runtime import (check_batch_fits, configure_fsdp, deepspeed_applied, fsdp_applied, resolve_runtime,
+                      training_set_fits)
 from .step import create_step
 from .time_limit import TimeLimit
 
@@ -68,28 +69,35 @@ class Trainer:
         self.save_dir = Path(config.save_dir)
 
         with self.ranks.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
-            folder = ensure_downloaded(config.data_dir, config.download) if downloads \
-                else Path(config.data_dir) / "cifar-100-python"
-        train, test, _ = load_cifar100(folder)  # the class names are read to validate the meta file
+            self.data = data = load_data(config.data, config.data_dir, config.image_size, downloads, config.download)
+        for note in data.notes:
+            self.ranks.say(note)
+        train, test = data.train, data.test
         self.num_train, self.num_test = len(train.labels), len(test.labels)
-        check_batch_fits(config.batch_size, self.num_train, folder / "train")
+        check_batch_fits(config.batch_size, self.num_train, data.train_source)
 
         set_seed(config.seed)  # the same initial head on every process and topology
         with self.ranks.first_on_main():  # pretrained weights: download once, then read the cache
-            model = create_model(config)
+            model = create_model(config, data.num_classes)
         self.num_parameters = count_parameters(model)
         check_trainable(model, config, self.num_train, rt.processes, rt.accumulation)
         data_cfg = model.pretrained_cfg
         self.normalize = Normalize(data_cfg.get("mean", (0.5,) * 3), data_cfg.get("std", (0.5,) * 3),
                                    config.image_size)
         if rt.data_on_accelerator:
-            train.images, train.labels = train.images.to(rt.device), train.labels.to(rt.device)
+            nbytes = train.images.numel() * train.images.element_size()
+            if training_set_fits(nbytes, torch.cuda.mem_get_info(rt.device)[0], config.data_device, data.title):
+                train.images, train.labels = train.images.to(rt.device), train.labels.to(rt.device)
+            else:
+                rt.data_on_accelerator = False  # recorded so in config.json
+                self.ranks.say(f"the training set ({nbytes / 2**30:.1f} GiB) stays on the CPU: more than a quarter "
+                               f"of the GPU's free memory (--data_device auto)")
         self.train_steps = TrainSteps(
             train, self.normalize.to(train.images.device), config.augment, config.seed, config.batch_size, rt.rank,
             rt.processes, rt.accumulation,
             randaug=config.randaug, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
             mixup_prob=config.mixup_prob, mixup_switch_prob=config.mixup_switch_prob,
-            label_smoothing=config.label_smoothing, pad=config.cuda_graph)
+            label_smoothing=config.label_smoothing, pad=config.cuda_graph, num_classes=data.num_classes)
         self.steps_per_epoch = len(self.train_steps)
 
         model.to(rt.device)  # before the optimizer, whose fused/capturable state lives beside the weights
@@ -117,7 +125,8 @@ class Trainer:
         self.model, self.optimizer, self.test_loader = accelerator.prepare(model, optimizer, test_loader)
         self.step = create_step(rt, self.model, self.optimizer, config)
         self.plain_model = self.step.plain_model  # the bare timm model (the EMA follows it)
-        self.evaluator = Evaluator(rt, self.test_loader, self.normalize.to(rt.device))  # its own: see Normalize
+        # With its own Normalize on the device (see Normalize).
+        self.evaluator = Evaluator(rt, self.test_loader, self.normalize.to(rt.device), data.num_classes)
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.scheduler, self.progress)
         # Built once, every part being built: config.json, the start-up line, the resume checks and each
@@ -144,6 +153,7 @@ class Trainer:
             **rt.resolved(),
             "steps_per_epoch": self.steps_per_epoch,
             "last_step_images": self.num_train - (self.steps_per_epoch - 1) * self.config.batch_size,
+            **self.data.describe(),
             "train_images": self.num_train,
             "test_images": self.num_test,
             "compile": self.config.compile,
@@ -268,6 +278,8 @@ class Trainer:
         self.log.start(self.progress.epoch, self.progress.global_step, r, resumed)
         self.log.say(
             f"model {cfg.model} ({r['timm_model']}, {r['parameters'] / 1e6:.2f} M parameters) | "
+            f"{r['data_title']}: {r['train_images']} train / {r['test_images']} test images, "
+            f"{r['num_classes']} classes | "
             f"{r['distributed_type']} on {r['processes']} process(es), {r['device']} | "
             f"micro-batch {r['micro_batch_size']} x accumulation {r['accumulation_steps']} x {r['processes']} "
             f"processes = global batch {r['global_batch_size']} | {r['steps_per_epoch']} steps per epoch "

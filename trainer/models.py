@@ -52,11 +52,12 @@ def _check_pretrained_available(name: str) -> None:
             raise ConfigError(f"pretrained weights of {name} are not cached and {cfg.url} cannot be reached; {hint}")
 
 
-def create_model(config: TrainConfig) -> torch.nn.Module:
+def create_model(config: TrainConfig, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+    """The timm model of --model with a head of `num_classes` (the data's classes)."""
     name, kwargs = config.timm_name_and_kwargs()
     if not timm.is_model(name):
         raise ConfigError(f"--model {config.model!r} is neither a preset (nfnet, vit) nor a timm model name")
-    kwargs = dict(kwargs, num_classes=NUM_CLASSES)
+    kwargs = dict(kwargs, num_classes=num_classes)
     if config.pretrained_file is not None:
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(config.pretrained_file))
     elif config.pretrained:

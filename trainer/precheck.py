@@ -34,12 +34,11 @@ def check_launch(argv: list[str], processes: int, strategy: str) -> None:
     (launch.sh's: single, ddp, zero1, zero2, zero3, zero2_offload, zero3_offload, fsdp) would refuse."""
     config = parse_config(argv)  # first, before torch is imported: the options' own refusals in a fraction of a second
     check_writable_folder(config.save_dir, "--save_dir")
-    from .data import ensure_downloaded, load_cifar100
+    from .data import load_data
     from .models import check_trainable, create_model
     from .runtime import check_batch_fits, check_layout, runs_on_cpu
 
     _, accumulation = check_layout(config, processes, strategy, runs_on_cpu(config.device))
-    folder = ensure_downloaded(config.data_dir, config.download)
-    train, _, _ = load_cifar100(folder)
-    check_batch_fits(config.batch_size, len(train.labels), folder / "train")
-    check_trainable(create_model(config), config, len(train.labels), processes, accumulation)
+    data = load_data(config.data, config.data_dir, config.image_size, fetch=True, download=config.download)
+    check_batch_fits(config.batch_size, len(data.train.labels), data.train_source)
+    check_trainable(create_model(config, data.num_classes), config, len(data.train.labels), processes, accumulation)

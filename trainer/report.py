@@ -162,6 +162,8 @@ def differences(run: Run, wanted: dict) -> list[str]:
     out = []
     for key, value in wanted.items():
         have = run.resolved.get("timm_model") if key == "model" else run.options.get(key)
+        if key == "data" and have is None:  # recorded from the version that added --data on; CIFAR-100 before
+            have = "cifar100"
         if key == "model":
             value = timm_name(value)
         if not _same(have, value):
@@ -180,7 +182,8 @@ def attach_study(run: Run, study: Study) -> None:
     if run.experiment is None:
         run.note = f"no experiment of {study.path.name} uses {run.describe()}"
         return
-    diff = differences(run, study.settings(run.experiment))
+    # A study file's reference results are CIFAR-100's unless its options name another --data.
+    diff = differences(run, {"data": "cifar100", **study.settings(run.experiment)})
     if diff:
         run.note = f"settings differ from the reference {run.experiment}: {', '.join(diff)}"
     elif not study.experiments[run.experiment]["reference"]:
@@ -455,7 +458,7 @@ def write_report(paths, out, study_path=DEFAULT_STUDY) -> Path:
     if evaluated:
         lines += ["## Per-class evaluation of the final checkpoint", "",
                   "By `python -m trainer.evaluate`; each figure is the confusion matrix in percent of the true "
-                  "class, classes grouped by CIFAR-100's 20 superclasses.", ""]
+                  "class (for CIFAR-100, classes grouped by its 20 superclasses).", ""]
     for run in evaluated:
         figure = None
         if (run.path / EVALUATION_DIR / "confusion.png").is_file():

@@ -6,6 +6,7 @@
     python -m trainer.study --submit slurm --seeds 3          # a SLURM job array, a task per run (trainer/slurm.py)
     python -m trainer.study --save_dir /tmp/smoke --epochs 1 --warmup_epochs 0 --model test_vit \\
         --no-pretrained --data_dir /tmp/fake_cifar          # a CPU smoke test of the whole pipeline
+    python -m trainer.study --data imagefolder:/data/pets --model resnet18  # the study's recipes on your own data
 
 With `--seeds N` (or `seeds: N` in the study file) every experiment runs N times, with seeds --seed, --seed + 1,
 ..., into `{save_dir}/{experiment}/seed_{seed}/`, and the report shows each experiment's mean and spread and, for
@@ -51,7 +52,7 @@ import yaml
 
 from .checkpoint import final_checkpoint, has_checkpoint
 from .config import (PREEMPTED_EXIT_CODE, ConfigError, OneLineArgumentParser, TrainConfig, check_writable_folder,
-                     parse_config, typed_value)
+                     data_source, parse_config, typed_value)
 from .errors import UserError, run_command
 from .records import CONFIG_FILE, METRICS_FILE, read_lines, read_run_config
 from .time_limit import parse_duration
@@ -60,7 +61,10 @@ DEFAULT_STUDY = Path(__file__).with_name("study.yaml")
 EVALUATION_DIR = "evaluation"  # a run's trainer.evaluate output, which the runner writes and the report shows
 
 LOG_FILE = "train.log"
-CIFAR_FOLDER = "cifar-100-python"  # trainer/data/cifar.py's, written out: importing trainer.data imports torch
+# trainer/data/cifar.py's folders and files, written out: importing trainer.data imports torch.
+CIFAR_FILES = {"cifar100": ("cifar-100-python", ("train", "test", "meta")),
+               "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",
+                                                                                                    "batches.meta"))}
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--resume": "the runner resumes with --resume auto itself",
@@ -200,11 +204,18 @@ def check_same_settings(run_dir: Path, config: TrainConfig, keys) -> None:
 
 
 def check_data(config: TrainConfig) -> None:
-    """A run that would stop on missing data stops the study now, before any run folder or log is written."""
-    folder = Path(config.data_dir) / CIFAR_FOLDER
-    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    """A run that would stop on missing CIFAR data stops the study now, before any run folder or log is written
+    (an image folder's or a Hugging Face data set's absence is refused by parse_config; their content is read by
+    check_runs)."""
+    kind, _ = data_source(config.data)
+    if kind not in CIFAR_FILES:
+        return
+    folder_name, files = CIFAR_FILES[kind]
+    folder = Path(config.data_dir) / folder_name
+    missing = [name for name in files if not (folder / name).is_file()]
+    title = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}[kind]
     if missing and not config.download:
-        raise StudyError(f"CIFAR-100 not found in {config.data_dir} ({folder / missing[0]} is missing) and "
+        raise StudyError(f"{title} not found in {config.data_dir} ({folder / missing[0]} is missing) and "
                          f"--no-download is set; fix --data_dir or allow the download")
     if missing:
         check_writable_folder(config.data_dir, "--data_dir")  # where the first run will download it

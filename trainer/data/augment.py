@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cifar import NUM_CLASSES
 
 PAD = 4  # pixels of zero padding for the random crop, as in the reference study
 
@@ -159,7 +158,7 @@ def mix(mixer, images: torch.Tensor, labels: torch.Tensor, real: int, seed: int)
     Padding and, for an odd count, the last real image keep their own image and a (smoothed) one-hot target.
     """
     from timm.data.mixup import mixup_target
-    targets = mixup_target(labels, NUM_CLASSES, smoothing=mixer.label_smoothing)
+    targets = mixup_target(labels, mixer.num_classes, smoothing=mixer.label_smoothing)
     paired = real - real % 2  # timm's Mixup pairs image i with image n-1-i: it needs an even count
     if paired:
         with seeded(seed):

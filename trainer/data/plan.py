@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from .augment import PAD, Normalize, crop_flip, mix, posterize, rand_augment, random_erase
-from .cifar import IMAGE_SHAPE, NUM_CLASSES, Split
+from .cifar import NUM_CLASSES, Split
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -68,7 +68,8 @@ class TrainSteps(torch.utils.data.Dataset):
     def __init__(self, split: Split, normalize: Normalize, augment: str, seed: int, batch_size: int,
                  rank: int, world: int, accumulation: int, *, randaug: str = "rand-m9-mstd0.5-inc1",
                  reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0,
-                 mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0, pad: bool = False):
+                 mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0, pad: bool = False,
+                 num_classes: int = NUM_CLASSES):
         self.split, self.normalize, self.augment, self.seed = split, normalize, augment, seed
         self.pad = pad  # fill every micro-batch up to the full size (CUDA graphs need one static shape)
         self.batch_size, self.rank, self.world, self.accumulation = batch_size, rank, world, accumulation
@@ -84,7 +85,7 @@ class TrainSteps(torch.utils.data.Dataset):
             # mean colour where ops leave the image, one interpolation.
             mean = tuple(min(255, round(255 * m)) for m in normalize.mean.flatten().tolist())
             self.randaug = rand_augment_transform(randaug, dict(
-                translate_const=int(IMAGE_SHAPE[-1] * 0.45), img_mean=mean, interpolation=Image.BILINEAR))
+                translate_const=int(split.images.shape[-1] * 0.45), img_mean=mean, interpolation=Image.BILINEAR))
             for op in self.randaug.ops:
                 if op.name.startswith("Posterize"):
                     op.aug_fn = posterize
@@ -95,7 +96,7 @@ class TrainSteps(torch.utils.data.Dataset):
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup
             self.mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
-                               mode="batch", label_smoothing=label_smoothing, num_classes=NUM_CLASSES)
+                               mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
 
     def set_epoch(self, epoch: int) -> None:
         plan = EpochPlan.draw(len(self.split.labels), self.seed, epoch)
@@ -109,7 +110,7 @@ class TrainSteps(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, weights) per micro-batch.
 
-        labels are class indices, or with mixup/cutmix soft targets of shape (micro-batch, 100).
+        labels are class indices, or with mixup/cutmix soft targets of shape (micro-batch, classes).
 
         In the epoch's short last step a micro-batch holds only its real images (weight 1), so BatchNorm's
         batch and running statistics see no padding; torch.compile compiles its shapes once per run. Two cases are

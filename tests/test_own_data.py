@@ -1,0 +1,282 @@
+"""--data: CIFAR-10, image folders and Hugging Face data sets, with the same guarantees as CIFAR-100's pickles.
+
+The images are real ones a package ships: scikit-learn's handwritten digits, written by trainer.synthetic as an
+image folder of grey PNGs, a parquet data set and CIFAR-10 pickles (tests/conftest.py's `digits`).
+"""
+
+import json
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (TINY, assert_same_run, assert_same_weights, launching, load_weights, refused, relative_l2,
+                      run_trainer, start_trainer, wait_while_running)
+from trainer import checkpoint, records
+from trainer.data import DataError, load_data
+from trainer.synthetic import DIGIT_CLASSES
+
+# 1,437 training digits in 12 steps of 128 (the last of 29), crop and flip drawn by the epoch plan.
+DIGITS = TINY + ["--batch_size", 128, "--augment", "crop_flip", "--eval_batch_size", 90]
+STEPS_PER_EPOCH = 12
+
+
+def options(digits, source, save_dir, *extra):
+    return DIGITS + digits[source] + ["--save_dir", save_dir, *extra]
+
+
+def source_of(digits, source):
+    """load_data's arguments for one of the digits' sources."""
+    args = digits[source]
+    data_dir = args[args.index("--data_dir") + 1] if "--data_dir" in args else "./data"
+    return args[1], data_dir
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def test_the_digits_read_the_same_from_a_folder_a_parquet_data_set_and_cifar10(digits):
+    """The three readers give the same tensors, labels and class names: so a run gives the same weights."""
+    loaded = [load_data(*source_of(digits, s), image_size=32, fetch=False, download=False)
+              for s in ("cifar10", "folder", "parquet")]
+    reference = loaded[0]
+    assert reference.class_names == DIGIT_CLASSES and len(reference.train.labels) == 1437
+    for data in loaded[1:]:
+        assert data.class_names == DIGIT_CLASSES
+        for split, want in ((data.train, reference.train), (data.test, reference.test)):
+            assert torch.equal(split.images, want.images) and torch.equal(split.labels, want.labels)
+    assert loaded[1].notes == [f"{digits['folder'][1].split(':', 1)[1]}: converted to RGB as timm's loader does: "
+                               f"1797 grey image(s)"]
+
+
+def test_images_of_any_size_and_mode_become_rgb_squares_as_torchvisions_resize_and_center_crop_make_them(tmp_path):
+    from torchvision import transforms
+    sizes = {"L": (40, 60), "RGBA": (64, 48), "CMYK": (32, 32), "P": (50, 50), "RGB": (33, 90)}
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i, (mode, (w, h)) in enumerate(sizes.items()):
+            folder = tmp_path / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(
+                folder / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+    data = load_data(f"imagefolder:{tmp_path}", "./data", image_size=24, fetch=False)
+    expected = transforms.Compose([transforms.Resize(24, transforms.InterpolationMode.BILINEAR),
+                                   transforms.CenterCrop(24), transforms.PILToTensor()])
+    files = sorted((tmp_path / "train").rglob("*.*"))  # ImageFolder's order: class b after a, names sorted
+    for image, path in zip(data.train.images, files):
+        assert torch.equal(image, expected(Image.open(path).convert("RGB"))), path
+    assert data.train.images.shape == (5, 3, 24, 24) and data.class_names == ["a", "b"]
+    assert data.notes == [f"{tmp_path}: converted to RGB as timm's loader does: 2 CMYK, 2 grey, 2 palette, 2 RGBA "
+                          f"image(s)"]
+
+
+# --- bad data: one line naming the file, exit 2, before training -----------------------------------------------
+
+def image_folder(root, classes=("cat", "dog"), val_classes=None, per_class=3):
+    for split, names in (("train", classes), ("val", val_classes or classes)):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path, capsys):
+    root = image_folder(tmp_path / "data")
+    (root / "train" / "empty").mkdir()
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"],
+                      capsys)
+    assert message.startswith(f"error: {root / 'train'}: Found no valid file for the classes empty.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_truncated_image_is_refused_naming_the_file(tmp_path, capsys):
+    root = image_folder(tmp_path / "data")
+    broken = root / "val" / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"],
+                      capsys)
+    assert message.startswith(f"error: {broken} is not a readable image (") and message.endswith("remove or replace it")
+
+
+def test_a_validation_class_that_training_lacks_is_refused(tmp_path, capsys):
+    root = image_folder(tmp_path / "data", val_classes=("cat", "cow"))
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"],
+                      capsys)
+    assert message == (f"error: {root / 'val' / 'cow'}: class 'cow' has no folder in {root / 'train'}; the labels "
+                       f"come from the training classes, so add its training images or remove it")
+
+
+def test_a_folder_without_train_and_val_is_refused(tmp_path, capsys):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    message = refused(TINY + ["--data", f"imagefolder:{tmp_path / 'data'}", "--save_dir", tmp_path / "run"], capsys)
+    assert "must hold train/<class>/ and val/<class>/" in message
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("imagenet", "--data 'imagenet' is not one of: cifar100, cifar10, imagefolder:PATH, hf:PATH_OR_NAME"),
+    ("imagefolder:", "--data 'imagefolder:' is not one of"),
+    ("imagefolder:/no/such/folder", "--data imagefolder:/no/such/folder: no such folder"),
+])
+def test_a_bad_data_option_is_refused_before_anything_is_read(tmp_path, capsys, spec, message):
+    assert message in refused(TINY + ["--data", spec, "--save_dir", tmp_path / "run"], capsys)
+
+
+def parquet_data_set(root, labels, names=("cat", "dog"), label_feature=True):
+    import datasets
+    label = datasets.ClassLabel(names=list(names)) if label_feature else datasets.Value("int64")
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    for split in ("train", "validation"):
+        rows = {"image": [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(labels))], "label": labels}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-0.parquet"))
+    return root
+
+
+def test_an_unlabelled_row_of_a_hugging_face_data_set_is_refused_naming_its_row(tmp_path, capsys):
+    root = parquet_data_set(tmp_path / "hf", [0, 1, -1, 0])
+    message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
+    assert message.startswith(f"error: --data hf:{root} train split, row 2: label -1 is not one of the 2 classes")
+
+
+def test_a_hugging_face_data_set_without_class_names_is_refused(tmp_path, capsys):
+    root = parquet_data_set(tmp_path / "hf", [0, 1, 1, 0], label_feature=False)
+    message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
+    assert "must have one label column with class names (a ClassLabel feature), found none among image, label" \
+        in message
+
+
+def test_a_data_set_larger_than_memory_is_refused_naming_what_it_needs(tmp_path, monkeypatch):
+    from trainer.data import images
+    root = image_folder(tmp_path / "data")
+    monkeypatch.setattr(images, "available_memory", lambda: 1000)
+    with pytest.raises(DataError, match=r"decoding its 12 images at 224x224 needs 0.0 GiB of memory \(1 process"):
+        load_data(f"imagefolder:{root}", "./data", image_size=224, fetch=False)
+
+
+def test_the_study_checks_cifar10_files_and_leaves_other_data_to_the_trainer(tmp_path):
+    from trainer.config import parse_config
+    from trainer.study import StudyError, check_data
+    check_data(parse_config(["--data", f"imagefolder:{image_folder(tmp_path / 'data')}"]))
+    with pytest.raises(StudyError, match="CIFAR-10 not found in .*cifar-10-batches-py/data_batch_1 is missing"):
+        check_data(parse_config(["--data", "cifar10", "--data_dir", str(tmp_path), "--no-download"]))
+
+
+# --- training: the same weights from every source, evaluated and exported with the data's class names ------------
+
+@pytest.fixture(scope="module")
+def one_epoch_each(digits, tmp_path_factory):
+    """One epoch of test_vit on each source of the digits, in this process."""
+    from conftest import fresh_accelerate_state
+    from trainer.main import main
+    root = tmp_path_factory.mktemp("sources")
+    for source in ("cifar10", "folder", "parquet"):
+        fresh_accelerate_state()
+        assert main([str(a) for a in options(digits, source, root / source, "--epochs", 1)]) == 0
+    return root
+
+
+def test_every_source_trains_the_same_weights(one_epoch_each):
+    for source in ("folder", "parquet"):
+        assert_same_weights(one_epoch_each / source / "epoch_1" / "model.safetensors",
+                            one_epoch_each / "cifar10" / "epoch_1" / "model.safetensors")
+    resolved = json.loads((one_epoch_each / "folder" / "config.json").read_text())["resolved"]
+    assert resolved["num_classes"] == 10 and resolved["class_names"] == DIGIT_CLASSES
+    assert resolved["train_images"] == 1437 and resolved["steps_per_epoch"] == STEPS_PER_EPOCH
+    head = load_weights(one_epoch_each / "folder" / "epoch_1" / "model.safetensors")["head.weight"]
+    assert head.shape[0] == 10  # the head has the data's classes
+
+
+def test_evaluation_and_export_name_the_data_sets_classes(one_epoch_each, digits, tmp_path):
+    from trainer import evaluate, export
+    run = one_epoch_each / "folder" / "epoch_1"
+    assert evaluate.main([str(run), "--out", str(tmp_path / "eval")]) == 0  # on the run's own --data
+    rows = (tmp_path / "eval" / "per_class.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == DIGIT_CLASSES
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    logged = records.read_lines(one_epoch_each / "folder" / "metrics.jsonl")[-1]
+    assert metrics["val_images"] == 360 and metrics["val_acc1"] == pytest.approx(logged["val_acc1"])
+    assert export.main([str(run), "--out", str(tmp_path / "exported")]) == 0
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["label_names"] == DIGIT_CLASSES and config["num_classes"] == 10
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "**Dataset:** image folder " in card and "CIFAR-100" not in card
+    # The exported folder, evaluated on the parquet copy of the same images: the same numbers (the loss within
+    # float32 rounding: the export writes the normalisation as JSON numbers).
+    assert evaluate.main([str(tmp_path / "exported"), "--data", digits["parquet"][1],
+                          "--out", str(tmp_path / "eval_parquet")]) == 0
+    again = json.loads((tmp_path / "eval_parquet" / "metrics.json").read_text())
+    assert again["val_acc1"] == metrics["val_acc1"] and again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+
+
+def test_a_model_of_other_classes_is_refused_by_evaluate(one_epoch_each, cifar_dir, capsys):
+    from trainer import evaluate
+    code = evaluate.main([str(one_epoch_each / "folder" / "epoch_1"), "--data", "cifar100", "--data_dir",
+                          str(cifar_dir), "--out", str(one_epoch_each / "refused")])
+    assert code == 2
+    assert "has 10 classes and CIFAR-100 100: evaluate it on the data it was trained on (--data)" in \
+        capsys.readouterr().err
+
+
+# --- several processes and resume, launched ------------------------------------------------------------------------
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+@launching
+def uninterrupted(digits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder_run")
+    run_trainer(options(digits, "folder", root, "--epochs", EPOCHS))
+    return root
+
+
+def test_two_processes_train_an_image_folder_to_the_weights_of_one(digits, uninterrupted, tmp_path):
+    run_trainer(options(digits, "folder", tmp_path, "--epochs", EPOCHS), processes=2)
+    weights = [load_weights(d / f"epoch_{EPOCHS}" / "model.safetensors") for d in (tmp_path, uninterrupted)]
+    assert relative_l2(*weights) < 1e-5
+
+
+def test_an_image_folder_run_stopped_mid_epoch_resumes_to_the_same_run_from_a_copy_elsewhere(digits, uninterrupted,
+                                                                                            tmp_path):
+    """Stopped by SIGTERM mid-epoch, then resumed with the image folder copied to another path (as to a node's
+    local disk): the uninterrupted run's weights, bit for bit."""
+    run_dir = tmp_path / "run"
+    args = options(digits, "folder", run_dir, "--epochs", EPOCHS, "--resume", "auto")
+    process = start_trainer(args)
+
+    def reached():
+        lines = records.read_lines(run_dir / "steps.jsonl")
+        return bool(lines) and lines[-1]["step"] >= STEPS_PER_EPOCH + 4
+    wait_while_running(process, reached, f"step {STEPS_PER_EPOCH + 4}")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output
+    (saved,) = [p for p in checkpoint.list_checkpoints(run_dir) if p.name.startswith("step_")]
+    assert 0 < checkpoint.read_manifest(saved)["step_in_epoch"] < STEPS_PER_EPOCH
+    moved = shutil.copytree(digits["folder"][1].split(":", 1)[1], tmp_path / "local_copy")
+    run_trainer(options(digits, "folder", run_dir, "--epochs", EPOCHS, "--resume", "auto", "--data",
+                        f"imagefolder:{moved}"))
+    assert_same_run(run_dir, uninterrupted, EPOCHS, rel=1e-9)
+
+
+def test_a_checkpoint_resumed_on_data_of_other_classes_is_refused(digits, uninterrupted, tmp_path):
+    other = shutil.copytree(digits["folder"][1].split(":", 1)[1], tmp_path / "other")
+    for split in ("train", "val"):
+        (other / split / "digit_9").rename(other / split / "nine")
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    result = run_trainer(options(digits, "folder", tmp_path / "run", "--epochs", EPOCHS + 1, "--resume", "auto",
+                                 "--data", f"imagefolder:{other}"), check=False)
+    assert result.returncode == 2
+    assert "cannot be resumed with class 9 'digit_9' -> 'nine': resume with the checkpoint's values" in result.stderr
+
+
+def test_a_training_set_goes_on_the_gpu_only_where_it_fits():
+    from trainer.runtime import training_set_fits
+    gib = 2**30
+    assert training_set_fits(1 * gib, 40 * gib, "auto", "x")             # CIFAR-size: on the GPU
+    assert not training_set_fits(20 * gib, 40 * gib, "auto", "x")        # stays on the CPU
+    assert training_set_fits(20 * gib, 40 * gib, "accelerator", "x")     # asked for, and fits
+    with pytest.raises(DataError, match=r"needs 39.0 GiB and the GPU has 40.0 GiB free; use --data_device cpu"):
+        training_set_fits(39 * gib, 40 * gib, "accelerator", "image folder /d")
