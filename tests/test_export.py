@@ -95,14 +95,20 @@ def test_timm_loads_the_export_in_a_fresh_process_with_the_trained_logits_and_ci
     assert ("EMA" in card) == ema
 
 
-def test_label_names_fall_back_to_cifar100s_without_the_runs_data(run, tmp_path):
+def test_label_names_come_from_the_checkpoint_and_for_older_ones_fall_back_to_cifar100s(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run / f"epoch_{EPOCHS}", copy / f"epoch_{EPOCHS}")
     config = json.loads((run / "config.json").read_text())
-    config["options"]["data_dir"] = str(tmp_path / "moved")
+    config["options"]["data_dir"] = str(tmp_path / "moved")  # the run's data is gone
     (copy / "config.json").write_text(json.dumps(config))
     assert export_main([str(copy / f"epoch_{EPOCHS}"), "--out", str(tmp_path / "out")]) == 0
     names = json.loads((tmp_path / "out" / "config.json").read_text())["label_names"]
+    assert names == [f"class_{i}" for i in range(100)]  # the generated data's names, recorded in the checkpoint
+    # A checkpoint from before the class names were recorded (always CIFAR-100), its data gone: CIFAR-100's names.
+    manifest = copy / f"epoch_{EPOCHS}" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "class_names"}))
+    assert export_main([str(copy / f"epoch_{EPOCHS}"), "--out", str(tmp_path / "out_old")]) == 0
+    names = json.loads((tmp_path / "out_old" / "config.json").read_text())["label_names"]
     assert names == list(CIFAR100_CLASSES) and names[0] == "apple" and names[99] == "worm" and len(set(names)) == 100
 
 

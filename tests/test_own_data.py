@@ -147,12 +147,38 @@ def test_a_hugging_face_data_set_without_class_names_is_refused(tmp_path, capsys
         in message
 
 
-def test_a_data_set_larger_than_memory_is_refused_naming_what_it_needs(tmp_path, monkeypatch):
+def test_a_data_set_larger_than_memory_is_decoded_per_step_or_refused_with_decode_once(tmp_path, monkeypatch):
     from trainer.data import images
     root = image_folder(tmp_path / "data")
+    in_memory = load_data(f"imagefolder:{root}", "./data", image_size=24, fetch=False)
     monkeypatch.setattr(images, "available_memory", lambda: 1000)
-    with pytest.raises(DataError, match=r"decoding its 12 images at 224x224 needs 0.0 GiB of memory \(1 process"):
-        load_data(f"imagefolder:{root}", "./data", image_size=224, fetch=False)
+    with pytest.raises(DataError, match=r"decoding its 12 images at 24x24 needs 0.0 GiB of memory \(1 process\(es\) "
+                                        r"on this node, one copy each\), and 0.0 GiB are available; use --decode "
+                                        r"per_step"):
+        load_data(f"imagefolder:{root}", "./data", image_size=24, fetch=False, decode="once")
+    streamed = load_data(f"imagefolder:{root}", "./data", image_size=24, fetch=False)  # auto
+    assert isinstance(streamed.train.images, images.ImageFiles)
+    assert streamed.notes[0].endswith("decoding each step's images as it is prepared instead (--decode per_step; "
+                                      "--num_workers N processes prepare the steps)")
+    index = torch.tensor([5, 0, 7, 5])
+    assert torch.equal(streamed.train.images[index], in_memory.train.images[index])
+    assert torch.equal(streamed.test.images[3], in_memory.test.images[3])
+
+
+@pytest.mark.parametrize("decode", ["once", "per_step"])
+def test_a_truncated_image_is_refused_before_training_whichever_the_decoding(tmp_path, capsys, decode):
+    root = image_folder(tmp_path / "data")
+    broken = root / "train" / "cat" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # the header whole, the pixel data cut
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--decode", decode, "--num_workers", 2,
+                              "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
+    assert message.startswith(f"error: {broken} is not a readable image (")
+    assert not (tmp_path / "run").exists()
+
+
+def test_decode_is_refused_with_cifar(tmp_path, capsys):
+    assert refused(TINY + ["--decode", "per_step", "--save_dir", tmp_path / "run"], capsys) == (
+        "error: --decode per_step applies to --data imagefolder: and hf: (CIFAR's pickles are read whole)")
 
 
 def test_the_study_checks_cifar10_files_and_leaves_other_data_to_the_trainer(tmp_path):
@@ -171,18 +197,22 @@ def one_epoch_each(digits, tmp_path_factory):
     from conftest import fresh_accelerate_state
     from trainer.main import main
     root = tmp_path_factory.mktemp("sources")
-    for source in ("cifar10", "folder", "parquet"):
+    runs = {source: (source, []) for source in ("cifar10", "folder", "parquet")}
+    # The parquet rows decoded as each step is prepared, by two DataLoader processes, not once into memory.
+    runs["per_step"] = ("parquet", ["--decode", "per_step", "--num_workers", 2])
+    for name, (source, extra) in runs.items():
         fresh_accelerate_state()
-        assert main([str(a) for a in options(digits, source, root / source, "--epochs", 1)]) == 0
+        assert main([str(a) for a in options(digits, source, root / name, "--epochs", 1, *extra)]) == 0
     return root
 
 
 def test_every_source_trains_the_same_weights(one_epoch_each):
-    for source in ("folder", "parquet"):
+    for source in ("folder", "parquet", "per_step"):
         assert_same_weights(one_epoch_each / source / "epoch_1" / "model.safetensors",
                             one_epoch_each / "cifar10" / "epoch_1" / "model.safetensors")
     resolved = json.loads((one_epoch_each / "folder" / "config.json").read_text())["resolved"]
-    assert resolved["num_classes"] == 10 and resolved["class_names"] == DIGIT_CLASSES
+    assert resolved["num_classes"] == 10 and resolved["class_names"] == DIGIT_CLASSES and resolved["decoded"] == "once"
+    assert json.loads((one_epoch_each / "per_step" / "config.json").read_text())["resolved"]["decoded"] == "per_step"
     assert resolved["train_images"] == 1437 and resolved["steps_per_epoch"] == STEPS_PER_EPOCH
     head = load_weights(one_epoch_each / "folder" / "epoch_1" / "model.safetensors")["head.weight"]
     assert head.shape[0] == 10  # the head has the data's classes

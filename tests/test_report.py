@@ -38,7 +38,9 @@ def test_reference_values_only_where_the_settings_match(tmp_path):
     other_lr = write_run(runs / "b", learning_rate=1e-3, acc1=[60.0] * 25)
     unfinished = write_run(runs / "nfnet_sgdm_cosine", optimizer="sgdm", acc1=(40.0, 50.0))
     tiny = write_run(runs / "c", model="test_vit", timm_model="test_vit")
-    text, _, reference = report(tmp_path, match, vit, other_lr, unfinished, tiny)
+    # The reference settings on other data (--data): the study file's results are CIFAR-100's, so none is shown.
+    pets = write_run(runs / "d", data="imagefolder:/data/pets", acc1=[60.0] * 25)
+    text, _, reference = report(tmp_path, match, vit, other_lr, unfinished, tiny, pets)
 
     assert reference["a"]["reference experiment"] == "nfnet_adamw_cosine"
     assert (reference["a"]["reference train loss"], reference["a"]["reference top-1 (%)"]) == ("1.6041", "74.23")
@@ -51,6 +53,9 @@ def test_reference_values_only_where_the_settings_match(tmp_path):
     assert "unfinished: 2 of 25 epochs" in text
     assert reference["c"]["reference experiment"] == "-" and reference["c"]["reference top-1 (%)"].startswith("-[^")
     assert "no experiment of study.yaml uses test_vit, adamw, cosine" in text
+    assert reference["d"]["reference top-1 (%)"].startswith("-[^")
+    assert "d: settings differ from the reference nfnet_adamw_cosine: data imagefolder:/data/pets (reference " \
+           "cifar100)" in text
 
 
 def test_figures_per_run_and_per_comparison_present(tmp_path):

@@ -63,6 +63,8 @@ class TrainConfig:
     """Folder that holds `cifar-100-python/` (or CIFAR-10's `cifar-10-batches-py/`); downloaded there when missing."""
     download: bool = True
     """Download CIFAR-100 (or CIFAR-10) into data_dir when it is missing."""
+    decode: Literal["auto", "once", "per_step"] = "auto"
+    """Own images (imagefolder:, hf:): `once` into memory at the start, `per_step` as each step needs them (in --num_workers processes), `auto` once when they fit in memory, else per_step."""
     augment: Literal["crop_flip", "randaug", "none"] = "crop_flip"
     """`crop_flip`: random crop of the 4-pixel zero-padded image + flip; `randaug`: then timm's RandAugment; `none`."""
     randaug: str = "rand-m9-mstd0.5-inc1"
@@ -201,6 +203,8 @@ class TrainConfig:
         _need(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
         _need(self.image_size >= 8, f"--image_size must be at least 8 pixels, got {self.image_size}")
         data_source(self.data)  # a ConfigError naming the accepted spellings
+        _need(self.decode == "auto" or data_source(self.data)[0] in ("imagefolder", "hf"),
+              f"--decode {self.decode} applies to --data imagefolder: and hf: (CIFAR's pickles are read whole)")
         _need(self.save_epochs == -1 or self.save_epochs >= 1, f"--save_epochs must be -1 or >= 1, got {self.save_epochs}")
         _need(self.log_interval >= 1, f"--log_interval must be at least 1, got {self.log_interval}")
         _need(0 <= self.momentum < 1, f"--momentum must lie in [0, 1), got {self.momentum}")

@@ -122,8 +122,9 @@ def plot_confusion(path: Path, confusion, superclasses, class_names: list[str], 
         ax.set_ylabel("true class (grouped by superclass)")
     else:
         if num_classes <= 40:
-            ax.set_yticks(range(num_classes), class_names, fontsize=6)
-            ax.set_xticks(range(num_classes), class_names, fontsize=6, rotation=90)
+            size = 8 if num_classes <= 20 else 6
+            ax.set_yticks(range(num_classes), class_names, fontsize=size)
+            ax.set_xticks(range(num_classes), class_names, fontsize=size, rotation=90)
         ax.set_ylabel("true class")
     ax.set_xlabel("predicted class")
     ax.set_title(title, fontsize=10)

@@ -69,7 +69,8 @@ class Trainer:
         self.save_dir = Path(config.save_dir)
 
         with self.ranks.first_on_main(per_node=True) as downloads:  # one download per node; the others wait
-            self.data = data = load_data(config.data, config.data_dir, config.image_size, downloads, config.download)
+            self.data = data = load_data(config.data, config.data_dir, config.image_size, downloads, config.download,
+                                         config.decode, threads=config.num_workers)
         for note in data.notes:
             self.ranks.say(note)
         train, test = data.train, data.test
@@ -84,6 +85,11 @@ class Trainer:
         data_cfg = model.pretrained_cfg
         self.normalize = Normalize(data_cfg.get("mean", (0.5,) * 3), data_cfg.get("std", (0.5,) * 3),
                                    config.image_size)
+        if rt.data_on_accelerator and not isinstance(train.images, torch.Tensor):  # --decode per_step: files
+            if config.data_device == "accelerator":
+                raise ConfigError("--data_device accelerator holds the decoded training set on the GPU; with "
+                                  "--decode per_step (chosen, or auto's choice: see above) use --data_device auto")
+            rt.data_on_accelerator = False
         if rt.data_on_accelerator:
             nbytes = train.images.numel() * train.images.element_size()
             if training_set_fits(nbytes, torch.cuda.mem_get_info(rt.device)[0], config.data_device, data.title):

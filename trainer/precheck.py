@@ -39,6 +39,7 @@ def check_launch(argv: list[str], processes: int, strategy: str) -> None:
     from .runtime import check_batch_fits, check_layout, runs_on_cpu
 
     _, accumulation = check_layout(config, processes, strategy, runs_on_cpu(config.device))
-    data = load_data(config.data, config.data_dir, config.image_size, fetch=True, download=config.download)
+    data = load_data(config.data, config.data_dir, config.image_size, fetch=True, download=config.download,
+                     decode=config.decode, threads=config.num_workers)
     check_batch_fits(config.batch_size, len(data.train.labels), data.train_source)
     check_trainable(create_model(config, data.num_classes), config, len(data.train.labels), processes, accumulation)

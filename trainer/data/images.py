@@ -1,14 +1,19 @@
 """A user's own images: an image folder in torchvision's ImageFolder layout, or a Hugging Face `datasets` data set,
-decoded once into memory as the CIFAR pickles are, so that every guarantee of the trainer (the epoch plan, exact
-resume, the same weights on any topology) holds for them unchanged.
+served to the trainer as CIFAR's pickles are (uint8 tensors of (3, image_size, image_size) indexed by the epoch
+plan), so that every guarantee of the trainer (the plan, exact resume, the same weights on any topology) holds
+for them unchanged.
 
 Each image is decoded with PIL, converted to RGB (as timm's and torchvision's loaders do: grey is repeated, CMYK
 converted, an alpha channel dropped; the conversions are counted and reported), its shorter side resized to
 --image_size (bilinear, PIL's antialiased resize, torchvision's `resize`) and its centre cropped to a square
-(torchvision's `center_crop`): the training set then holds uint8 tensors of (3, image_size, image_size), which the
-crop/flip and the other augmentations take as they take CIFAR's 32x32 images. An image already of that size is
-kept pixel for pixel. A file that cannot be decoded, a label outside the classes, a validation class that training
-lacks: one line naming the file (or row), before any training.
+(torchvision's `center_crop`). An image already of that size is kept pixel for pixel.
+
+--decode once decodes every image at the start into memory (refused, naming the memory, when they would not fit);
+--decode per_step keeps the files (or rows) and decodes each step's images as the step is prepared, by the
+--num_workers DataLoader processes (ImageFiles stands in for the tensor); auto is once when they fit, else
+per_step. Either way every image is decoded once before training (by --num_workers threads), so a file that
+cannot be decoded, a label outside the classes or a validation class that training lacks stops the run before
+its first step, in one line naming the file (or row).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,35 +45,127 @@ class OwnImages:
     notes: list[str]  # what was done to the images, for the run's log (conversions to RGB)
 
 
-def decode(source, name: str, image_size: int, converted: Counter) -> torch.Tensor:
-    """One image (a path or a file object) as uint8 (3, image_size, image_size); `name` names it in errors."""
+def decode(source, name: str, image_size: int) -> tuple[torch.Tensor, str]:
+    """One image (a path or a file object) as uint8 (3, image_size, image_size), and the mode it was stored in;
+    `name` names it in errors."""
     from PIL import Image, UnidentifiedImageError
     import torchvision.transforms.functional as TF
     try:
         with Image.open(source) as image:
-            image.load()  # decodes now: a truncated file fails here, not in the middle of training
-            if image.mode != "RGB":
-                converted[image.mode] += 1
+            image.load()  # decodes now: a truncated file fails here
+            mode = image.mode
+            if mode != "RGB":
                 image = image.convert("RGB")
             image = TF.center_crop(TF.resize(image, image_size, interpolation=TF.InterpolationMode.BILINEAR),
                                    image_size)
-            return TF.pil_to_tensor(image)
+            return TF.pil_to_tensor(image), mode
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"{name} is not a readable image ({type(error).__name__}: {error}); remove or replace "
                         f"it") from None
 
 
-def check_memory(num_images: int, image_size: int, where: str) -> None:
-    """Refuse, before decoding, a data set whose decoded images would not fit in this machine's available memory
-    (each process of a node holds its own copy)."""
+class FileList:
+    """The images of an image folder split: (path, name) by index."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[object, str]:
+        return self.paths[i], self.paths[i]
+
+
+class RowList:
+    """The images of a Hugging Face split, undecoded (datasets' Image(decode=False): bytes and/or a path): (file
+    object or path, name) by index, read from the memory-mapped data set as they are asked for."""
+
+    def __init__(self, split, column: str, where: str):
+        self.split, self.column, self.where = split, column, where
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[object, str]:
+        image = self.split[i][self.column]
+        name = f"{self.where}, row {i}" + (f" ({image['path']})" if image.get("path") else "")
+        return (io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]), name
+
+
+class ImageFiles:
+    """What a Split holds in place of its uint8 tensor under --decode per_step: indexed like that tensor (an int,
+    or a tensor of indices as the epoch plan gives them), it decodes the images asked for. TrainSteps and the
+    evaluation's TensorDataset index it as they index a tensor; with --num_workers the DataLoader's processes
+    decode the steps ahead."""
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, sources, image_size: int):
+        self.sources, self.image_size = sources, image_size
+        self.shape = torch.Size((len(sources), 3, image_size, image_size))
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+            return decode(*self.sources[int(index)], self.image_size)[0]
+        indices = index.tolist()
+        images = torch.empty(len(indices), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        for j, i in enumerate(indices):
+            images[j] = decode(*self.sources[i], self.image_size)[0]
+        return images
+
+
+def decode_pass(sources, image_size: int, threads: int, converted: Counter, keep: bool) -> torch.Tensor | None:
+    """Decode every image once, in `threads` threads (PIL releases the GIL while it decodes and resizes), counting
+    the modes converted to RGB; the decoded images when `keep`, else only the check that every one decodes."""
+    images = torch.empty(len(sources), 3, image_size, image_size, dtype=torch.uint8) if keep else None
+
+    def one(i: int) -> str:
+        image, mode = decode(*sources[i], image_size)
+        if keep:
+            images[i] = image
+        return mode
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for mode in pool.map(one, range(len(sources))):  # re-raises the first failure, in order
+            if mode != "RGB":
+                converted[mode] += 1
+    return images
+
+
+def serve(splits: list[tuple[object, list[int]]], image_size: int, decode_mode: str, threads: int,
+          where: str) -> tuple[list[Split], list[str]]:
+    """Each (sources, labels) split as a Split, decoded once into memory or per step (module docstring), and the
+    notes for the run's log."""
+    num_images = sum(len(sources) for sources, _ in splits)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed = num_images * 3 * image_size * image_size * local
-    available = available_memory()
-    if available is not None and needed > 0.8 * available:
-        raise DataError(f"{where}: decoding its {num_images:,} images at {image_size}x{image_size} needs "
-                        f"{needed / 2**30:.1f} GiB of memory ({local} process(es) on this node, one copy each), "
-                        f"and {available / 2**30:.1f} GiB are available; lower --image_size, use fewer processes "
-                        f"per node, or resize the images on disk")
+    needed, available = num_images * 3 * image_size * image_size * local, available_memory()
+    fits = available is None or needed <= 0.8 * available
+    need = (f"decoding its {num_images:,} images at {image_size}x{image_size} needs {needed / 2**30:.1f} GiB of "
+            f"memory ({local} process(es) on this node, one copy each), and {available / 2**30:.1f} GiB are "
+            f"available" if available is not None else "")
+    if decode_mode == "once" and not fits:
+        raise DataError(f"{where}: {need}; use --decode per_step (or auto), lower --image_size, use fewer "
+                        f"processes per node, or resize the images on disk")
+    per_step = decode_mode == "per_step" or not fits
+    notes = [f"{where}: {need}: decoding each step's images as it is prepared instead (--decode per_step; "
+             f"--num_workers N processes prepare the steps)"] if per_step and not fits else []
+    converted, served = Counter(), []
+    for sources, labels in splits:
+        images = decode_pass(sources, image_size, threads, converted, keep=not per_step)
+        served.append(Split(ImageFiles(sources, image_size) if per_step else images,
+                            torch.tensor(labels, dtype=torch.int64)))
+    if converted:
+        counts = ", ".join(f"{n} {MODE_NAMES.get(mode, mode)}" for mode, n in sorted(converted.items()))
+        notes.append(f"{where}: converted to RGB as timm's loader does: {counts} image(s)")
+    return served, notes
 
 
 def available_memory() -> int | None:
@@ -81,23 +179,9 @@ def available_memory() -> int | None:
     return None
 
 
-def conversion_notes(converted: Counter, where: str) -> list[str]:
-    if not converted:
-        return []
-    counts = ", ".join(f"{n} {MODE_NAMES.get(mode, mode)}" for mode, n in sorted(converted.items()))
-    return [f"{where}: converted to RGB as timm's loader does: {counts} image(s)"]
-
-
-def decode_all(items: list[tuple[object, str]], labels: list[int], image_size: int, converted: Counter) -> Split:
-    images = torch.empty(len(items), 3, image_size, image_size, dtype=torch.uint8)
-    for i, (source, name) in enumerate(items):
-        images[i] = decode(source, name, image_size, converted)
-    return Split(images, torch.tensor(labels, dtype=torch.int64))
-
-
 # --- image folders ----------------------------------------------------------------------------------
 
-def read_image_folder(root: Path, image_size: int) -> OwnImages:
+def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", threads: int = 1) -> OwnImages:
     """`root/train/<class>/*` and `root/val/<class>/*` (or validation/, test/), read by torchvision's ImageFolder
     functions: classes are the train folder's sub-folders in sorted order, files with an image extension only."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -123,11 +207,9 @@ def read_image_folder(root: Path, image_size: int) -> OwnImages:
         test = make_dataset(str(val_dir), {c: class_to_idx[c] for c in val_classes}, IMG_EXTENSIONS)
     except FileNotFoundError as error:
         raise DataError(f"{val_dir}: {error}") from None
-    check_memory(len(train) + len(test), image_size, f"--data imagefolder:{root}")
-    converted = Counter()
-    splits = [decode_all([(path, path) for path, _ in samples], [label for _, label in samples], image_size,
-                         converted) for samples in (train, test)]
-    return OwnImages(*splits, list(classes), conversion_notes(converted, str(root)))
+    splits, notes = serve([(FileList([path for path, _ in samples]), [label for _, label in samples])
+                           for samples in (train, test)], image_size, decode_mode, threads, str(root))
+    return OwnImages(*splits, list(classes), notes)
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------------
@@ -166,7 +248,7 @@ def hf_columns(split, where: str) -> tuple[str, str]:
     return images[0], labels[0]
 
 
-def read_hf_dataset(source: str, image_size: int) -> OwnImages:
+def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", threads: int = 1) -> OwnImages:
     """The `train` split and the first of validation/val/test, class names from the label column's ClassLabel."""
     import datasets
     splits = load_hf_dataset(source)
@@ -179,24 +261,21 @@ def read_hf_dataset(source: str, image_size: int) -> OwnImages:
         raise DataError(f"{where} needs a validation split ({' or '.join(VAL_SPLITS)}), found {', '.join(splits)}")
     image_column, label_column = hf_columns(splits["train"], f"{where} train split")
     class_names = list(splits["train"].features[label_column].names)
-    check_memory(len(splits["train"]) + len(splits[val_name]), image_size, where)
-    converted, decoded = Counter(), []
+    checked = []
     for name in ("train", val_name):
         split = splits[name]
         columns = hf_columns(split, f"{where} {name} split")
         if columns != (image_column, label_column) or list(split.features[label_column].names) != class_names:
             raise DataError(f"{where}: the {name} split's columns or class names differ from the train split's")
-        # Undecoded, so an unreadable image is named by its row (and file) rather than failing inside datasets.
-        split = split.cast_column(image_column, datasets.Image(decode=False))
         labels = split[label_column]
         bad = next((row for row, label in enumerate(labels) if not 0 <= label < len(class_names)), None)
         if bad is not None:
             raise DataError(f"{where} {name} split, row {bad}: label {labels[bad]} is not one of the "
                             f"{len(class_names)} classes (0 to {len(class_names) - 1}); unlabelled rows (-1) "
                             f"cannot be trained or evaluated on")
-        items = []
-        for row, image in enumerate(split[image_column]):
-            label = f"{where} {name} split, row {row}" + (f" ({image['path']})" if image.get("path") else "")
-            items.append((io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], label))
-        decoded.append(decode_all(items, labels, image_size, converted))
-    return OwnImages(*decoded, class_names, conversion_notes(converted, where))
+        # Undecoded, so an unreadable image is named by its row (and file) rather than failing inside datasets.
+        rows = RowList(split.cast_column(image_column, datasets.Image(decode=False)), image_column,
+                       f"{where} {name} split")
+        checked.append((rows, labels))
+    decoded, notes = serve(checked, image_size, decode_mode, threads, where)
+    return OwnImages(*decoded, class_names, notes)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .cifar import CIFAR10, CIFAR100, DataError, Split, cifar100_superclasses, ensure_downloaded, load_cifar
 from ..config import data_source
 
@@ -40,15 +42,22 @@ class DataSet:
         """CIFAR-100's superclass of each class and their names (trainer.evaluate's grouping); None for other data."""
         return cifar100_superclasses(self.cifar100_folder) if self.cifar100_folder is not None else None
 
+    @property
+    def decoded(self) -> str:
+        """`once` (the images are in memory: CIFAR's always) or `per_step` (images.ImageFiles)."""
+        return "once" if isinstance(self.train.images, torch.Tensor) else "per_step"
+
     def describe(self) -> dict:
         """What config.json and each checkpoint record of the data."""
         return {"data": self.spec, "data_title": self.title, "num_classes": self.num_classes,
-                "class_names": self.class_names}
+                "class_names": self.class_names, "decoded": self.decoded}
 
 
-def load_data(spec: str, data_dir: str, image_size: int, fetch: bool, download: bool = True) -> DataSet:
+def load_data(spec: str, data_dir: str, image_size: int, fetch: bool, download: bool = True, decode: str = "auto",
+              threads: int = 1) -> DataSet:
     """Read --data. `fetch`: this process downloads what is missing (one per node, the others wait for it, then
-    read): CIFAR's archive, or a Hugging Face data set's conversion into the datasets cache."""
+    read): CIFAR's archive, or a Hugging Face data set's conversion into the datasets cache. `decode` (own images
+    only): once, per_step or auto (images.py), decoded by `threads` threads."""
     kind, location = data_source(spec)
     if kind in CIFAR_FORMATS:
         fmt = CIFAR_FORMATS[kind]
@@ -58,10 +67,10 @@ def load_data(spec: str, data_dir: str, image_size: int, fetch: bool, download: 
                        folder if fmt is CIFAR100 else None)
     from .images import read_hf_dataset, read_image_folder
     if kind == "imagefolder":
-        own = read_image_folder(Path(location), image_size)
+        own = read_image_folder(Path(location), image_size, decode, threads)
         title, train_source = f"image folder {location}", str(Path(location) / "train")
     else:
-        own = read_hf_dataset(location, image_size)
+        own = read_hf_dataset(location, image_size, decode, threads)
         title = train_source = f"Hugging Face data set {location}"
     if own.class_names and len(own.class_names) < 2:
         raise DataError(f"--data {spec} has {len(own.class_names)} class; a classifier needs at least 2")
