@@ -7,6 +7,7 @@ image folder of grey PNGs, a parquet data set and CIFAR-10 pickles (tests/confte
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,26 @@ def test_images_of_any_size_and_mode_become_rgb_squares_as_torchvisions_resize_a
                           f"image(s)"]
 
 
+def test_cifar10_is_downloaded_by_torchvisions_cifar10_into_its_own_folder(tmp_path, monkeypatch):
+    import pickle
+
+    import torchvision.datasets
+
+    def fake_download(root, train, download):  # what torchvision's CIFAR10 unpacks: cifar-10-batches-py/
+        folder = Path(root) / "cifar-10-batches-py"
+        folder.mkdir()
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            with open(folder / name, "wb") as f:
+                pickle.dump({b"data": np.full((2, 3072), 7, np.uint8), b"labels": [0, 9]}, f)
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({b"label_names": [b"airplane"] + [f"c{i}".encode() for i in range(1, 10)]}, f)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_download)
+    data = load_data("cifar10", str(tmp_path), image_size=32, fetch=True)
+    assert (tmp_path / "cifar-10-batches-py" / "test_batch").is_file()
+    assert len(data.train.labels) == 10 and len(data.test.labels) == 2 and data.class_names[0] == "airplane"
+    assert data.title == "CIFAR-10" and data.superclasses() is None
+
+
 # --- bad data: one line naming the file, exit 2, before training -----------------------------------------------
 
 def image_folder(root, classes=("cat", "dog"), val_classes=None, per_class=3):
@@ -126,6 +147,7 @@ def test_a_bad_data_option_is_refused_before_anything_is_read(tmp_path, capsys, 
 
 def parquet_data_set(root, labels, names=("cat", "dog"), label_feature=True):
     import datasets
+    datasets.disable_progress_bars()  # its bars go to stderr, where the refusal must be the only line
     label = datasets.ClassLabel(names=list(names)) if label_feature else datasets.Value("int64")
     features = datasets.Features({"image": datasets.Image(), "label": label})
     for split in ("train", "validation"):
@@ -134,10 +156,12 @@ def parquet_data_set(root, labels, names=("cat", "dog"), label_feature=True):
     return root
 
 
-def test_an_unlabelled_row_of_a_hugging_face_data_set_is_refused_naming_its_row(tmp_path, capsys):
-    root = parquet_data_set(tmp_path / "hf", [0, 1, -1, 0])
+@pytest.mark.parametrize("missing", [-1, None])  # datasets' two spellings of "no label"
+def test_an_unlabelled_row_of_a_hugging_face_data_set_is_refused_naming_its_row(tmp_path, capsys, missing):
+    root = parquet_data_set(tmp_path / "hf", [0, 1, missing, 0])
     message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
-    assert message.startswith(f"error: --data hf:{root} train split, row 2: label -1 is not one of the 2 classes")
+    assert message.startswith(f"error: --data hf:{root} train split, row 2: label {missing} is not one of the 2 "
+                              f"classes")
 
 
 def test_a_hugging_face_data_set_without_class_names_is_refused(tmp_path, capsys):

@@ -267,8 +267,11 @@ def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", thr
         columns = hf_columns(split, f"{where} {name} split")
         if columns != (image_column, label_column) or list(split.features[label_column].names) != class_names:
             raise DataError(f"{where}: the {name} split's columns or class names differ from the train split's")
+        if len(split) == 0:
+            raise DataError(f"{where}: its {name} split holds no rows")
         labels = split[label_column]
-        bad = next((row for row, label in enumerate(labels) if not 0 <= label < len(class_names)), None)
+        bad = next((row for row, label in enumerate(labels)
+                    if not isinstance(label, int) or not 0 <= label < len(class_names)), None)
         if bad is not None:
             raise DataError(f"{where} {name} split, row {bad}: label {labels[bad]} is not one of the "
                             f"{len(class_names)} classes (0 to {len(class_names) - 1}); unlabelled rows (-1) "
