@@ -136,6 +136,36 @@ def test_a_folder_without_train_and_val_is_refused(tmp_path, capsys):
     assert "must hold train/<class>/ and val/<class>/" in message
 
 
+def test_a_hidden_folder_a_folder_link_loop_and_an_unreadable_folder_are_refused(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "data")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / ".ipynb_checkpoints" / "0.png")
+    with pytest.raises(DataError, match=r"train/.ipynb_checkpoints: a hidden folder would be a class of its own"):
+        load_data(f"imagefolder:{root}", "./data", image_size=8, fetch=False)
+    shutil.rmtree(root / "train" / ".ipynb_checkpoints")
+    (root / "train" / "cat" / "again").symlink_to(root / "train" / "cat")  # ImageFolder follows folder links
+    with pytest.raises(DataError, match=r"cat/again/0.png is .*cat/0.png again \(a folder link that loops"):
+        load_data(f"imagefolder:{root}", "./data", image_size=8, fetch=False)
+    (root / "train" / "cat" / "again").unlink()
+    import os
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(os, "scandir", unreadable)  # as root every folder is readable: the error torchvision meets
+    with pytest.raises(DataError, match=r"train: \[Errno 13\] Permission denied: .*train"):
+        load_data(f"imagefolder:{root}", "./data", image_size=8, fetch=False)
+
+
+def test_a_16_bit_grey_image_is_refused_rather_than_clipped(tmp_path):
+    root = image_folder(tmp_path / "data")
+    deep = root / "val" / "cat" / "deep.png"
+    Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(deep)
+    assert Image.open(deep).mode.startswith("I;16")
+    with pytest.raises(DataError, match=r"deep.png is a 16-bit grey \(I;16\) image, whose values PIL's conversion "
+                                        r"to RGB would clip to 0-255 rather than scale; save it as 8-bit"):
+        load_data(f"imagefolder:{root}", "./data", image_size=8, fetch=False)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("imagenet", "--data 'imagenet' is not one of: cifar100, cifar10, imagefolder:PATH, hf:PATH_OR_NAME"),
     ("imagefolder:", "--data 'imagefolder:' is not one of"),
@@ -171,14 +201,33 @@ def test_a_hugging_face_data_set_without_class_names_is_refused(tmp_path, capsys
         in message
 
 
+def test_a_hugging_face_row_without_an_image_and_a_data_set_without_its_splits_are_refused(tmp_path):
+    import datasets
+    datasets.disable_progress_bars()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    rows = {"image": [Image.new("RGB", (8, 8)), None], "label": [0, 1]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features),
+                          "test": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(tmp_path / "a")
+    with pytest.raises(DataError, match=r"hf:.*/a train split, row 1 has no image; remove the row"):
+        load_data(f"hf:{tmp_path / 'a'}", "./data", image_size=8, fetch=False)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(tmp_path / "b")
+    with pytest.raises(DataError, match=r"needs a validation split \(validation or val or test\), found train"):
+        load_data(f"hf:{tmp_path / 'b'}", "./data", image_size=8, fetch=False)
+    two = datasets.Features({"image": datasets.Image(), "also": datasets.Image(), "label": features["label"]})
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({**rows, "also": rows["image"]}, features=two)
+                          for s in ("train", "test")}).save_to_disk(tmp_path / "c")
+    with pytest.raises(DataError, match=r"must have one image column \(an Image feature\), found image, also"):
+        load_data(f"hf:{tmp_path / 'c'}", "./data", image_size=8, fetch=False)
+
+
 def test_a_data_set_larger_than_memory_is_decoded_per_step_or_refused_with_decode_once(tmp_path, monkeypatch):
     from trainer.data import images
     root = image_folder(tmp_path / "data")
     in_memory = load_data(f"imagefolder:{root}", "./data", image_size=24, fetch=False)
-    monkeypatch.setattr(images, "available_memory", lambda: 1000)
+    monkeypatch.setattr(images, "total_memory", lambda: 1000)
     with pytest.raises(DataError, match=r"decoding its 12 images at 24x24 needs 0.0 GiB of memory \(1 process\(es\) "
-                                        r"on this node, one copy each\), and 0.0 GiB are available; use --decode "
-                                        r"per_step"):
+                                        r"on this node, one copy each\), more than half of the node's 0.0 GiB; use "
+                                        r"--decode per_step"):
         load_data(f"imagefolder:{root}", "./data", image_size=24, fetch=False, decode="once")
     streamed = load_data(f"imagefolder:{root}", "./data", image_size=24, fetch=False)  # auto
     assert isinstance(streamed.train.images, images.ImageFiles)
@@ -264,13 +313,20 @@ def test_evaluation_and_export_name_the_data_sets_classes(one_epoch_each, digits
     assert again["val_acc1"] == metrics["val_acc1"] and again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
 
 
-def test_a_model_of_other_classes_is_refused_by_evaluate(one_epoch_each, cifar_dir, capsys):
+def test_a_model_of_other_classes_is_refused_by_evaluate(one_epoch_each, digits, cifar_dir, tmp_path, capsys):
     from trainer import evaluate
     code = evaluate.main([str(one_epoch_each / "folder" / "epoch_1"), "--data", "cifar100", "--data_dir",
-                          str(cifar_dir), "--out", str(one_epoch_each / "refused")])
+                          str(cifar_dir), "--out", str(tmp_path / "refused")])
     assert code == 2
-    assert "has 10 classes and CIFAR-100 100: evaluate it on the data it was trained on (--data)" in \
-        capsys.readouterr().err
+    assert "was trained on other classes than CIFAR-100's (10 classes -> 100): evaluate it on the data it was " \
+           "trained on (--data)" in capsys.readouterr().err
+    # As many classes, one of another name: the checkpoint's recorded names tell.
+    other = shutil.copytree(digits["folder"][1].split(":", 1)[1], tmp_path / "other")
+    for split in ("train", "val"):
+        (other / split / "digit_9").rename(other / split / "nine")
+    code = evaluate.main([str(one_epoch_each / "folder" / "epoch_1"), "--data", f"imagefolder:{other}",
+                          "--out", str(tmp_path / "refused_names")])
+    assert code == 2 and "(class 9 'digit_9' -> 'nine')" in capsys.readouterr().err
 
 
 # --- several processes and resume, launched ------------------------------------------------------------------------
@@ -332,5 +388,5 @@ def test_a_training_set_goes_on_the_gpu_only_where_it_fits():
     assert training_set_fits(1 * gib, 40 * gib, "auto", "x")             # CIFAR-size: on the GPU
     assert not training_set_fits(20 * gib, 40 * gib, "auto", "x")        # stays on the CPU
     assert training_set_fits(20 * gib, 40 * gib, "accelerator", "x")     # asked for, and fits
-    with pytest.raises(DataError, match=r"needs 39.0 GiB and the GPU has 40.0 GiB free; use --data_device cpu"):
+    with pytest.raises(DataError, match=r"needs 39.0 GiB and the GPU holds 40.0 GiB; use --data_device cpu"):
         training_set_fits(39 * gib, 40 * gib, "accelerator", "image folder /d")

@@ -73,7 +73,9 @@ def class_change(saved_names, saved_count: int, names) -> str | None:
         return f"{saved_count} classes -> {len(names)}"
     if saved_names is None or list(saved_names) == names:
         return None
-    i = next(i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b)
+    i = next((i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b), None)
+    if i is None:  # names recorded for another count than num_classes: a hand-edited manifest
+        return f"{len(saved_names)} class names -> {len(names)}"
     return f"class {i} {saved_names[i]!r} -> {names[i]!r}"
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch trainer/evaluate.py`: import the package, as main.py does
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.checkpoint import is_checkpoint, load_checkpoint_model  # noqa: E402
+from trainer.checkpoint import class_change, is_checkpoint, load_checkpoint_model  # noqa: E402
 from trainer.config import ConfigError, OneLineArgumentParser, TrainConfig, data_source  # noqa: E402
 from trainer.errors import run_command  # noqa: E402
 from trainer.export import ExportError, check_out, run_records  # noqa: E402
@@ -38,18 +38,19 @@ OUT_FILES = {"metrics.json", "per_class.csv", "confusion.png", PREDICTIONS_FILE}
 
 
 def load_model(source: str, ema: bool):
-    """(model, normalisation {mean, std, image_size}, run options or {}) for a checkpoint, a folder or a timm name."""
+    """(model, normalisation {mean, std, image_size}, run options or {}, class names or None) for a checkpoint, a
+    folder or a timm name: the names its checkpoint recorded, or an exported folder's or hub model's label_names."""
     import timm
     from timm.data import resolve_data_config
     path = Path(source).expanduser()
     if is_checkpoint(path):  # a checkpoint: its run's normalisation and image size
-        model, _ = load_checkpoint_model(path, ema=ema)
+        model, info = load_checkpoint_model(path, ema=ema)
         config, _ = run_records(path)
         options, resolved = config.get("options", {}), config.get("resolved", {})
         norm = {"mean": resolved.get("normalize_mean", model.pretrained_cfg.get("mean")),
                 "std": resolved.get("normalize_std", model.pretrained_cfg.get("std")),
                 "image_size": options.get("image_size", 32)}
-        return model, norm, options
+        return model, norm, options, info.get("class_names")
     if ema:
         raise ExportError("--ema applies to a checkpoint folder only")
     name = f"local-dir:{path}" if (path / "config.json").is_file() else source
@@ -69,7 +70,7 @@ def load_model(source: str, ema: bool):
                           f"loads ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     data_config = resolve_data_config({}, model=model)
     return model.eval(), {"mean": data_config["mean"], "std": data_config["std"],
-                          "image_size": data_config["input_size"][-1]}, {}
+                          "image_size": data_config["input_size"][-1]}, {}, model.pretrained_cfg.get("label_names")
 
 
 def write_per_class(path: Path, confusion, class_names: list[str], superclasses) -> None:
@@ -161,13 +162,14 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     check_process_group(accelerator, launched=env_world_size())
     ranks = Ranks(accelerator)
     with ranks.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
-        model, norm, options = load_model(source, ema)
+        model, norm, options, trained_names = load_model(source, ema)
         data = data or options.get("data", "cifar100")
         dataset = load_data(data, data_dir or options.get("data_dir", "./data"), norm["image_size"], downloads)
     test, class_names = dataset.test, dataset.class_names
-    if model.num_classes != dataset.num_classes:
-        raise ExportError(f"{source} has {model.num_classes} classes and {dataset.title} {dataset.num_classes}: "
-                          f"evaluate it on the data it was trained on (--data)")
+    changed = class_change(trained_names, model.num_classes, dataset.class_names)
+    if changed is not None:  # the count, or a name where the model records its classes' names
+        raise ExportError(f"{source} was trained on other classes than {dataset.title}'s ({changed}): evaluate it "
+                          f"on the data it was trained on (--data)")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test.images, test.labels),
                                          batch_size=eval_batch_size or options.get("eval_batch_size", 500))
     # evaluation_mode: placed on the device, no DDP wrapper (no gradients to synchronise).

@@ -92,12 +92,12 @@ class Trainer:
             rt.data_on_accelerator = False
         if rt.data_on_accelerator:
             nbytes = train.images.numel() * train.images.element_size()
-            if training_set_fits(nbytes, torch.cuda.mem_get_info(rt.device)[0], config.data_device, data.title):
+            if training_set_fits(nbytes, torch.cuda.mem_get_info(rt.device)[1], config.data_device, data.title):
                 train.images, train.labels = train.images.to(rt.device), train.labels.to(rt.device)
             else:
                 rt.data_on_accelerator = False  # recorded so in config.json
                 self.ranks.say(f"the training set ({nbytes / 2**30:.1f} GiB) stays on the CPU: more than a quarter "
-                               f"of the GPU's free memory (--data_device auto)")
+                               f"of the GPU's memory (--data_device auto)")
         self.train_steps = TrainSteps(
             train, self.normalize.to(train.images.device), config.augment, config.seed, config.batch_size, rt.rank,
             rt.processes, rt.accumulation,

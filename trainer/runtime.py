@@ -125,17 +125,18 @@ def check_layout(config: TrainConfig, processes: int, strategy: str, on_cpu: boo
     return micro_batch_size, accumulation
 
 
-def training_set_fits(nbytes: int, free: int, data_device: str, title: str) -> bool:
-    """Whether the training set (`nbytes` of uint8 images) goes on the GPU, whose `free` bytes it may take a quarter
-    of under --data_device auto (the rest is the model's, its activations' and the augmentation's); a set that
-    does not fit stays on the CPU (said by the caller). --data_device accelerator asks for it whatever the size:
-    refused, rather than failing with a CUDA out-of-memory error, when it would take more than 80 % of `free`."""
-    if data_device == "accelerator" and nbytes > 0.8 * free:
+def training_set_fits(nbytes: int, capacity: int, data_device: str, title: str) -> bool:
+    """Whether the training set (`nbytes` of uint8 images) goes on the GPU of `capacity` bytes (its total memory:
+    the same on every process with the same GPU, so all of them choose alike). Under --data_device auto it may take a
+    quarter (the rest is the model's, its activations' and the augmentation's); a set that does not fit stays on
+    the CPU (said by the caller). --data_device accelerator asks for it whatever the size: refused, rather than
+    failing with a CUDA out-of-memory error, when it would take more than 80 % of `capacity`."""
+    if data_device == "accelerator" and nbytes > 0.8 * capacity:
         from .data import DataError
         raise DataError(f"--data_device accelerator: the training set of {title} needs {nbytes / 2**30:.1f} GiB "
-                        f"and the GPU has {free / 2**30:.1f} GiB free; use --data_device cpu or auto (with "
+                        f"and the GPU holds {capacity / 2**30:.1f} GiB; use --data_device cpu or auto (with "
                         f"--num_workers N), or a smaller --image_size")
-    return data_device == "accelerator" or nbytes <= 0.25 * free
+    return data_device == "accelerator" or nbytes <= 0.25 * capacity
 
 
 def check_batch_fits(batch_size: int, images: int, train_file) -> None:

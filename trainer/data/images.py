@@ -32,6 +32,9 @@ from .cifar import DataError, Split
 # timm's ImageDataset and torchvision's ImageFolder name the validation folder either way.
 VAL_FOLDERS = ("val", "validation", "test")
 VAL_SPLITS = ("validation", "val", "test")
+# 16-bit and 32-bit integer and float grey: Image.convert("RGB") clips their values to 0-255 instead of scaling
+# them (a 16-bit scan becomes nearly all white), silently; refused, naming the file.
+CLIPPED_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "black-and-white", "P": "palette", "RGBA": "RGBA",
               "CMYK": "CMYK", "I;16": "16-bit grey", "I": "32-bit grey", "F": "float grey", "YCbCr": "YCbCr"}
 
@@ -54,6 +57,9 @@ def decode(source, name: str, image_size: int) -> tuple[torch.Tensor, str]:
         with Image.open(source) as image:
             image.load()  # decodes now: a truncated file fails here
             mode = image.mode
+            if mode in CLIPPED_MODES:
+                raise DataError(f"{name} is a {MODE_NAMES.get(mode, mode)} ({mode}) image, whose values PIL's "
+                                f"conversion to RGB would clip to 0-255 rather than scale; save it as 8-bit")
             if mode != "RGB":
                 image = image.convert("RGB")
             image = TF.center_crop(TF.resize(image, image_size, interpolation=TF.InterpolationMode.BILINEAR),
@@ -89,6 +95,8 @@ class RowList:
 
     def __getitem__(self, i: int) -> tuple[object, str]:
         image = self.split[i][self.column]
+        if not image or not (image.get("bytes") or image.get("path")):
+            raise DataError(f"{self.where}, row {i} has no image; remove the row")
         name = f"{self.where}, row {i}" + (f" ({image['path']})" if image.get("path") else "")
         return (io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]), name
 
@@ -146,11 +154,13 @@ def serve(splits: list[tuple[object, list[int]]], image_size: int, decode_mode: 
     notes for the run's log."""
     num_images = sum(len(sources) for sources, _ in splits)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed, available = num_images * 3 * image_size * image_size * local, available_memory()
-    fits = available is None or needed <= 0.8 * available
+    needed, total = num_images * 3 * image_size * image_size * local, total_memory()
+    # Half the node's total memory, not what is free now: every process of the node reads the same total and so
+    # makes the same choice (the first to decode would otherwise leave the others less, and a different choice).
+    fits = total is None or needed <= total / 2
     need = (f"decoding its {num_images:,} images at {image_size}x{image_size} needs {needed / 2**30:.1f} GiB of "
-            f"memory ({local} process(es) on this node, one copy each), and {available / 2**30:.1f} GiB are "
-            f"available" if available is not None else "")
+            f"memory ({local} process(es) on this node, one copy each), more than half of the node's "
+            f"{total / 2**30:.1f} GiB" if total is not None else "")
     if decode_mode == "once" and not fits:
         raise DataError(f"{where}: {need}; use --decode per_step (or auto), lower --image_size, use fewer "
                         f"processes per node, or resize the images on disk")
@@ -168,11 +178,11 @@ def serve(splits: list[tuple[object, list[int]]], image_size: int, decode_mode: 
     return served, notes
 
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (what can be allocated without swapping), None where unknown."""
+def total_memory() -> int | None:
+    """MemTotal of /proc/meminfo in bytes, None where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -190,26 +200,49 @@ def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", th
     if not train_dir.is_dir() or val_dir is None:
         raise DataError(f"--data imagefolder:{root} must hold train/<class>/ and val/<class>/ (torchvision's "
                         f"ImageFolder layout; val may be called validation or test)")
-    try:
-        classes, class_to_idx = find_classes(str(train_dir))
-        train = make_dataset(str(train_dir), class_to_idx, IMG_EXTENSIONS)
-    except FileNotFoundError as error:  # no class folder, or a class folder without an image
-        raise DataError(f"{train_dir}: {error}") from None
-    try:
-        val_classes, _ = find_classes(str(val_dir))
-    except FileNotFoundError as error:
-        raise DataError(f"{val_dir}: {error}") from None
+    classes, class_to_idx = listed(train_dir, find_classes, str(train_dir))
+    check_class_folders(train_dir, classes)
+    train = listed(train_dir, make_dataset, str(train_dir), class_to_idx, IMG_EXTENSIONS)
+    val_classes, _ = listed(val_dir, find_classes, str(val_dir))
+    check_class_folders(val_dir, val_classes)
     unknown = sorted(set(val_classes) - set(classes))
     if unknown:
         raise DataError(f"{val_dir / unknown[0]}: class {unknown[0]!r} has no folder in {train_dir}; the labels come "
                         f"from the training classes, so add its training images or remove it")
-    try:
-        test = make_dataset(str(val_dir), {c: class_to_idx[c] for c in val_classes}, IMG_EXTENSIONS)
-    except FileNotFoundError as error:
-        raise DataError(f"{val_dir}: {error}") from None
+    test = listed(val_dir, make_dataset, str(val_dir), {c: class_to_idx[c] for c in val_classes}, IMG_EXTENSIONS)
+    for samples in (train, test):
+        check_no_file_twice(samples)
     splits, notes = serve([(FileList([path for path, _ in samples]), [label for _, label in samples])
                            for samples in (train, test)], image_size, decode_mode, threads, str(root))
     return OwnImages(*splits, list(classes), notes)
+
+
+def listed(split_dir: Path, reader, *args):
+    """torchvision's find_classes or make_dataset on one split's folder; their errors in one line naming it
+    (FileNotFoundError: no class folder, or a class folder without an image; PermissionError: unreadable)."""
+    try:
+        return reader(*args)
+    except OSError as error:
+        raise DataError(f"{split_dir}: {error}") from None
+
+
+def check_class_folders(split_dir: Path, classes: list[str]) -> None:
+    """A hidden folder (`.ipynb_checkpoints`, `.cache`) would be a class to ImageFolder: refused, not trained on."""
+    hidden = [name for name in classes if name.startswith(".")]
+    if hidden:
+        raise DataError(f"{split_dir / hidden[0]}: a hidden folder would be a class of its own; remove it (or move "
+                        f"it out of {split_dir})")
+
+
+def check_no_file_twice(samples: list[tuple[str, int]]) -> None:
+    """ImageFolder follows folder links: a link back up the tree lists the same files again, and again."""
+    seen = {}
+    for path, _ in samples:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DataError(f"{path} is {seen[real]} again (a folder link that loops, or two links to one folder); "
+                            f"each image must be listed once")
+        seen[real] = path
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------------
