@@ -390,3 +390,19 @@ def test_a_training_set_goes_on_the_gpu_only_where_it_fits():
     assert training_set_fits(20 * gib, 40 * gib, "accelerator", "x")     # asked for, and fits
     with pytest.raises(DataError, match=r"needs 39.0 GiB and the GPU holds 40.0 GiB; use --data_device cpu"):
         training_set_fits(39 * gib, 40 * gib, "accelerator", "image folder /d")
+
+
+def test_a_data_set_of_fewer_than_five_classes_is_evaluated_with_top_k_of_all_its_classes():
+    from accelerate import Accelerator
+
+    from trainer.data import Normalize
+    from trainer.evaluation import evaluate_model
+    images, labels = torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2, 1])
+
+    class Fixed(torch.nn.Module):  # class 0 first, then 1, then 2, for every image
+        def forward(self, x):
+            return torch.tensor([[3.0, 2.0, 1.0]]).expand(len(x), 3)
+    totals, confusion, *_ = evaluate_model(Accelerator(cpu=True), Fixed(), [(images, labels)],
+                                           Normalize((0.5,) * 3, (0.5,) * 3, 2), 3)
+    assert totals[1:].tolist() == [1, 4, 4]  # top-1 hits, "top-5" hits (all 3 classes), images
+    assert confusion.tolist() == [[1, 0, 0], [2, 0, 0], [1, 0, 0]]

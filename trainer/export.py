@@ -4,8 +4,8 @@
 
 writes what timm's own saver (`timm.models.save_for_hf`) writes: `model.safetensors` and `config.json`
 (architecture, num_classes, the model arguments such as ViT's img_size, the input size and normalisation
-the run used, the run's class names: CIFAR-100's 100, or its --data's), plus a model card `README.md` with the run's options and final
-metrics. `--ema` exports the checkpoint's EMA weights instead. Load it with
+the run used, the run's class names: CIFAR-100's 100, or its --data's), plus a model card `README.md` with the
+run's options and final metrics. `--ema` exports the checkpoint's EMA weights instead. Load it with
 
     model = timm.create_model("local-dir:exported", pretrained=True)   # pretrained=True: load the folder's weights
 
@@ -97,7 +97,9 @@ def export_kwargs(folder: Path, model, info: dict, ema: bool) -> dict:
     data_config = {
         "mean": tuple(resolved.get("normalize_mean", data_config.get("mean"))),
         "std": tuple(resolved.get("normalize_std", data_config.get("std"))),
-        # The trainer feeds the whole 32x32 image, bilinearly resized to image_size: no crop.
+        # The trainer feeds CIFAR's whole 32x32 image bilinearly resized to image_size, or an own image's shorter
+        # side resized (bilinear) and its centre cropped to a square (data/images.py): what timm's evaluation
+        # transform does at crop_pct 1.0.
         "input_size": (3, image_size, image_size), "crop_pct": 1.0, "interpolation": "bilinear",
     }
     names = label_names(info, options.get("data_dir"))

@@ -62,9 +62,10 @@ EVALUATION_DIR = "evaluation"  # a run's trainer.evaluate output, which the runn
 
 LOG_FILE = "train.log"
 # trainer/data/cifar.py's folders and files, written out: importing trainer.data imports torch.
-CIFAR_FILES = {"cifar100": ("cifar-100-python", ("train", "test", "meta")),
-               "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",
-                                                                                                    "batches.meta"))}
+CIFAR_FILES = {
+    "cifar100": ("cifar-100-python", ("train", "test", "meta")),
+    "cifar10": ("cifar-10-batches-py", (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
+}
 # The runner sets these for every run itself; from the command line they would fight it.
 RESERVED = {"--checkpoint": "the runner resumes with --resume auto itself",
             "--resume": "the runner resumes with --resume auto itself",
