@@ -406,3 +406,15 @@ def test_a_data_set_of_fewer_than_five_classes_is_evaluated_with_top_k_of_all_it
                                            Normalize((0.5,) * 3, (0.5,) * 3, 2), 3)
     assert totals[1:].tolist() == [1, 4, 4]  # top-1 hits, "top-5" hits (all 3 classes), images
     assert confusion.tolist() == [[1, 0, 0], [2, 0, 0], [1, 0, 0]]
+
+
+def test_synthetic_digits_refuses_a_folder_that_is_not_new_and_a_second_target(tmp_path, capsys):
+    from trainer.synthetic import main as synthetic
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    assert synthetic(["--digits", str(tmp_path / "full")]) == 2
+    assert synthetic([str(tmp_path / "cifar"), "--digits", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --digits {tmp_path / 'full'} exists and is not an empty folder; name a new one",
+        "error: give DATA_DIR (generated CIFAR-100) or --digits DIR, one of the two"]
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["mine.txt"] and not (tmp_path / "new").exists()
