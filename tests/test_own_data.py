@@ -220,6 +220,16 @@ def test_a_hugging_face_row_without_an_image_and_a_data_set_without_its_splits_a
         load_data(f"hf:{tmp_path / 'c'}", "./data", image_size=8, fetch=False)
 
 
+def test_evaluation_reads_only_the_validation_images(tmp_path):
+    """trainer.evaluate loads with evaluation_only: a training image, even a broken one, is never decoded."""
+    root = image_folder(tmp_path / "data")
+    (root / "train" / "dog" / "1.png").write_bytes(b"not an image")
+    data = load_data(f"imagefolder:{root}", "./data", image_size=8, fetch=False, evaluation_only=True)
+    assert data.train is None and data.test.images.shape == (6, 3, 8, 8) and data.class_names == ["cat", "dog"]
+    with pytest.raises(DataError, match=r"dog/1.png is not a readable image"):  # training reads it, and refuses
+        load_data(f"imagefolder:{root}", "./data", image_size=8, fetch=False)
+
+
 def test_a_data_set_larger_than_memory_is_decoded_per_step_or_refused_with_decode_once(tmp_path, monkeypatch):
     from trainer.data import images
     root = image_folder(tmp_path / "data")
@@ -311,6 +321,11 @@ def test_evaluation_and_export_name_the_data_sets_classes(one_epoch_each, digits
                           "--out", str(tmp_path / "eval_parquet")]) == 0
     again = json.loads((tmp_path / "eval_parquet" / "metrics.json").read_text())
     assert again["val_acc1"] == metrics["val_acc1"] and again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+    # Evaluation decodes the validation images only: a broken training image does not stop it.
+    copy = shutil.copytree(digits["folder"][1].split(":", 1)[1], tmp_path / "broken_train")
+    next((copy / "train" / "digit_3").iterdir()).write_bytes(b"not an image")
+    assert evaluate.main([str(run), "--data", f"imagefolder:{copy}", "--out", str(tmp_path / "eval_copy")]) == 0
+    assert json.loads((tmp_path / "eval_copy" / "metrics.json").read_text())["val_acc1"] == metrics["val_acc1"]
 
 
 def test_a_model_of_other_classes_is_refused_by_evaluate(one_epoch_each, digits, cifar_dir, tmp_path, capsys):

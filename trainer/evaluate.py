@@ -164,7 +164,8 @@ def evaluate(source: str, data_dir: str | None, out: Path, eval_batch_size: int 
     with ranks.first_on_main() as downloads:  # a hub model or the data set: fetched once, then read
         model, norm, options, trained_names = load_model(source, ema)
         data = data or options.get("data", "cifar100")
-        dataset = load_data(data, data_dir or options.get("data_dir", "./data"), norm["image_size"], downloads)
+        dataset = load_data(data, data_dir or options.get("data_dir", "./data"), norm["image_size"], downloads,
+                            evaluation_only=True)
     test, class_names = dataset.test, dataset.class_names
     changed = class_change(trained_names, model.num_classes, dataset.class_names)
     if changed is not None:  # the count, or a name where the model records its classes' names

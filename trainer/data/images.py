@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
 
 from .cifar import DataError, Split
 
@@ -42,7 +44,7 @@ MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "black-and-white", "P":
 @dataclass
 class OwnImages:
     """What read_image_folder and read_hf_dataset return; data/sources.py makes it a DataSet."""
-    train: Split
+    train: Split | None  # None when read for evaluation only
     test: Split
     class_names: list[str]
     notes: list[str]  # what was done to the images, for the run's log (conversions to RGB)
@@ -51,8 +53,6 @@ class OwnImages:
 def decode(source, name: str, image_size: int) -> tuple[torch.Tensor, str]:
     """One image (a path or a file object) as uint8 (3, image_size, image_size), and the mode it was stored in;
     `name` names it in errors."""
-    from PIL import Image, UnidentifiedImageError
-    import torchvision.transforms.functional as TF
     try:
         with Image.open(source) as image:
             image.load()  # decodes now: a truncated file fails here
@@ -191,9 +191,11 @@ def total_memory() -> int | None:
 
 # --- image folders ----------------------------------------------------------------------------------
 
-def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", threads: int = 1) -> OwnImages:
+def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", threads: int = 1,
+                      evaluation_only: bool = False) -> OwnImages:
     """`root/train/<class>/*` and `root/val/<class>/*` (or validation/, test/), read by torchvision's ImageFolder
-    functions: classes are the train folder's sub-folders in sorted order, files with an image extension only."""
+    functions: classes are the train folder's sub-folders in sorted order, files with an image extension only.
+    `evaluation_only`: the training images are neither listed nor decoded (train is None)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     train_dir = root / "train"
     val_dir = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
@@ -202,7 +204,7 @@ def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", th
                         f"ImageFolder layout; val may be called validation or test)")
     classes, class_to_idx = listed(train_dir, find_classes, str(train_dir))
     check_class_folders(train_dir, classes)
-    train = listed(train_dir, make_dataset, str(train_dir), class_to_idx, IMG_EXTENSIONS)
+    train = [] if evaluation_only else listed(train_dir, make_dataset, str(train_dir), class_to_idx, IMG_EXTENSIONS)
     val_classes, _ = listed(val_dir, find_classes, str(val_dir))
     check_class_folders(val_dir, val_classes)
     unknown = sorted(set(val_classes) - set(classes))
@@ -210,11 +212,12 @@ def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", th
         raise DataError(f"{val_dir / unknown[0]}: class {unknown[0]!r} has no folder in {train_dir}; the labels come "
                         f"from the training classes, so add its training images or remove it")
     test = listed(val_dir, make_dataset, str(val_dir), {c: class_to_idx[c] for c in val_classes}, IMG_EXTENSIONS)
-    for samples in (train, test):
+    read = [test] if evaluation_only else [train, test]
+    for samples in read:
         check_no_file_twice(samples)
     splits, notes = serve([(FileList([path for path, _ in samples]), [label for _, label in samples])
-                           for samples in (train, test)], image_size, decode_mode, threads, str(root))
-    return OwnImages(*splits, list(classes), notes)
+                           for samples in read], image_size, decode_mode, threads, str(root))
+    return OwnImages(*([None] * evaluation_only), *splits, list(classes), notes)
 
 
 def listed(split_dir: Path, reader, *args):
@@ -281,8 +284,10 @@ def hf_columns(split, where: str) -> tuple[str, str]:
     return images[0], labels[0]
 
 
-def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", threads: int = 1) -> OwnImages:
-    """The `train` split and the first of validation/val/test, class names from the label column's ClassLabel."""
+def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", threads: int = 1,
+                    evaluation_only: bool = False) -> OwnImages:
+    """The `train` split and the first of validation/val/test, class names from the label column's ClassLabel.
+    `evaluation_only`: the train split's rows are neither checked nor decoded (train is None)."""
     import datasets
     splits = load_hf_dataset(source)
     where = f"--data hf:{source}"
@@ -294,8 +299,8 @@ def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", thr
         raise DataError(f"{where} needs a validation split ({' or '.join(VAL_SPLITS)}), found {', '.join(splits)}")
     image_column, label_column = hf_columns(splits["train"], f"{where} train split")
     class_names = list(splits["train"].features[label_column].names)
-    checked = []
-    for name in ("train", val_name):
+    checked, read = [], (val_name,) if evaluation_only else ("train", val_name)
+    for name in read:
         split = splits[name]
         columns = hf_columns(split, f"{where} {name} split")
         if columns != (image_column, label_column) or list(split.features[label_column].names) != class_names:
@@ -314,4 +319,4 @@ def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", thr
                        f"{where} {name} split")
         checked.append((rows, labels))
     decoded, notes = serve(checked, image_size, decode_mode, threads, where)
-    return OwnImages(*decoded, class_names, notes)
+    return OwnImages(*([None] * evaluation_only), *decoded, class_names, notes)

@@ -27,7 +27,7 @@ CIFAR_FORMATS = {"cifar100": CIFAR100, "cifar10": CIFAR10}
 class DataSet:
     spec: str               # --data as given
     title: str              # names the data set to a reader: "CIFAR-100", "image folder /data/pets", ...
-    train: Split
+    train: Split | None     # None when read for evaluation only
     test: Split
     class_names: list[str]
     train_source: str       # names the training images in messages ("/data/cifar-100-python/train", a folder)
@@ -45,7 +45,7 @@ class DataSet:
     @property
     def decoded(self) -> str:
         """`once` (the images are in memory: CIFAR's always) or `per_step` (images.ImageFiles)."""
-        return "once" if isinstance(self.train.images, torch.Tensor) else "per_step"
+        return "once" if isinstance(self.test.images, torch.Tensor) else "per_step"
 
     def describe(self) -> dict:
         """What config.json and each checkpoint record of the data."""
@@ -54,10 +54,11 @@ class DataSet:
 
 
 def load_data(spec: str, data_dir: str, image_size: int, fetch: bool, download: bool = True, decode: str = "auto",
-              threads: int = 1) -> DataSet:
+              threads: int = 1, evaluation_only: bool = False) -> DataSet:
     """Read --data. `fetch`: this process downloads what is missing (one per node, the others wait for it, then
     read): CIFAR's archive, or a Hugging Face data set's conversion into the datasets cache. `decode` (own images
-    only): once, per_step or auto (images.py), decoded by `threads` threads."""
+    only): once, per_step or auto (images.py), decoded by `threads` threads. `evaluation_only` (trainer.evaluate):
+    own training images are not decoded (train is None); CIFAR's pickles are read whole, as they are checked."""
     kind, location = data_source(spec)
     if kind in CIFAR_FORMATS:
         fmt = CIFAR_FORMATS[kind]
@@ -67,11 +68,11 @@ def load_data(spec: str, data_dir: str, image_size: int, fetch: bool, download: 
                        folder if fmt is CIFAR100 else None)
     from .images import read_hf_dataset, read_image_folder
     if kind == "imagefolder":
-        own = read_image_folder(Path(location), image_size, decode, threads)
+        own = read_image_folder(Path(location), image_size, decode, threads, evaluation_only)
         title, train_source = f"image folder {location}", str(Path(location) / "train")
     else:
-        own = read_hf_dataset(location, image_size, decode, threads)
+        own = read_hf_dataset(location, image_size, decode, threads, evaluation_only)
         title = train_source = f"Hugging Face data set {location}"
-    if own.class_names and len(own.class_names) < 2:
-        raise DataError(f"--data {spec} has {len(own.class_names)} class; a classifier needs at least 2")
+    if len(own.class_names) < 2:
+        raise DataError(f"--data {spec} has {len(own.class_names)} class(es); a classifier needs at least 2")
     return DataSet(spec, title, own.train, own.test, own.class_names, train_source, notes=own.notes)
