@@ -6,7 +6,8 @@ import time
 import pytest
 
 from conftest import TINY, make_trainer, refused
-from trainer.time_limit import TimeLimit, job_end_time, parse_duration, process_start
+from trainer import time_limit
+from trainer.time_limit import TimeLimit, job_end_time, parse_duration, process_start, started_at
 
 IMPORTED = time.time()
 
@@ -69,6 +70,15 @@ def test_the_slurm_jobs_end_comes_from_squeue_where_the_environment_has_none():
 def test_the_time_limit_counts_from_the_processs_start():
     # This process started before this module was imported (and within a day of it), not when asked.
     assert IMPORTED - 86400 < process_start() <= IMPORTED
+
+
+def test_a_wall_clock_stepped_after_a_pause_does_not_move_the_start_past_the_import():
+    # A virtual machine paused for 28 s and restored: the wall clock is stepped on, the boot clock is not, so
+    # now - age lands after the process had already started importing. The import caps it.
+    imported = time_limit._IMPORTED
+    assert started_at(imported + 30.0, 2.0) == imported
+    assert started_at(imported + 30.0, 100.0) == imported - 70.0  # an honest age is taken as it is
+    assert started_at(imported, -1.0) == imported  # a negative age (clocks read out of order) is no age
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -46,16 +46,30 @@ def parse_duration(text: str) -> Optional[float]:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+# No process of this trainer started after this module was imported: process_start() is never later.
+_IMPORTED = time.time()
+
+
 def process_start() -> float:
-    """When this process started (Linux's /proc: the boot time plus the process's start in clock ticks), so that
-    --time_limit counts the imports, the data and the model too; elsewhere, now."""
+    """When this process started, so that --time_limit counts the imports, the data and the model too.
+
+    Linux's /proc/self/stat gives the start in clock ticks of the boot clock (CLOCK_BOOTTIME), so the process's
+    age is that clock now less the start, and the start is the wall clock less the age. /proc/stat's `btime` is
+    not used: it is whole seconds, and it moves when the wall clock is stepped, as after a virtual machine is
+    paused or restored from a snapshot (a CI machine read a start 28 s after this module's import). The boot
+    clock does not count such a pause either, so the answer is capped at this module's import. Elsewhere: the
+    import."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+    return started_at(time.time(), age)
+
+
+def started_at(now: float, age: float) -> float:
+    """The wall-clock start of a process `age` seconds old, never after this module's import."""
+    return min(now - max(age, 0.0), _IMPORTED)
 
 
 def squeue_end_time(job_id: str) -> Optional[float]:
