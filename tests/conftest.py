@@ -214,6 +214,10 @@ def pytest_configure(config):
     cache = tempfile.mkdtemp(prefix="hf-datasets-cache-")
     os.environ["HF_DATASETS_CACHE"] = cache
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    # Where torch's JIT-built C++ ops go: empty at the start, so that a test can show that none was built.
+    extensions = tempfile.mkdtemp(prefix="torch-extensions-")
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions
+    atexit.register(shutil.rmtree, extensions, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

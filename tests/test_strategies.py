@@ -18,7 +18,9 @@ ranks adds the same two numbers as DDP's all-reduce, and AdamW is elementwise).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -337,6 +339,14 @@ def test_zero3_from_accelerate_flags_trains_and_saves_like_ddp(launch, zero3_fro
 def test_deepspeed_throughput_timer_is_off_with_config_files(launch, config):
     engine = json.loads((launch(config) / "config.json").read_text())["resolved"]["deepspeed_engine"]
     assert engine["throughput_timer"] is False and engine["gradient_clipping"] == 0.0
+
+
+def test_deepspeed_on_the_cpu_builds_no_op(launch):
+    """DeepSpeed's shared-memory all-reduce, which only its inference uses, is not compiled (runtime.py): with it,
+    the first DeepSpeed run in an environment spends a minute or more in g++ (TORCH_EXTENSIONS_DIR: conftest.py)."""
+    launch("zero2")
+    built = sorted(p.name for p in Path(os.environ["TORCH_EXTENSIONS_DIR"]).iterdir())  # one folder per op
+    assert built == [], built
 
 
 @pytest.mark.parametrize("saved, here, natively", [

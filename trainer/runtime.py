@@ -271,6 +271,8 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
         # The graphed step applies autocast itself (its cache must be off while capturing); accelerate's
         # forward wrapper would cache casts.
         precision = "no"
+    if deepspeed_asked and on_cpu:
+        skip_deepspeed_shared_memory_op()
     accelerator = Accelerator(cpu=on_cpu and not deepspeed_asked, mixed_precision=precision,
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo,
                               log_with=config.trackers or None, project_dir=config.save_dir)
@@ -290,6 +292,22 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     if deepspeed_asked and config.device == "cpu" and has_cuda:
         raise ConfigError("--device cpu is not supported under DeepSpeed on a machine with GPUs")
     return accelerator
+
+
+def skip_deepspeed_shared_memory_op() -> None:
+    """Keep DeepSpeed from compiling an op that training never uses.
+
+    On the CPU accelerator DeepSpeed's TorchBackend builds its shared-memory all-reduce (`deepspeed_shm_comm`)
+    with g++ at its first start in an environment: 70 s and 86 s measured on 2 cores (deepspeed 0.19.8,
+    2026-12-04/05), and a failed start where no compiler is installed. Only its tensor-parallel inference
+    (`inference_all_reduce`) uses the op; ZeRO's training collectives go through torch.distributed (gloo).
+    DeepSpeed decides whether to build it from `deepspeed.ops.__compatible_ops__`, a dict it keeps once probed
+    "so edits to it persist" (deepspeed/ops/__init__.py); marking the op incompatible there skips the build."""
+    try:
+        import deepspeed.ops
+    except ImportError:  # refused below: the launcher asked for DeepSpeed but accelerate did not enable it
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # ShareMemCommBuilder.NAME
 
 
 def use_fsdp_on_cpu(accelerator: Accelerator, precision: str) -> None:
