@@ -178,7 +178,7 @@ class CheckpointManager:
         """Collective: every process calls it. A failed write stops the run (SaveError) or, with --on_save_error
         continue, is reported and training goes on; `required` (the final checkpoint, or the one a preempted run
         exits with) stops it whatever --on_save_error says: the run would otherwise end, with 0 or 75, without it."""
-        model = self.runtime.accelerator.unwrap_model(self.model)
+        model = self.runtime.bare_model(self.model)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         resolved = self.resolved
         info = {"epoch": self.progress.epoch, "global_step": self.progress.global_step,
@@ -191,7 +191,8 @@ class CheckpointManager:
                 "options": to_dict(self.config), "train_images": resolved["train_images"],  # compared on resume
                 **{k: resolved[k] for k in ("processes", "distributed_type", "deepspeed_zero_stage")}}
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        path = save_folder(self.runtime.accelerator, self.ranks, self.model, self.save_dir, name, info, ema=ema)
+        path = save_folder(self.runtime.accelerator, self.ranks, self.runtime.state_dict_source(self.model),
+                           self.save_dir, name, info, ema=ema)
         if path is None:
             if required:
                 raise SaveError(f"stopped: checkpoint {self.save_dir / name}, the one this run ends with, could not "

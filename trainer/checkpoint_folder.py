@@ -100,6 +100,8 @@ def verify(folder: Path) -> None:
 def save(accelerator, ranks, model, save_dir: Path, name: str, info: dict, ema: dict | None = None) -> Path | None:
     """Write checkpoint `save_dir/name` atomically; collective: every process must call it.
 
+    `model`: what get_state_dict takes with unwrap=False (Runtime.state_dict_source).
+
     `ema`: the state dict of the model's EMA (the same on every process), written as MODEL_EMA_FILE.
 
     `ranks`: the job's Ranks (ranks.py), which says which process writes. Returns the folder, or None
@@ -121,11 +123,11 @@ def save(accelerator, ranks, model, save_dir: Path, name: str, info: dict, ema: 
     if ranks.is_main:
         attempt(lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
     accelerator.wait_for_everyone()
-    # get_state_dict unwraps DDP / torch.compile and, under ZeRO-3, gathers the shards (collective).
-    state_dict = accelerator.get_state_dict(model)
+    # get_state_dict gathers ZeRO-3's and FSDP2's shards (collective).
+    state_dict = accelerator.get_state_dict(model, unwrap=False)
     if ranks.is_main:
-        # get_state_dict unwraps with keep_torch_compile=True (accelerate's default), so a compiled model's keys
-        # carry torch.compile's `_orig_mod.` prefix; timm names the tensors without it.
+        # Under DeepSpeed get_state_dict unwraps with keep_torch_compile=True (accelerate's default), so a compiled
+        # model's keys carry torch.compile's `_orig_mod.` prefix; timm names the tensors without it.
         plain = {k.removeprefix(COMPILED_PREFIX): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         attempt(lambda: save_file(plain, staging / MODEL_FILE))
         if ema is not None:

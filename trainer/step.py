@@ -43,13 +43,12 @@ class EagerStep:
         """`model` and `optimizer` as accelerate prepared them."""
         self.runtime, self.model, self.optimizer, self.grad_clip = runtime, model, optimizer, grad_clip
         self.loss = functools.partial(per_image_loss, label_smoothing=label_smoothing)
-        accelerator = runtime.accelerator
-        # accelerate's unwrap_model with keep_torch_compile=True (its default, also used by get_state_dict at every
-        # save) re-parents torch.compile's wrapper onto the bare model: the prepared model then has no `no_sync`,
-        # and under DDP every micro-step would all-reduce. So accumulate() gets the module that owns no_sync (DDP's
-        # wrapper, inside the compiled one), taken now.
+        # accelerate's unwrap_model with keep_torch_compile=True (its default, also used by get_state_dict under
+        # DeepSpeed at every save) re-parents torch.compile's wrapper onto the bare model: the prepared model then
+        # has no `no_sync`, and under DDP every micro-step would all-reduce. So accumulate() gets the module that
+        # owns no_sync (DDP's wrapper, inside the compiled one), taken now.
         self.sync_model = model._orig_mod if is_compiled_module(model) else model
-        self.plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the bare timm model
+        self.plain_model = runtime.bare_model(model)
 
     def __call__(self, micro_batches: list, step_images: int) -> torch.Tensor:
         rt, model = self.runtime, self.model
@@ -85,7 +84,7 @@ class GraphStep:
     def __init__(self, runtime: Runtime, model: torch.nn.Module, optimizer, grad_clip: float,
                  label_smoothing: float, input_shape: tuple):
         self.runtime, self.grad_clip, self.input_shape = runtime, grad_clip, input_shape
-        self.plain_model = runtime.accelerator.unwrap_model(model, keep_torch_compile=False)
+        self.plain_model = runtime.bare_model(model)
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's
         self.loss = functools.partial(per_image_loss, label_smoothing=label_smoothing)
         self.graph = None
