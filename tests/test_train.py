@@ -218,3 +218,12 @@ def test_a_run_without_deepspeed_unwraps_its_model_without_asking_accelerate(cif
     assert code == 0, err
     timm_model = timm.create_model("test_vit", num_classes=100, img_size=32)
     timm_model.load_state_dict(load_weights(tmp_path / "run/epoch_1/model.safetensors"))  # timm's names, all there
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_the_compiled_model_uses_the_backend_asked_for(cifar_dir, tmp_path, backend):
+    from accelerate.utils import DynamoBackend
+    trainer = make_trainer(cifar_dir, tmp_path, compile=True, compile_backend=backend)
+    assert trainer.accelerator.state.dynamo_plugin.backend == DynamoBackend[backend.upper()]
+    assert trainer.model._orig_mod is not None  # compiled (lazily: nothing is generated until a forward)
+    trainer.accelerator.end_training()

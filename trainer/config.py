@@ -126,12 +126,14 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`cuda`, `cpu`, or `auto` (a GPU when there is one, else the CPU)."""
     compile: bool = False
-    """torch.compile the model (inductor), with static shapes: the epoch's shorter last step and evaluation each compile once more, and full steps keep their own graph."""
+    """torch.compile the model (with --compile_backend), with static shapes: the epoch's shorter last step and evaluation each compile once more, and full steps keep their own graph."""
     # torch.compile's CUDA-graph modes (reduce-overhead, max-autotune) failed on these models with a plain training
     # step ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", one H200,
     # torch 2.11, 2026-11-27); --cuda_graph captures the whole step instead.
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode: `default` or `max-autotune-no-cudagraphs` (for CUDA graphs use --cuda_graph)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend: `inductor` generates kernels; `aot_eager` and `eager` run the captured graphs eagerly (to tell a compiler problem from a capture problem, as timm's `--torchcompile BACKEND`)."""
     cuda_graph: bool = False
     """Capture the whole training step as one CUDA graph (one GPU, one process, no accumulation, no BatchNorm): no launch overhead."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

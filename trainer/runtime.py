@@ -283,7 +283,7 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     # dynamic=False: the epoch's short last step (and evaluation's batches) would otherwise make dynamo recompile
     # with a symbolic batch size, and since it tries its newest cache entry first, every later full step would
     # run that slower dynamic-shape graph. Static, each shape compiles once and keeps its own graph.
-    dynamo = TorchDynamoPlugin(backend="inductor" if config.compile else "no", mode=config.compile_mode,
+    dynamo = TorchDynamoPlugin(backend=config.compile_backend if config.compile else "no", mode=config.compile_mode,
                                dynamic=False)
     precision = resolve_mixed_precision(config, on_cpu)
     if config.cuda_graph:
