@@ -192,7 +192,7 @@ data_dir, save_dir, result = sys.argv[1:]
 trainer = Trainer(TrainConfig(model="test_vit", pretrained=False, data_dir=data_dir, save_dir=save_dir, compile=True,
                               batch_size=64, micro_batch_size=16, epochs=1, warmup_epochs=0, augment="none",
                               mixed_precision="no", progress=False))
-trainer.accelerator.unwrap_model(trainer.model)  # as accelerate's get_state_dict does at every save
+trainer.accelerator.unwrap_model(trainer.model)  # as accelerate's get_state_dict does at every save under DeepSpeed
 synced = []  # for each all-reduce of a gradient bucket: whether the micro-step ends an optimizer step
 ddp, = made
 ddp.register_comm_hook(None, lambda state, bucket: (synced.append(trainer.accelerator.sync_gradients),
