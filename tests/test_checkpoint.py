@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from conftest import (TINY, assert_resumed, assert_same_run, load_weights, read_jsonl, record_lines, relative_l2, run_trainer,
-                      start_trainer, wait_while_running, launching)
+from conftest import (TINY, assert_resumed, assert_same_run, launching, load_weights, read_jsonl, record_lines,
+                      relative_l2, run_trainer, start_trainer, train_here, wait_while_running)
 from trainer import checkpoint, records
 
 EPOCHS = 3
@@ -24,10 +24,9 @@ def args_for(cifar_dir, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-@launching
 def uninterrupted(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
-    run_trainer(args_for(cifar_dir, root))
+    train_here(args_for(cifar_dir, root))
     return root
 
 
@@ -39,6 +38,7 @@ def wait_for_step(run_dir, step, process):
 
 
 @pytest.mark.parametrize("sent, option", [(signal.SIGTERM, []), (signal.SIGUSR2, ["--preempt_signal", "SIGUSR2"])])
+@pytest.mark.launches
 def test_preemption_signal_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(cifar_dir, tmp_path, uninterrupted,
                                                                                sent, option):
     args = args_for(cifar_dir, tmp_path, "--resume", "auto", *option)
@@ -52,11 +52,12 @@ def test_preemption_signal_mid_epoch_saves_exits_75_and_resumes_to_the_same_run(
     assert info["epoch"] == 1 and 0 < info["step_in_epoch"] < STEPS_PER_EPOCH
     checkpoint.verify(saved)
     before = record_lines(tmp_path)
-    resumed = run_trainer(args)
+    resumed = train_here(args)
     assert_resumed(tmp_path, saved, before, resumed.stdout)
     assert_same_run(tmp_path, uninterrupted, EPOCHS, rel=1e-9)
 
 
+@pytest.mark.launches
 def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint(cifar_dir, tmp_path, uninterrupted):
     args = args_for(cifar_dir, tmp_path, "--resume", "auto")
     rng = random.Random(7)
@@ -81,7 +82,7 @@ def test_sigkill_at_random_moments_costs_only_the_work_since_the_last_checkpoint
             assert record_lines(tmp_path)["steps.jsonl"][:len(kept)] == kept
     assert kills == 3
     resume_from, before = checkpoint.newest_valid(tmp_path), record_lines(tmp_path)
-    resumed = run_trainer(args)
+    resumed = train_here(args)
     assert_resumed(tmp_path, resume_from, before, resumed.stdout)
     assert_same_run(tmp_path, uninterrupted, EPOCHS, rel=1e-9)
 
@@ -107,20 +108,19 @@ def test_damaged_checkpoint_is_refused_and_auto_resume_falls_back(cifar_dir, tmp
         del manifest["files"]["state/optimizer.bin"]
         (newest / "manifest.json").write_text(json.dumps(manifest))
     before = record_lines(run_dir)
-    refused = run_trainer(args_for(cifar_dir, run_dir, "--checkpoint", newest), check=False)
+    refused = train_here(args_for(cifar_dir, run_dir, "--checkpoint", newest), check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
     import re
     assert re.search(message, refused.stderr)
-    resumed = run_trainer(args_for(cifar_dir, run_dir, "--resume", "auto"))
+    resumed = train_here(args_for(cifar_dir, run_dir, "--resume", "auto"))
     assert f"skipping checkpoint {newest}" in resumed.stdout
     assert_resumed(run_dir, run_dir / f"epoch_{EPOCHS - 1}", before, resumed.stdout)
     assert_same_run(run_dir, uninterrupted, EPOCHS, rel=1e-9)
 
 
-@pytest.mark.launches
 def test_resume_auto_in_an_empty_folder_starts_fresh(cifar_dir, tmp_path):
-    result = run_trainer(args_for(cifar_dir, tmp_path, "--resume", "auto", "--epochs", 1, "--warmup_epochs", 0))
+    result = train_here(args_for(cifar_dir, tmp_path, "--resume", "auto", "--epochs", 1, "--warmup_epochs", 0))
     assert "no valid checkpoint" in result.stdout and (tmp_path / "epoch_1").is_dir()
     assert (tmp_path / "latest").read_text().strip() == "epoch_1"
 
@@ -137,9 +137,8 @@ def test_rotation_keeps_the_newest_k_and_the_best(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_45"]
 
 
-@pytest.mark.launches
 def test_keep_last_during_a_run(cifar_dir, tmp_path):
-    run_trainer(args_for(cifar_dir, tmp_path, "--keep_last", 1))
+    train_here(args_for(cifar_dir, tmp_path, "--keep_last", 1))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [f"epoch_{EPOCHS}"]
 
 
@@ -177,6 +176,7 @@ def test_on_save_error_continue_trains_on(cifar_dir, small_disk):
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+@pytest.mark.launches
 def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, uninterrupted, before, after):
     # A micro-batch of 16 makes the accumulation differ too: 2 steps on 1 process, 1 step on 2.
     run_dir = tmp_path / "run"
@@ -192,9 +192,8 @@ def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, un
         [m["val_acc1"] for m in read_jsonl(uninterrupted / "metrics.jsonl")]
 
 
-@pytest.mark.launches
 def test_a_nan_loss_stops_with_the_step_and_writes_no_checkpoint(cifar_dir, tmp_path):
-    result = run_trainer(args_for(cifar_dir, tmp_path, "--learning_rate", "1e30"), check=False)
+    result = train_here(args_for(cifar_dir, tmp_path, "--learning_rate", "1e30"), check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training loss is nan at step") or "not finite" in last, last
