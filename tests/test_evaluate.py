@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, free_port, fresh_accelerate_state, launching, read_jsonl, run_trainer
+from conftest import (REPO, TINY, child_env, free_port, fresh_accelerate_state, read_jsonl,
+                      train_here)
 from trainer.data import read_split
 from trainer.export import main as export_main
 
@@ -17,10 +18,9 @@ EVALUATE = str(REPO / "trainer" / "evaluate.py")
 
 
 @pytest.fixture(scope="module")
-@launching
 def run(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_run")
-    run_trainer(TINY + ["--data_dir", cifar_dir, "--epochs", 2, "--batch_size", 64, "--save_dir", root])
+    train_here(TINY + ["--data_dir", cifar_dir, "--epochs", 2, "--batch_size", 64, "--save_dir", root])
     return root
 
 
@@ -40,6 +40,7 @@ def png_size(path):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.launches
 def test_a_checkpoint_gives_its_runs_final_metrics_per_class_csv_and_confusion_png(run, cifar_dir, tmp_path,
                                                                                     processes):
     out = tmp_path / "eval"
@@ -82,6 +83,7 @@ def predicted_here(folder, test) -> list[int]:
         return model.eval()(normalize(test.images).float()).argmax(dim=1).tolist()
 
 
+@pytest.mark.launches
 def test_an_exported_folder_and_its_local_dir_name_give_the_same_numbers(run, tmp_path):
     assert export_main([str(run / "epoch_2"), "--out", str(tmp_path / "exported")]) == 0
     final = read_jsonl(run / "metrics.jsonl")[-1]

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import TINY, fresh_accelerate_state, launching, read_jsonl, run_main, run_trainer
+from conftest import TINY, fresh_accelerate_state, read_jsonl, run_main, train_here
 from trainer.optim import lr_at
 
 EPOCHS = 2
@@ -19,10 +19,9 @@ def args_for(cifar_dir, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-@launching
 def first_run(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("first")
-    run_trainer(args_for(cifar_dir, root))
+    train_here(args_for(cifar_dir, root))
     return root
 
 
@@ -41,7 +40,7 @@ def snapshot(folder):
 
 def test_a_second_fresh_run_is_refused_and_leaves_the_first_byte_identical(cifar_dir, used):
     before = snapshot(used)
-    result = run_trainer(args_for(cifar_dir, used, "--model", "test_nfnet"), check=False)
+    result = train_here(args_for(cifar_dir, used, "--model", "test_nfnet"), check=False)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: --save_dir {used} holds a run (config.json, epoch_1, epoch_2, latest, ")
@@ -50,7 +49,7 @@ def test_a_second_fresh_run_is_refused_and_leaves_the_first_byte_identical(cifar
 
 
 def test_overwrite_deletes_the_previous_run_and_trains(cifar_dir, used):
-    result = run_trainer(args_for(cifar_dir, used, "--overwrite", "--epochs", 1, "--learning_rate", "1e-3"))
+    result = train_here(args_for(cifar_dir, used, "--overwrite", "--epochs", 1, "--learning_rate", "1e-3"))
     assert f"--overwrite: deleted the previous run in {used}" in result.stdout
     assert sorted(p.name for p in used.iterdir()) == ["config.json", "epoch_1", "latest", "metrics.jsonl",
                                                       "notes.txt", "steps.jsonl"]

@@ -9,7 +9,8 @@ import timm
 import torch
 
 from conftest import (TINY, assert_lrs_follow_the_schedule, assert_resumed, assert_same_run, launching,
-                      load_weights, make_trainer, read_jsonl, record_lines, relative_l2, run_main, run_trainer)
+                      load_weights, make_trainer, read_jsonl, record_lines, relative_l2, run_main, run_trainer,
+                      train_here)
 
 # Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
 # of test_vit in fp32; a wrong data split or schedule gives ~3e-2 (measured 2026-11-27). 1e-5 sits between.
@@ -89,14 +90,13 @@ def test_a_short_run_learns(cifar_dir, tmp_path):
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
 
 
-@pytest.mark.launches
 def test_resume_from_epoch_checkpoint_continues_to_the_same_weights(cifar_dir, tmp_path):
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "3", "--batch_size", "32", "--save_epochs", "1",
                    "--augment", "crop_flip", "--save_dir", tmp_path / "run"]
-    run_trainer(args)
+    train_here(args)
     shutil.copytree(tmp_path / "run", tmp_path / "uninterrupted")
     before = record_lines(tmp_path / "run")
-    resumed = run_trainer(args + ["--checkpoint", tmp_path / "run" / "epoch_1"])
+    resumed = train_here(args + ["--checkpoint", tmp_path / "run" / "epoch_1"])
     assert_resumed(tmp_path / "run", tmp_path / "run" / "epoch_1", before, resumed.stdout)
     assert_same_run(tmp_path / "run", tmp_path / "uninterrupted", 3)  # bit-identical on CPU in fp32
 
