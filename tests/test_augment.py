@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from conftest import TINY, load_weights, relative_l2, run_trainer
+from conftest import TINY, load_weights, relative_l2, run_trainer, train_here
 from trainer.data import EpochPlan, Normalize, Split, TrainSteps, iterate_steps, posterize
 from trainer.step import per_image_loss
 
@@ -169,7 +169,7 @@ def test_one_and_two_processes_train_the_same_with_every_augmentation(cifar_dir,
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "1", "--batch_size", "64", "--micro_batch_size", "16",
                    "--augment", "randaug", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
                    "--label_smoothing", "0.1"]
-    run_trainer(args + ["--save_dir", tmp_path / "one"])
+    train_here(args + ["--save_dir", tmp_path / "one"])
     run_trainer(args + ["--save_dir", tmp_path / "two"], processes=2)
     one, two = (load_weights(tmp_path / d / "epoch_1/model.safetensors") for d in ("one", "two"))
     assert relative_l2(one, two) < 1e-5  # float re-association only (test_train.py); a different mix: ~1e-2

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, child_env, free_port, load_weights, read_jsonl, relative_l2, run_trainer, launching
+from conftest import (REPO, TINY, child_env, free_port, launching, load_weights, read_jsonl, relative_l2,
+                      train_here)
 
 # Two correct topologies differ only by float re-association. Measured here: 2.9e-6 relative L2 after
 # 10 AdamW steps (2 nodes x 1 process x 2 accumulation vs 1 process x 4 accumulation); a wrong data split
@@ -62,7 +63,7 @@ def runs(noisy_cifar_dir, tmp_path_factory):
     for rank, node in enumerate(nodes):
         assert node.returncode == 0, f"node {rank} exited {node.returncode}:\n{node.stdout[-3000:]}\n{node.stderr[-5000:]}"
     # One process, accumulation 4: the same global batch of 64.
-    single = run_trainer(args_for(noisy_cifar_dir, root / "one_process"))
+    single = train_here(args_for(noisy_cifar_dir, root / "one_process"))
     return root / "two_nodes", root / "one_process", nodes, single
 
 

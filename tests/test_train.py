@@ -24,7 +24,7 @@ def one_vs_two(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("topology")
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
                    "--micro_batch_size", "16"]
-    one = run_trainer(args + ["--save_dir", root / "one"])
+    one = train_here(args + ["--save_dir", root / "one"])
     two = run_trainer(args + ["--save_dir", root / "two"], processes=2)
     return root / "one", root / "two", one, two
 
