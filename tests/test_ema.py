@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 
-from conftest import (REPO, TINY, assert_resumed, assert_same_records, assert_same_weights, launching, load_weights,
-                      make_trainer, read_jsonl, record_lines, relative_l2, run_trainer)
+from conftest import (REPO, TINY, assert_resumed, assert_same_records, assert_same_weights, load_weights,
+                      make_trainer, read_jsonl, record_lines, relative_l2, run_trainer, train_here)
 from trainer import checkpoint
 from trainer.main import main
 
@@ -27,10 +27,9 @@ def args_for(cifar_dir, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-@launching
 def ema_run(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
-    run_trainer(args_for(cifar_dir, root))
+    train_here(args_for(cifar_dir, root))
     return root
 
 
@@ -62,6 +61,7 @@ def test_ema_checkpoint_is_in_the_manifest_and_loads_in_timm(ema_run):
     assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
 
 
+@pytest.mark.launches
 def test_resumed_run_ends_with_bit_identical_model_and_ema(cifar_dir, ema_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(ema_run, run_dir)
