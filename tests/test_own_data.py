@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (TINY, assert_same_run, assert_same_weights, launching, load_weights, refused, relative_l2,
-                      run_trainer, start_trainer, wait_while_running)
+from conftest import (TINY, assert_same_run, assert_same_weights, load_weights, refused, relative_l2,
+                      run_trainer, start_trainer, train_here, wait_while_running)
 from trainer import checkpoint, records
 from trainer.data import DataError, load_data
 from trainer.synthetic import DIGIT_CLASSES
@@ -350,19 +350,20 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-@launching
 def uninterrupted(digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("folder_run")
-    run_trainer(options(digits, "folder", root, "--epochs", EPOCHS))
+    train_here(options(digits, "folder", root, "--epochs", EPOCHS))
     return root
 
 
+@pytest.mark.launches
 def test_two_processes_train_an_image_folder_to_the_weights_of_one(digits, uninterrupted, tmp_path):
     run_trainer(options(digits, "folder", tmp_path, "--epochs", EPOCHS), processes=2)
     weights = [load_weights(d / f"epoch_{EPOCHS}" / "model.safetensors") for d in (tmp_path, uninterrupted)]
     assert relative_l2(*weights) < 1e-5
 
 
+@pytest.mark.launches
 def test_an_image_folder_run_stopped_mid_epoch_resumes_to_the_same_run_from_a_copy_elsewhere(digits, uninterrupted,
                                                                                             tmp_path):
     """Stopped by SIGTERM mid-epoch, then resumed with the image folder copied to another path (as to a node's
@@ -381,8 +382,8 @@ def test_an_image_folder_run_stopped_mid_epoch_resumes_to_the_same_run_from_a_co
     (saved,) = [p for p in checkpoint.list_checkpoints(run_dir) if p.name.startswith("step_")]
     assert 0 < checkpoint.read_manifest(saved)["step_in_epoch"] < STEPS_PER_EPOCH
     moved = shutil.copytree(digits["folder"][1].split(":", 1)[1], tmp_path / "local_copy")
-    run_trainer(options(digits, "folder", run_dir, "--epochs", EPOCHS, "--resume", "auto", "--data",
-                        f"imagefolder:{moved}"))
+    train_here(options(digits, "folder", run_dir, "--epochs", EPOCHS, "--resume", "auto", "--data",
+                       f"imagefolder:{moved}"))
     assert_same_run(run_dir, uninterrupted, EPOCHS, rel=1e-9)
 
 
@@ -391,8 +392,8 @@ def test_a_checkpoint_resumed_on_data_of_other_classes_is_refused(digits, uninte
     for split in ("train", "val"):
         (other / split / "digit_9").rename(other / split / "nine")
     shutil.copytree(uninterrupted, tmp_path / "run")
-    result = run_trainer(options(digits, "folder", tmp_path / "run", "--epochs", EPOCHS + 1, "--resume", "auto",
-                                 "--data", f"imagefolder:{other}"), check=False)
+    result = train_here(options(digits, "folder", tmp_path / "run", "--epochs", EPOCHS + 1, "--resume", "auto",
+                                "--data", f"imagefolder:{other}"), check=False)
     assert result.returncode == 2
     assert "cannot be resumed with class 9 'digit_9' -> 'nine': resume with the checkpoint's values" in result.stderr
 
