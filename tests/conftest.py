@@ -323,19 +323,23 @@ def train_here(args, *, check: bool = True) -> subprocess.CompletedProcess:
     """As run_trainer(args) for one process, but trainer/main.py's main() runs in this process, whose imports are
     paid already (they are ~3.5 s of a trainer process's ~4 s in a short run): one intra-op thread, as
     run_trainer's processes have (OMP_NUM_THREADS=1), so that the float sums, and so the runs, are the same; a fresh
-    accelerate state; stdout and stderr captured. For runs that need no process of their own (no signal, no kill,
-    no environment, no DataLoader workers, no compilation whose caches would outlive the test)."""
+    accelerate state; stdout and stderr captured; the stop-signal handlers the run installs put back. For runs that
+    need no process of their own (no signal, no kill, no environment, no DataLoader workers, no compilation whose
+    caches would outlive the test)."""
     import contextlib
     import io
     from trainer.main import main
     fresh_accelerate_state()
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main([str(a) for a in args])
     finally:
         torch.set_num_threads(threads)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"trainer failed ({code}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

@@ -202,28 +202,15 @@ def test_a_nan_loss_stops_with_the_step_and_writes_no_checkpoint(cifar_dir, tmp_
 
 # --- what a start may change in the folder, in this process (faster than a new one) ------------------------------
 
-def run_here(argv, capsys):
-    """trainer.main in this process: (exit status, stdout, stderr). The signal handlers a run installs are undone."""
-    from trainer.main import main
-    names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-    handlers = {s: signal.getsignal(s) for s in names}
-    try:
-        code = main([str(a) for a in argv])
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_overwrite_deletes_exactly_the_runs_own_entries(cifar_dir, tmp_path, uninterrupted, capsys):
+def test_overwrite_deletes_exactly_the_runs_own_entries(cifar_dir, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     (run_dir / "epoch_1_export").mkdir()  # trainer.export's default output
     (run_dir / "epoch_1_export" / "model.safetensors").write_text("exported")
     (run_dir / "notes.txt").write_text("mine")
     (run_dir / ".overwritten" / "epoch_9").mkdir(parents=True)  # left by an --overwrite start killed before its commit
-    code, out, err = run_here(args_for(cifar_dir, run_dir, "--overwrite", "--epochs", 1), capsys)
+    result = train_here(args_for(cifar_dir, run_dir, "--overwrite", "--epochs", 1), check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert "--overwrite: deleted the previous run" in out
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
@@ -234,27 +221,30 @@ def test_overwrite_deletes_exactly_the_runs_own_entries(cifar_dir, tmp_path, uni
 
 
 def test_going_back_sets_the_later_checkpoints_aside_so_auto_resume_continues_the_new_branch(
-        cifar_dir, tmp_path, uninterrupted, capsys):
+        cifar_dir, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
-    code, out, err = run_here(args_for(cifar_dir, run_dir, "--checkpoint", run_dir / "epoch_1", "--epochs", 2), capsys)
+    result = train_here(args_for(cifar_dir, run_dir, "--checkpoint", run_dir / "epoch_1", "--epochs", 2), check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     (aside,) = (run_dir / "superseded").iterdir()
     assert f"moved the checkpoints after epoch_1 (epoch_2, epoch_3), which this run replaces, to {aside}" in out
     assert sorted(p.name for p in aside.iterdir()) == ["epoch_2", "epoch_3"]
     checkpoint.verify(aside / "epoch_3")  # kept, whole, where auto resume does not look
     assert (run_dir / "latest").read_text().strip() == "epoch_2" and not (run_dir / "epoch_3").exists()
-    code, out, err = run_here(args_for(cifar_dir, run_dir, "--resume", "auto"), capsys)
+    result = train_here(args_for(cifar_dir, run_dir, "--resume", "auto"), check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert f"resumed from {run_dir / 'epoch_2'}: epoch 2, step 18" in out
     assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_an_unreadable_manifest_is_passed_over_out_loud(cifar_dir, tmp_path, uninterrupted, capsys):
+def test_an_unreadable_manifest_is_passed_over_out_loud(cifar_dir, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     (run_dir / f"epoch_{EPOCHS}" / "manifest.json").write_text("{not json")
-    code, out, err = run_here(args_for(cifar_dir, run_dir, "--resume", "auto"), capsys)
+    result = train_here(args_for(cifar_dir, run_dir, "--resume", "auto"), check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert (f"warning: skipping checkpoint {run_dir / f'epoch_{EPOCHS}'}: "
             f"{run_dir / f'epoch_{EPOCHS}' / 'manifest.json'} is unreadable") in out
@@ -272,8 +262,9 @@ def saves_fail(monkeypatch):
 
 
 @pytest.mark.launches
-def test_a_failed_final_save_is_a_failure_even_with_on_save_error_continue(cifar_dir, tmp_path, saves_fail, capsys):
-    code, out, err = run_here(args_for(cifar_dir, tmp_path, "--epochs", 1, "--on_save_error", "continue"), capsys)
+def test_a_failed_final_save_is_a_failure_even_with_on_save_error_continue(cifar_dir, tmp_path, saves_fail):
+    result = train_here(args_for(cifar_dir, tmp_path, "--epochs", 1, "--on_save_error", "continue"), check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert err.strip().splitlines() == [
         f"error: stopped: checkpoint {tmp_path / 'epoch_1'}, the one this run ends with, could not be written; "
@@ -281,11 +272,12 @@ def test_a_failed_final_save_is_a_failure_even_with_on_save_error_continue(cifar
     assert "No space left on device" in out and not checkpoint.list_checkpoints(tmp_path)
 
 
-def test_a_preempted_run_whose_save_fails_does_not_exit_75(cifar_dir, tmp_path, saves_fail, monkeypatch, capsys):
+def test_a_preempted_run_whose_save_fails_does_not_exit_75(cifar_dir, tmp_path, saves_fail, monkeypatch):
     from trainer.preemption import StopRequest
     # The preemption signal, as though received as training starts (no handler is installed in pytest's process).
     monkeypatch.setattr(StopRequest, "install", lambda self, names: setattr(self, "signal", signal.SIGTERM))
-    code, out, err = run_here(args_for(cifar_dir, tmp_path, "--on_save_error", "continue"), capsys)
+    result = train_here(args_for(cifar_dir, tmp_path, "--on_save_error", "continue"), check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 1, (out, err)
     (line,) = err.strip().splitlines()
     assert line.startswith(f"error: stopped: checkpoint {tmp_path / 'step_'}") and "the one this run ends with" in line

@@ -75,6 +75,7 @@ def test_batch_sizes_that_do_not_divide_say_which_values_work():
     (["--checkpoint", "{tmp}/missing"], "--checkpoint {tmp}/missing is not a folder"),
     (["--resume", "latest"], "--resume must be auto"),
     (["--compile_mode", "reduce-overhead"], "--compile_mode 'reduce-overhead' is not one of: default, max-autotune-no-cudagraphs"),
+    (["--compile_backend", "cudagraphs"], "--compile_backend 'cudagraphs' is not one of: inductor, aot_eager, eager"),
     (["--augment", "randaug", "--randaug", "rand-x9"], "--randaug 'rand-x9' is not a timm RandAugment string.*'x9'"),
     (["--augment", "randaug", "--randaug", "augmix-m5"], "--randaug 'augmix-m5' is not a timm RandAugment string"),
     (["--randaug", "rand-m5"], "--randaug 'rand-m5' applies to --augment randaug only"),

@@ -217,7 +217,8 @@ def read_image_folder(root: Path, image_size: int, decode_mode: str = "auto", th
         check_no_file_twice(samples)
     splits, notes = serve([(FileList([path for path, _ in samples]), [label for _, label in samples])
                            for samples in read], image_size, decode_mode, threads, str(root))
-    return OwnImages(*([None] * evaluation_only), *splits, list(classes), notes)
+    train_split, test_split = (None, *splits) if evaluation_only else splits
+    return OwnImages(train_split, test_split, list(classes), notes)
 
 
 def listed(split_dir: Path, reader, *args):
@@ -319,4 +320,5 @@ def read_hf_dataset(source: str, image_size: int, decode_mode: str = "auto", thr
                        f"{where} {name} split")
         checked.append((rows, labels))
     decoded, notes = serve(checked, image_size, decode_mode, threads, where)
-    return OwnImages(*([None] * evaluation_only), *decoded, class_names, notes)
+    train_split, test_split = (None, *decoded) if evaluation_only else decoded
+    return OwnImages(train_split, test_split, class_names, notes)
