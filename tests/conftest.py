@@ -311,14 +311,6 @@ def make_trainer(cifar_dir, save_dir, **options):
     return Trainer(TrainConfig(**{**values, **options}))
 
 
-def run_main(argv, capsys) -> tuple[int, list[str]]:
-    """trainer/main.py's main() in this process, from a fresh accelerate state: its exit status and stderr lines."""
-    from trainer.main import main
-    fresh_accelerate_state()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
 def train_here(args, *, check: bool = True) -> subprocess.CompletedProcess:
     """As run_trainer(args) for one process, but trainer/main.py's main() runs in this process, whose imports are
     paid already (they are ~3.5 s of a trainer process's ~4 s in a short run): one intra-op thread, as
@@ -346,10 +338,11 @@ def train_here(args, *, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def refused(argv, capsys) -> str:
-    """Run the trainer in this process; it must exit 2 with exactly one `error: ` line on stderr, returned."""
-    code, err = run_main(argv, capsys)
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+def refused(argv) -> str:
+    """The trainer in this process (train_here) must exit 2 with exactly one `error: ` line on stderr, returned."""
+    result = train_here(argv, check=False)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), (result.returncode, err)
     return err[0]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from conftest import TINY, load_weights, relative_l2, run_trainer, train_here
+from conftest import TINY, load_weights, refused, relative_l2, run_trainer, train_here
 from trainer.data import EpochPlan, Normalize, Split, TrainSteps, iterate_steps, posterize
 from trainer.step import per_image_loss
 
@@ -175,11 +175,9 @@ def test_one_and_two_processes_train_the_same_with_every_augmentation(cifar_dir,
     assert relative_l2(one, two) < 1e-5  # float re-association only (test_train.py); a different mix: ~1e-2
 
 
-def test_mixup_refuses_an_odd_micro_batch(cifar_dir, tmp_path, capsys):
-    from trainer.main import main
+def test_mixup_refuses_an_odd_micro_batch(cifar_dir, tmp_path):
     # In this process: a setup error needs no subprocess.
-    assert main([str(a) for a in TINY + ["--data_dir", cifar_dir, "--batch_size", "30", "--micro_batch_size", "15",
-                                         "--mixup", "0.8", "--save_dir", tmp_path]]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    line = refused(TINY + ["--data_dir", cifar_dir, "--batch_size", "30", "--micro_batch_size", "15", "--mixup", "0.8",
+                           "--save_dir", tmp_path])
     assert line.startswith("error: --mixup/--cutmix pair the images of a micro-batch: the micro-batch must be even, "
                            "got 15"), line

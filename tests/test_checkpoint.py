@@ -290,14 +290,12 @@ def test_a_model_that_draws_random_numbers_resumes_to_the_same_weights(cifar_dir
     step draws its masks from torch's global generator, and a resume without the restore diverges. In this
     process: the trainer has no dropout option, so timm.create_model gets drop_rate here."""
     import timm
-    from trainer.main import main
     create = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: create(*args, **{**kwargs, "drop_rate": 0.3}))
     args = TINY + ["--data_dir", cifar_dir, "--epochs", 2, "--batch_size", 96, "--save_epochs", 1, "--augment", "none"]
-    assert main([str(a) for a in args + ["--save_dir", tmp_path / "whole"]]) == 0
+    train_here(args + ["--save_dir", tmp_path / "whole"])
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "epoch_2")
-    assert main([str(a) for a in args + ["--save_dir", tmp_path / "resumed", "--checkpoint",
-                                         tmp_path / "resumed" / "epoch_1"]]) == 0
+    train_here(args + ["--save_dir", tmp_path / "resumed", "--checkpoint", tmp_path / "resumed" / "epoch_1"])
     whole, resumed = (load_weights(tmp_path / d / "epoch_2" / "model.safetensors") for d in ("whole", "resumed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), relative_l2(resumed, whole)

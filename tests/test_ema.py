@@ -12,9 +12,8 @@ import timm
 import torch
 
 from conftest import (REPO, TINY, assert_resumed, assert_same_records, assert_same_weights, load_weights,
-                      make_trainer, read_jsonl, record_lines, relative_l2, run_trainer, train_here)
+                      make_trainer, read_jsonl, record_lines, refused, relative_l2, run_trainer, train_here)
 from trainer import checkpoint
-from trainer.main import main
 
 EPOCHS = 3
 
@@ -75,7 +74,7 @@ def test_resumed_run_ends_with_bit_identical_model_and_ema(cifar_dir, ema_run, t
     assert_same_records(run_dir, ema_run, names=("metrics.jsonl",))
 
 
-def test_resume_with_model_ema_from_a_checkpoint_without_one_is_refused(cifar_dir, ema_run, tmp_path, capsys):
+def test_resume_with_model_ema_from_a_checkpoint_without_one_is_refused(cifar_dir, ema_run, tmp_path):
     folder = tmp_path / "epoch_1"
     shutil.copytree(ema_run / "epoch_1", folder)
     (folder / checkpoint.MODEL_EMA_FILE).unlink()
@@ -83,8 +82,7 @@ def test_resume_with_model_ema_from_a_checkpoint_without_one_is_refused(cifar_di
     del manifest["files"][checkpoint.MODEL_EMA_FILE]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     # In this process: the refusal comes before any training, so no subprocess is needed to see it.
-    assert main([str(a) for a in args_for(cifar_dir, tmp_path / "run", "--checkpoint", folder)]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    line = refused(args_for(cifar_dir, tmp_path / "run", "--checkpoint", folder))
     assert line.startswith(f"error: {folder} holds no model_ema.safetensors (saved without --model_ema)"), line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 

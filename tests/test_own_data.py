@@ -104,35 +104,32 @@ def image_folder(root, classes=("cat", "dog"), val_classes=None, per_class=3):
     return root
 
 
-def test_an_empty_class_folder_is_refused_naming_it(tmp_path, capsys):
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
     root = image_folder(tmp_path / "data")
     (root / "train" / "empty").mkdir()
-    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"],
-                      capsys)
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"])
     assert message.startswith(f"error: {root / 'train'}: Found no valid file for the classes empty.")
     assert not (tmp_path / "run").exists()
 
 
-def test_a_truncated_image_is_refused_naming_the_file(tmp_path, capsys):
+def test_a_truncated_image_is_refused_naming_the_file(tmp_path):
     root = image_folder(tmp_path / "data")
     broken = root / "val" / "dog" / "1.png"
     broken.write_bytes(broken.read_bytes()[:40])
-    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"],
-                      capsys)
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"])
     assert message.startswith(f"error: {broken} is not a readable image (") and message.endswith("remove or replace it")
 
 
-def test_a_validation_class_that_training_lacks_is_refused(tmp_path, capsys):
+def test_a_validation_class_that_training_lacks_is_refused(tmp_path):
     root = image_folder(tmp_path / "data", val_classes=("cat", "cow"))
-    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"],
-                      capsys)
+    message = refused(TINY + ["--data", f"imagefolder:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"])
     assert message == (f"error: {root / 'val' / 'cow'}: class 'cow' has no folder in {root / 'train'}; the labels "
                        f"come from the training classes, so add its training images or remove it")
 
 
-def test_a_folder_without_train_and_val_is_refused(tmp_path, capsys):
+def test_a_folder_without_train_and_val_is_refused(tmp_path):
     (tmp_path / "data" / "cat").mkdir(parents=True)
-    message = refused(TINY + ["--data", f"imagefolder:{tmp_path / 'data'}", "--save_dir", tmp_path / "run"], capsys)
+    message = refused(TINY + ["--data", f"imagefolder:{tmp_path / 'data'}", "--save_dir", tmp_path / "run"])
     assert "must hold train/<class>/ and val/<class>/" in message
 
 
@@ -171,8 +168,8 @@ def test_a_16_bit_grey_image_is_refused_rather_than_clipped(tmp_path):
     ("imagefolder:", "--data 'imagefolder:' is not one of"),
     ("imagefolder:/no/such/folder", "--data imagefolder:/no/such/folder: no such folder"),
 ])
-def test_a_bad_data_option_is_refused_before_anything_is_read(tmp_path, capsys, spec, message):
-    assert message in refused(TINY + ["--data", spec, "--save_dir", tmp_path / "run"], capsys)
+def test_a_bad_data_option_is_refused_before_anything_is_read(tmp_path, spec, message):
+    assert message in refused(TINY + ["--data", spec, "--save_dir", tmp_path / "run"])
 
 
 def parquet_data_set(root, labels, names=("cat", "dog"), label_feature=True):
@@ -187,16 +184,16 @@ def parquet_data_set(root, labels, names=("cat", "dog"), label_feature=True):
 
 
 @pytest.mark.parametrize("missing", [-1, None])  # datasets' two spellings of "no label"
-def test_an_unlabelled_row_of_a_hugging_face_data_set_is_refused_naming_its_row(tmp_path, capsys, missing):
+def test_an_unlabelled_row_of_a_hugging_face_data_set_is_refused_naming_its_row(tmp_path, missing):
     root = parquet_data_set(tmp_path / "hf", [0, 1, missing, 0])
-    message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
+    message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"])
     assert message.startswith(f"error: --data hf:{root} train split, row 2: label {missing} is not one of the 2 "
                               f"classes")
 
 
-def test_a_hugging_face_data_set_without_class_names_is_refused(tmp_path, capsys):
+def test_a_hugging_face_data_set_without_class_names_is_refused(tmp_path):
     root = parquet_data_set(tmp_path / "hf", [0, 1, 1, 0], label_feature=False)
-    message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
+    message = refused(TINY + ["--data", f"hf:{root}", "--batch_size", 2, "--save_dir", tmp_path / "run"])
     assert "must have one label column with class names (a ClassLabel feature), found none among image, label" \
         in message
 
@@ -249,18 +246,18 @@ def test_a_data_set_larger_than_memory_is_decoded_per_step_or_refused_with_decod
 
 
 @pytest.mark.parametrize("decode", ["once", "per_step"])
-def test_a_truncated_image_is_refused_before_training_whichever_the_decoding(tmp_path, capsys, decode):
+def test_a_truncated_image_is_refused_before_training_whichever_the_decoding(tmp_path, decode):
     root = image_folder(tmp_path / "data")
     broken = root / "train" / "cat" / "2.png"
     broken.write_bytes(broken.read_bytes()[:40])  # the header whole, the pixel data cut
     message = refused(TINY + ["--data", f"imagefolder:{root}", "--decode", decode, "--num_workers", 2,
-                              "--batch_size", 2, "--save_dir", tmp_path / "run"], capsys)
+                              "--batch_size", 2, "--save_dir", tmp_path / "run"])
     assert message.startswith(f"error: {broken} is not a readable image (")
     assert not (tmp_path / "run").exists()
 
 
-def test_decode_is_refused_with_cifar(tmp_path, capsys):
-    assert refused(TINY + ["--decode", "per_step", "--save_dir", tmp_path / "run"], capsys) == (
+def test_decode_is_refused_with_cifar(tmp_path):
+    assert refused(TINY + ["--decode", "per_step", "--save_dir", tmp_path / "run"]) == (
         "error: --decode per_step applies to --data imagefolder: and hf: (CIFAR's pickles are read whole)")
 
 
@@ -277,15 +274,12 @@ def test_the_study_checks_cifar10_files_and_leaves_other_data_to_the_trainer(tmp
 @pytest.fixture(scope="module")
 def one_epoch_each(digits, tmp_path_factory):
     """One epoch of test_vit on each source of the digits, in this process."""
-    from conftest import fresh_accelerate_state
-    from trainer.main import main
     root = tmp_path_factory.mktemp("sources")
     runs = {source: (source, []) for source in ("cifar10", "folder", "parquet")}
     # The parquet rows decoded as each step is prepared, by two DataLoader processes, not once into memory.
     runs["per_step"] = ("parquet", ["--decode", "per_step", "--num_workers", 2])
     for name, (source, extra) in runs.items():
-        fresh_accelerate_state()
-        assert main([str(a) for a in options(digits, source, root / name, "--epochs", 1, *extra)]) == 0
+        train_here(options(digits, source, root / name, "--epochs", 1, *extra))
     return root
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (REPO, TIMEOUT, TINY, assert_same_run, child_env, free_port, launching, read_jsonl,
-                      wait_while_running)
+                      train_here, wait_while_running)
 from trainer import checkpoint
 from trainer.synthetic import write_fake_cifar100
 
@@ -344,27 +344,19 @@ def test_dataloader_workers_survive_a_signal_as_they_start():
     assert result.stdout.split() == ["signals", "10"]  # each reached the training process
 
 
-def test_signal_in_the_last_epochs_evaluation_completes_the_run_and_says_status_0(cifar_dir, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_signal_in_the_last_epochs_evaluation_completes_the_run_and_says_status_0(cifar_dir, tmp_path, monkeypatch):
     """In this process: the signal arrives during the last epoch's evaluation; the run is complete, so it exits 0 and
     says so after its signal line promised 75."""
     from trainer.loop import Trainer
-    from trainer.main import main
     evaluate = Trainer.evaluate
 
     def signalled(self, model=None):
         os.kill(os.getpid(), signal.SIGUSR1)  # the handler only sets a flag: the evaluation goes on
         return evaluate(self, model)
     monkeypatch.setattr(Trainer, "evaluate", signalled)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        status = main([str(a) for a in TINY + ["--data_dir", cifar_dir, "--epochs", 1, "--batch_size", 64,
-                                               "--save_dir", tmp_path / "run"]])
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    out = capsys.readouterr().out
-    assert status == 0 and "received SIGUSR1" in out
+    out = train_here(TINY + ["--data_dir", cifar_dir, "--epochs", 1, "--batch_size", 64,
+                             "--save_dir", tmp_path / "run"]).stdout
+    assert "received SIGUSR1" in out
     assert ("SIGUSR1 arrived in the last epoch's last step or evaluation: the run is complete and saved (epoch 1), "
             "exit status 0, nothing to resume") in out
     assert (tmp_path / "run" / "epoch_1" / "manifest.json").is_file()

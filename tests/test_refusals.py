@@ -3,7 +3,6 @@
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from conftest import MAIN, REPO, TINY, child_env, fresh_accelerate_state, refused, run_trainer
+from conftest import MAIN, REPO, TINY, child_env, fresh_accelerate_state, refused, run_trainer, train_here
 from trainer.config import ConfigError, TrainConfig, check_writable_folder, parse_config
 from trainer.data import DataError, ensure_downloaded, read_split
 from trainer.main import main
@@ -111,7 +110,7 @@ def test_argparse_errors_are_one_line_and_help_is_whole(capsys):
 
 # --- the trainer stops before training and leaves nothing behind --------------------------------------
 
-def test_refusals_before_training_leave_nothing_behind(data, tmp_path, capsys):
+def test_refusals_before_training_leave_nothing_behind(data, tmp_path):
     base = TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8"]
     run = tmp_path / "run"
     a_file = tmp_path / "a_file"
@@ -144,7 +143,7 @@ def test_refusals_before_training_leave_nothing_behind(data, tmp_path, capsys):
         (["--save_dir", run, "--config", config], f"--config {config}: epochs must be an int, got null"),
     ]
     for extra, message in cases:
-        assert message in refused(base + extra, capsys)
+        assert message in refused(base + extra)
         assert not run.exists(), extra
         assert a_file.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -157,44 +156,39 @@ def snapshot(folder) -> dict:
 
 
 @pytest.mark.parametrize("trackers", ["mlflow", "tensorboard,mlflow"])
-def test_a_tracker_that_does_not_start_deletes_and_writes_nothing(data, tmp_path, capsys, monkeypatch, trackers):
+def test_a_tracker_that_does_not_start_deletes_and_writes_nothing(data, tmp_path, monkeypatch, trackers):
     # No MLflow settings: MLflow's default store is refused as the tracker starts, after the data and model are built.
     for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     base = TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8"]
     run = tmp_path / "run"
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        assert main([str(a) for a in base + ["--save_dir", run]]) == 0
-    finally:  # the run installed its own
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    train_here(base + ["--save_dir", run])
     (run / ".tmp-step_1").mkdir()  # left by a killed save: the start that is refused leaves it too
     before = snapshot(run)
     for extra in (["--overwrite"], ["--resume", "auto"]):
-        message = refused(base + ["--save_dir", run, "--log_with", trackers, *extra], capsys)
+        message = refused(base + ["--save_dir", run, "--log_with", trackers, *extra])
         assert message.startswith(f"error: --log_with {trackers}: the tracker did not start"), message
         assert snapshot(run) == before
     fresh = tmp_path / "fresh"
-    refused(base + ["--save_dir", fresh, "--log_with", trackers], capsys)
+    refused(base + ["--save_dir", fresh, "--log_with", trackers])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_an_empty_save_dir_is_refused(data, tmp_path, capsys, monkeypatch):
+def test_an_empty_save_dir_is_refused(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    message = refused(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", ""], capsys)
+    message = refused(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", ""])
     assert message == "error: --save_dir is empty: name the run's folder (e.g. --save_dir runs/vit)"
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="as root every folder is writable: a read-only one cannot be made")
-def test_read_only_save_dir_is_refused(data, tmp_path, capsys):
+def test_read_only_save_dir_is_refused(data, tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir()
     parent.chmod(0o500)
     try:
-        message = refused(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", parent / "run"], capsys)
+        message = refused(TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", parent / "run"])
         assert f"--save_dir {parent / 'run'} cannot be created: {parent} is not writable" in message
         assert not (parent / "run").exists()
     finally:
@@ -221,13 +215,13 @@ def test_study_save_dir_that_is_a_file_is_one_line(tmp_path):
     assert a_file.read_text() == "mine"
 
 
-def test_fp16_that_accelerate_would_not_apply_on_the_cpu_is_refused(data, tmp_path, capsys):
+def test_fp16_that_accelerate_would_not_apply_on_the_cpu_is_refused(data, tmp_path):
     args = TINY + ["--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run", "--device", "cpu"]
     args[args.index("--mixed_precision") + 1] = "fp16"
     # accelerate keeps one mixed precision per process: refused() starts afresh; leave none behind for other tests.
     try:
         assert ("--mixed_precision fp16 is not applied on cpu by accelerate (it would train in fp32)"
-                in refused(args, capsys))
+                in refused(args))
     finally:
         fresh_accelerate_state()
     assert not (tmp_path / "run").exists()
@@ -249,29 +243,29 @@ def data_256(tmp_path):
     (["--cuda_graph"], "--cuda_graph needs one process on a GPU"),
     (["--data_device", "accelerator"], "--data_device accelerator needs a GPU"),
 ])
-def test_bad_options_stop_before_training(data_256, tmp_path, capsys, extra, message):
-    line = refused(TINY + ["--data_dir", data_256, "--save_dir", tmp_path / "run", "--epochs", "1"] + extra, capsys)
+def test_bad_options_stop_before_training(data_256, tmp_path, extra, message):
+    line = refused(TINY + ["--data_dir", data_256, "--save_dir", tmp_path / "run", "--epochs", "1"] + extra)
     assert message in line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_missing_data_without_download(tmp_path, capsys):
+def test_missing_data_without_download(tmp_path):
     line = refused(TINY + ["--data_dir", tmp_path / "empty", "--no-download", "--epochs", "1",
-                           "--save_dir", tmp_path / "run"], capsys)
+                           "--save_dir", tmp_path / "run"])
     assert line.startswith("error: CIFAR-100 not found") and "--data_dir" in line
 
 
-def test_corrupt_data_file_names_the_file(data_256, tmp_path, capsys):
+def test_corrupt_data_file_names_the_file(data_256, tmp_path):
     test_file = data_256 / "cifar-100-python" / "test"
     test_file.write_bytes(test_file.read_bytes()[:-500])
-    line = refused(TINY + ["--data_dir", data_256, "--epochs", "1", "--save_dir", tmp_path / "run"], capsys)
+    line = refused(TINY + ["--data_dir", data_256, "--epochs", "1", "--save_dir", tmp_path / "run"])
     assert str(test_file) in line
 
 
-def test_checkpoint_that_is_not_a_checkpoint(data_256, tmp_path, capsys):
+def test_checkpoint_that_is_not_a_checkpoint(data_256, tmp_path):
     (tmp_path / "notes").mkdir()
     line = refused(TINY + ["--data_dir", data_256, "--epochs", "1", "--save_dir", tmp_path / "run",
-                           "--checkpoint", tmp_path / "notes"], capsys)
+                           "--checkpoint", tmp_path / "notes"])
     assert "is not a checkpoint: manifest.json is missing" in line
 
 
@@ -306,11 +300,10 @@ def test_unreachable_pretrained_weights_fail_fast_naming_the_alternatives(data_2
 
 # --- data --------------------------------------------------------------------------------------------
 
-def test_swapped_train_and_test_files_are_refused(tmp_path, capsys):
+def test_swapped_train_and_test_files_are_refused(tmp_path):
     write_fake_cifar100(tmp_path / "data", num_train=8, num_test=16)
     folder = tmp_path / "data" / "cifar-100-python"
-    message = refused(TINY + ["--data_dir", tmp_path / "data", "--batch_size", "8", "--save_dir", tmp_path / "run"],
-                      capsys)
+    message = refused(TINY + ["--data_dir", tmp_path / "data", "--batch_size", "8", "--save_dir", tmp_path / "run"])
     assert f"{folder / 'test'} holds more images (16) than {folder / 'train'} (8): are the two files swapped?" in message
     assert not (tmp_path / "run").exists()
 
@@ -382,8 +375,7 @@ def test_weights_of_other_shapes_are_refused(tmp_path):
 def trained(data, tmp_path_factory):
     """A real run folder with its checkpoint epoch_1 (export and evaluate verify what they read)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    assert main([str(a) for a in TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8",
-                                         "--save_dir", run]]) == 0
+    train_here(TINY + ["--data_dir", data, "--epochs", "1", "--batch_size", "8", "--save_dir", run])
     return run
 
 
@@ -559,15 +551,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(trained, tmp_p
     (["x", "ddp"], [], "--check_launch needs PROCESSES STRATEGY"),
     (["2", "ddp"], ["--epochs", "1"], None),  # nothing to refuse: exit 0
 ], ids=["processes", "zero3-ema", "fsdp-ema", "batch", "data", "model", "option", "usage", "fine"])
-def test_launch_sh_checks_a_launch_once_before_its_workers(data, tmp_path, capsys, launch, extra, message):
+def test_launch_sh_checks_a_launch_once_before_its_workers(data, tmp_path, launch, extra, message):
     """What launch.sh runs before it starts several workers (trainer/precheck.py), in this process: what the
     process count or strategy cannot train, the data and the model, one line, exit 2, nothing written."""
     argv = ["--check_launch", *launch, *TINY, "--data_dir", data, "--batch_size", "8", "--save_dir", tmp_path / "run",
             *[a.format(tmp=tmp_path) for a in extra]]
     if message is None:
-        assert main([str(a) for a in argv]) == 0 and capsys.readouterr().err == ""
+        result = train_here(argv)
+        assert result.stderr == "", result.stderr
     else:
-        assert message in refused(argv, capsys)
+        assert message in refused(argv)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -588,13 +581,13 @@ def test_launch_sh_numeric_variables_are_checked(env, message):
     assert result.returncode == 2 and result.stderr.splitlines() == [f"error: {message}"]
 
 
-def test_fsdp1_is_refused_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+def test_fsdp1_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
     """An accelerate config with fsdp_version 1 (accelerate's default when the key is missing): FSDP1 renames the
     parameters (FlatParameter) that checkpoints and resume rely on. As `accelerate launch` sets it in the workers."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     argv = TINY + ["--data_dir", tmp_path / "none", "--no-download", "--save_dir", tmp_path / "run"]
-    assert refused(argv, capsys) == ("error: FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (see "
+    assert refused(argv) == ("error: FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (see "
                                      "accelerate_configs/fsdp.yaml) or pass --fsdp_version 2 to accelerate launch")
     assert list(tmp_path.iterdir()) == []
 
@@ -603,8 +596,8 @@ def test_fsdp1_is_refused_before_any_data_is_read(tmp_path, capsys, monkeypatch)
     (["--data_device", "accelerator"], "--data_device accelerator needs a GPU"),
     (["--mixup", "0.8", "--batch_size", "6", "--micro_batch_size", "3"], "the micro-batch must be even, got 3"),
 ])
-def test_refusals_that_need_no_data_come_before_any_is_read(tmp_path, capsys, extra, message):
+def test_refusals_that_need_no_data_come_before_any_is_read(tmp_path, extra, message):
     """runtime.py makes them from the options and the launch alone: a missing data set is never reached."""
     argv = TINY + ["--data_dir", tmp_path / "none", "--no-download", "--save_dir", tmp_path / "run", *extra]
-    assert message in refused(argv, capsys)
+    assert message in refused(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

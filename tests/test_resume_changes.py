@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import TINY, fresh_accelerate_state, read_jsonl, run_main, train_here
+from conftest import TINY, fresh_accelerate_state, read_jsonl, refused, train_here
 from trainer.optim import lr_at
 
 EPOCHS = 2
@@ -58,26 +58,24 @@ def test_overwrite_deletes_the_previous_run_and_trains(cifar_dir, used):
     assert json.loads((used / "config.json").read_text())["options"]["learning_rate"] == 1e-3
 
 
-def test_resume_auto_without_a_valid_checkpoint_keeps_the_records(cifar_dir, used, capsys):
+def test_resume_auto_without_a_valid_checkpoint_keeps_the_records(cifar_dir, used):
     for epoch in range(1, EPOCHS + 1):  # every checkpoint damaged: none verifies
         (used / f"epoch_{epoch}" / "model.safetensors").write_bytes(b"damaged")
     before = snapshot(used)
-    code, err = run_main(args_for(cifar_dir, used, "--resume", "auto"), capsys)
-    assert code == 2 and len(err) == 1
-    assert err[0].startswith(f"error: --resume auto: {used} holds checkpoints (epoch_1, epoch_2) but none that "
-                             f"verifies") and "--overwrite" in err[0]
+    line = refused(args_for(cifar_dir, used, "--resume", "auto"))
+    assert line.startswith(f"error: --resume auto: {used} holds checkpoints (epoch_1, epoch_2) but none that "
+                           f"verifies") and "--overwrite" in line
     assert snapshot(used) == before
 
 
 def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint_only_with_the_same_options(
-        cifar_dir, used, capsys):
+        cifar_dir, used):
     for epoch in range(1, EPOCHS + 1):
         shutil.rmtree(used / f"epoch_{epoch}")
     before = snapshot(used)
-    code, err = run_main(args_for(cifar_dir, used, "--resume", "auto", "--learning_rate", "1e-3"), capsys)
-    assert code == 2 and len(err) == 1
+    line = refused(args_for(cifar_dir, used, "--resume", "auto", "--learning_rate", "1e-3"))
     assert "holds records of a run (config.json, latest, metrics.jsonl, steps.jsonl) started with other options " \
-           "(learning_rate 0.002 -> 0.001) and no checkpoint" in err[0]
+           "(learning_rate 0.002 -> 0.001) and no checkpoint" in line
     assert snapshot(used) == before
 
 
@@ -88,38 +86,34 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint_only_with
     (["--batch_size", "16"], "batch_size 32 -> 16"),
     (["--weight_decay", "0"], "weight_decay 0.01 -> 0.0 (to or from 0"),
 ])
-def test_a_change_a_resume_cannot_make_is_refused_before_anything_is_written(cifar_dir, used, capsys, change, message):
+def test_a_change_a_resume_cannot_make_is_refused_before_anything_is_written(cifar_dir, used, change, message):
     before = snapshot(used)
-    code, err = run_main(args_for(cifar_dir, used, "--checkpoint", used / "epoch_1", *change), capsys)
-    assert code == 2 and len(err) == 1
-    assert err[0].startswith(f"error: {used / 'epoch_1'} cannot be resumed with {message}")
+    line = refused(args_for(cifar_dir, used, "--checkpoint", used / "epoch_1", *change))
+    assert line.startswith(f"error: {used / 'epoch_1'} cannot be resumed with {message}")
     assert snapshot(used) == before
 
 
-def test_epochs_that_end_before_the_checkpoint_are_refused(cifar_dir, used, capsys):
+def test_epochs_that_end_before_the_checkpoint_are_refused(cifar_dir, used):
     before = snapshot(used)
-    code, err = run_main(args_for(cifar_dir, used, "--checkpoint", used / "epoch_2", "--epochs", 1), capsys)
-    assert code == 2 and err == [f"error: {used / 'epoch_2'} holds 18 steps (2 epochs): --epochs 1 would end before "
-                                 f"it; give --epochs 2 or more"]
+    assert refused(args_for(cifar_dir, used, "--checkpoint", used / "epoch_2", "--epochs", 1)) == (
+        f"error: {used / 'epoch_2'} holds 18 steps (2 epochs): --epochs 1 would end before it; give --epochs 2 or more")
     assert snapshot(used) == before
 
 
-def test_a_checkpoint_from_elsewhere_is_not_resumed_into_a_used_folder(cifar_dir, first_run, used, capsys):
+def test_a_checkpoint_from_elsewhere_is_not_resumed_into_a_used_folder(cifar_dir, first_run, used):
     before = snapshot(used)
-    code, err = run_main(args_for(cifar_dir, used, "--checkpoint", first_run / "epoch_1"), capsys)
-    assert code == 2 and len(err) == 1
-    assert err[0].startswith(f"error: --save_dir {used} holds a run (config.json, epoch_1, epoch_2, latest, ")
-    assert f"--checkpoint {first_run / 'epoch_1'} lies outside it" in err[0]
+    line = refused(args_for(cifar_dir, used, "--checkpoint", first_run / "epoch_1"))
+    assert line.startswith(f"error: --save_dir {used} holds a run (config.json, epoch_1, epoch_2, latest, ")
+    assert f"--checkpoint {first_run / 'epoch_1'} lies outside it" in line
     assert snapshot(used) == before
 
 
-def test_a_corrupt_metrics_file_on_resume_is_one_line(cifar_dir, used, capsys):
+def test_a_corrupt_metrics_file_on_resume_is_one_line(cifar_dir, used):
     lines = (used / "metrics.jsonl").read_text().splitlines()
     (used / "metrics.jsonl").write_text(lines[0][:20] + "\n" + lines[1] + "\n")
     before = snapshot(used)
-    code, err = run_main(args_for(cifar_dir, used, "--resume", "auto"), capsys)
-    assert code == 2 and err == [f"error: {used / 'metrics.jsonl'}: line 1 is not JSON: repair or delete that "
-                                 f"file, then resume again"]
+    assert refused(args_for(cifar_dir, used, "--resume", "auto")) == (
+        f"error: {used / 'metrics.jsonl'}: line 1 is not JSON: repair or delete that file, then resume again")
     assert snapshot(used) == before
 
 

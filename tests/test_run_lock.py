@@ -8,9 +8,8 @@ import socket
 
 import pytest
 
-from conftest import TINY, read_jsonl, run_trainer, start_trainer, wait_while_running
+from conftest import TINY, read_jsonl, refused, run_trainer, start_trainer, wait_while_running
 from trainer import checkpoint, run_lock
-from trainer.main import main
 from trainer.run_lock import FolderInUse, RunLock
 
 HOST = socket.gethostname()
@@ -19,14 +18,6 @@ HOST = socket.gethostname()
 def args_for(cifar_dir, save_dir, *extra, epochs=2):
     return [str(a) for a in TINY + ["--data_dir", cifar_dir, "--epochs", epochs, "--batch_size", 32,
                                     "--save_epochs", 1, "--save_dir", save_dir, *extra]]
-
-
-def refused_here(argv, capsys) -> str:
-    """The trainer in this process: exit 2 and exactly one line on stderr, returned."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
-    return err[0]
 
 
 def owned_by(process, run_dir):
@@ -40,14 +31,14 @@ def owned_by(process, run_dir):
 
 
 @pytest.mark.launches
-def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_dir, tmp_path, capsys):
+def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_dir, tmp_path):
     first = start_trainer(args_for(cifar_dir, tmp_path, epochs=3))
     owned_by(first, tmp_path)
     wait_while_running(first, lambda: (tmp_path / "epoch_1").is_dir(), "its first checkpoint")
     first.send_signal(signal.SIGSTOP)  # still running (and holding its lock) while the others start, however slow
     try:
         for extra in ([], ["--resume", "auto"], ["--checkpoint", tmp_path / "epoch_1"], ["--overwrite"]):
-            line = refused_here(args_for(cifar_dir, tmp_path, *extra), capsys)
+            line = refused(args_for(cifar_dir, tmp_path, *extra))
             assert line.startswith(f"error: --save_dir {tmp_path} is in use by another trainer (process {first.pid} "
                                    f"on host {HOST}, started 20"), line
     finally:
@@ -61,7 +52,7 @@ def test_a_second_trainer_in_a_running_folder_is_refused_naming_the_owner(cifar_
 
 
 @pytest.mark.launches
-def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp_path, capsys):
+def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp_path):
     first = start_trainer(args_for(cifar_dir, tmp_path))
     owned_by(first, tmp_path)
     wait_while_running(first, lambda: any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()), "it was saving")
@@ -70,7 +61,7 @@ def test_a_refused_start_leaves_the_owners_save_in_progress_alone(cifar_dir, tmp
         (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
         before = sorted(p.relative_to(tmp_path) for p in staging.rglob("*"))
         for extra in ([], ["--resume", "auto"], ["--overwrite"]):
-            assert "is in use by another trainer" in refused_here(args_for(cifar_dir, tmp_path, *extra), capsys)
+            assert "is in use by another trainer" in refused(args_for(cifar_dir, tmp_path, *extra))
             assert sorted(p.relative_to(tmp_path) for p in staging.rglob("*")) == before
     finally:
         first.send_signal(signal.SIGCONT)

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from conftest import (TINY, assert_lrs_follow_the_schedule, assert_resumed, assert_same_run, launching,
-                      load_weights, make_trainer, read_jsonl, record_lines, relative_l2, run_main, run_trainer,
+                      load_weights, make_trainer, read_jsonl, record_lines, relative_l2, run_trainer,
                       train_here)
 
 # Two correct topologies differ only by float re-association: measured ~2e-7 relative L2 after an epoch
@@ -204,8 +204,7 @@ def test_an_epoch_with_no_step_left_ends_without_training(cifar_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.plain_model.parameters()))
 
 
-def test_a_run_without_deepspeed_unwraps_its_model_without_asking_accelerate(cifar_dir, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_a_run_without_deepspeed_unwraps_its_model_without_asking_accelerate(cifar_dir, tmp_path, monkeypatch):
     """accelerate's unwrap_model imports DeepSpeed whenever it is installed (1.7 s of every process's start): a run
     without DeepSpeed unwraps its model itself (Runtime.bare_model), for its step and for its saves."""
     from accelerate import Accelerator
@@ -213,9 +212,7 @@ def test_a_run_without_deepspeed_unwraps_its_model_without_asking_accelerate(cif
     def unwrap_model(*args, **kwargs):
         raise AssertionError("accelerate's unwrap_model was called")
     monkeypatch.setattr(Accelerator, "unwrap_model", unwrap_model)
-    code, err = run_main(TINY + ["--data_dir", cifar_dir, "--save_dir", tmp_path / "run", "--epochs", "1",
-                                 "--batch_size", "64"], capsys)
-    assert code == 0, err
+    train_here(TINY + ["--data_dir", cifar_dir, "--save_dir", tmp_path / "run", "--epochs", "1", "--batch_size", "64"])
     timm_model = timm.create_model("test_vit", num_classes=100, img_size=32)
     timm_model.load_state_dict(load_weights(tmp_path / "run/epoch_1/model.safetensors"))  # timm's names, all there
 
