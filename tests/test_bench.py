@@ -90,3 +90,19 @@ def test_raw_and_trainer_rows_run_with_the_same_cudnn_autotuning(monkeypatch, tm
                         lambda *a, **k: seen.append(("trainer", torch.backends.cudnn.benchmark)) or 1.0)
     bench.run(["test_vit"], ["eager"], ["none"], batch_size=8, steps=1, repeats=1, zero2=False, workdir=tmp_path)
     assert seen == [("raw", True), ("trainer", True)]
+
+
+def test_compile_rows_use_the_backend_asked_for(monkeypatch, tmp_path):
+    """--compile_backend reaches the raw row's torch.compile and the trainer row's config (the CPU smoke of
+    benchmarks/gpu_check.sh asks for aot_eager)."""
+    backends = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: backends.append(("raw", options["backend"]))
+                        or compile_(model, **options))
+    monkeypatch.setattr(bench, "train_flops_per_image", lambda config, device: 1.0)
+    monkeypatch.setattr(bench, "time_steps", lambda step, steps, repeats, device: 1.0)  # compiled, never run
+    monkeypatch.setattr(bench, "trainer_step_time",
+                        lambda config, *a, **k: backends.append(("trainer", config.compile_backend)) or 1.0)
+    bench.run(["test_vit"], ["compile"], ["none"], batch_size=8, steps=1, repeats=1, zero2=False, workdir=tmp_path,
+              compile_backend="aot_eager")
+    assert backends == [("raw", "aot_eager"), ("trainer", "aot_eager")]

@@ -80,7 +80,8 @@ def raw_step_time(config: TrainConfig, mode: str, device: torch.device, steps: i
                                 tuple(images.shape), torch.bfloat16 if bf16 else None, 0.0)
         weights = torch.ones(batch, device=device)
         return time_steps(lambda: graphed(images, labels, weights, 1 / batch), steps, repeats, device)
-    forward = torch.compile(model, dynamic=False) if mode == "compile" else model  # as the trainer's (runtime.py)
+    # As the trainer's (runtime.py): static shapes, the backend asked for.
+    forward = torch.compile(model, dynamic=False, backend=config.compile_backend) if mode == "compile" else model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -139,7 +140,7 @@ def trainer_step_time(config: TrainConfig, steps: int, repeats: int, channels_la
 
 def run(models: list[str], modes: list[str], augments: list[str], batch_size: int, steps: int, repeats: int,
         zero2: bool, workdir: Path, channels_last: bool = False, written=lambda row: None,
-        fsdp: bool = False) -> list[dict]:
+        fsdp: bool = False, compile_backend: str = "inductor") -> list[dict]:
     """Every row, each also handed to `written` the moment it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The trainer turns cuDNN's autotuning on for its one static training shape (loop.py), globally; set here
@@ -152,7 +153,7 @@ def run(models: list[str], modes: list[str], augments: list[str], batch_size: in
     for model in models:
         base = TrainConfig(model=model, pretrained=False, batch_size=batch_size, data_dir=str(data_dir),
                            epochs=1000, warmup_epochs=0, progress=False, save_dir=str(workdir / "run"),
-                           log_interval=20, eval_batch_size=batch_size)
+                           log_interval=20, eval_batch_size=batch_size, compile_backend=compile_backend)
         flops = train_flops_per_image(base, device)
         runnable = [m for m in modes if m != "cuda_graph" or device.type == "cuda"]
         raw = {}
@@ -253,6 +254,9 @@ def bench_command(argv) -> int:
                         help="also time the trainer under DeepSpeed ZeRO-2 at world size 1 (needs deepspeed)")
     parser.add_argument("--fsdp", action="store_true",
                         help="also time the trainer under FSDP2 at world size 1 (accelerate_configs/fsdp.yaml)")
+    parser.add_argument("--compile_backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                        help="the compile rows' torch.compile backend, as the trainer's --compile_backend (aot_eager: "
+                             "the CPU smoke of benchmarks/gpu_check.sh, where inductor's kernels take minutes)")
     parser.add_argument("--channels_last", action="store_true",
                         help="weights (and the raw step's images) in channels-last layout, for an A/B comparison")
     parser.add_argument("--out", type=Path, help="also write the table (bench.md) and the raw figures (bench.jsonl, "
@@ -271,7 +275,8 @@ def bench_command(argv) -> int:
     header = (f"{hardware()}; " + ", ".join(f"{k} {v}" for k, v in library_versions().items())
               + f"; batch {args.batch_size}, {'bf16' if gpu else 'fp32'}, median of {args.repeats} x {args.steps} steps"
               + ", cudnn.benchmark on"
-              + (", channels_last" if args.channels_last else ""))
+              + (", channels_last" if args.channels_last else "")
+              + (f", compile backend {args.compile_backend}" if "compile" in split(args.modes) else ""))
     if args.out:
         # Written as the run goes: the header now, then each row the moment it is measured, so a time limit
         # that stops the run keeps every row measured so far.
@@ -286,7 +291,8 @@ def bench_command(argv) -> int:
                     f.write(line + "\n")
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(split(args.models), split(args.modes), split(args.augment), args.batch_size, args.steps,
-                   args.repeats, args.zero2, Path(workdir), args.channels_last, written, args.fsdp)
+                   args.repeats, args.zero2, Path(workdir), args.channels_last, written, args.fsdp,
+                   args.compile_backend)
     print(header)
     print(table(rows))
     if args.out:
