@@ -3,7 +3,8 @@ processes, and a checkpoint of any of them resumes under any other and any proce
 
 Every run: test_vit, 288 generated images, global batch 64 = micro-batch 16 x 2 accumulation x 2 processes,
 so each epoch is 4 full steps and a last step of 32 images; 2 epochs, 1 of warm-up, a checkpoint after each.
-The FSDP run is `./launch.sh --strategy fsdp` (accelerate_configs/fsdp.yaml on the CPU over gloo).
+The FSDP and ZeRO-3 runs are `./launch.sh --strategy fsdp|zero3` (accelerate_configs/fsdp.yaml on the CPU over
+gloo, zero3.yaml); the ZeRO-3 run with --grad_clip 0.5 is launched from accelerate's flags, without a config file.
 
 Measured on the development machine (torch 2.14.1, accelerate 1.15, deepspeed 0.19.8, 2 CPU cores), relative
 L2 of all weights vs DDP after epoch 1 / epoch 2:
@@ -42,7 +43,8 @@ STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 @launching
 def launch(noisy_cifar_dir, tmp_path_factory):
     """launch(config, *extra) -> save_dir: each distinct run happens once per module (DDP baseline included);
-    config "fsdp" runs through `./launch.sh --strategy fsdp`."""
+    configs "fsdp" and "zero3" run through `./launch.sh --strategy CONFIG` (which launches accelerate with
+    accelerate_configs/CONFIG.yaml: tests/test_launch.py), the others through `accelerate launch` itself."""
     root = tmp_path_factory.mktemp("strategies")
     done = {}
 
@@ -50,8 +52,8 @@ def launch(noisy_cifar_dir, tmp_path_factory):
         key = (config, *extra)
         if key not in done:
             save_dir = root / "_".join(k.strip("-") for k in key)
-            if config == "fsdp":
-                run_launch_sh("fsdp", noisy_cifar_dir, save_dir, *extra)
+            if config in ("fsdp", "zero3"):
+                run_launch_sh(config, noisy_cifar_dir, save_dir, *extra)
             else:
                 run(config, noisy_cifar_dir, save_dir, *extra)
             done[key] = save_dir
@@ -161,9 +163,11 @@ def test_launch_sh_fsdp_trains_the_same_model_as_ddp(launch):
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "fsdp"])
-def test_sharded_with_clipping_trains_the_same_model_as_ddp_with_clipping(launch, config):
+def test_sharded_with_clipping_trains_the_same_model_as_ddp_with_clipping(launch, request, config):
     ddp, ddp_clipped = launch("cpu_multi"), launch("cpu_multi", "--grad_clip", "0.5")
-    sharded_clipped = launch(config, "--grad_clip", "0.5")
+    # ZeRO-3 with clipping is the run launched from accelerate's flags (zero3_from_flags): one launch, two claims.
+    sharded_clipped = request.getfixturevalue("zero3_from_flags") if config == "zero3" else \
+        launch(config, "--grad_clip", "0.5")
     # Clipping at 0.5 really bites on this run (else the comparison below would prove nothing).
     assert relative_l2(weights(ddp, 2), weights(ddp_clipped, 2)) > 1e-3
     assert_really_ran(sharded_clipped, config)
@@ -283,12 +287,11 @@ def test_a_refusal_only_the_workers_can_make_is_one_line_through_launch_sh(launc
     assert [line for line in result.stderr.splitlines() if "error" in line.lower()] == [line]
 
 
-def test_launch_sh_zero3_trains_like_ddp(launch, noisy_cifar_dir, tmp_path):
+def test_launch_sh_zero3_trains_like_ddp(launch):
     """The issue's own words: `./launch.sh --strategy zero3 ...` trains to the same result as DDP (this module's
     DDP run: on the CPU, launch.sh --strategy ddp runs `accelerate launch` with cpu_multi.yaml and --device cpu,
-    as tests/test_launch.py checks)."""
-    save_dir = tmp_path / "zero3"
-    run_launch_sh("zero3", noisy_cifar_dir, save_dir)
+    as tests/test_launch.py checks). The module's ZeRO-3 run is this launch."""
+    save_dir = launch("zero3")
     resolved = json.loads((save_dir / "config.json").read_text())["resolved"]
     assert (resolved["distributed_type"], resolved["deepspeed_zero_stage"], resolved["processes"]) == ("DEEPSPEED", 3, 2)
     ddp = launch("cpu_multi")
@@ -300,7 +303,8 @@ def test_launch_sh_zero3_trains_like_ddp(launch, noisy_cifar_dir, tmp_path):
 @launching
 def zero3_from_flags(noisy_cifar_dir, tmp_path_factory):
     """accelerate's documented way, with no config file: `accelerate launch --use_deepspeed --zero_stage 3
-    --num_processes 2 trainer/main.py --device cpu ...` (accelerate then leaves zero3_save_16bit_model off)."""
+    --num_processes 2 trainer/main.py --device cpu ...` (accelerate then leaves zero3_save_16bit_model off), with
+    --grad_clip 0.5: it is also the ZeRO-3 run of the clipping comparison."""
     import subprocess
     import sys
 
@@ -308,7 +312,8 @@ def zero3_from_flags(noisy_cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3_flags")
     save_dir = root / "run"
     args = TINY + ["--data_dir", noisy_cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
-                   "--micro_batch_size", "16", "--save_epochs", "1", "--save_dir", save_dir, "--device", "cpu"]
+                   "--micro_batch_size", "16", "--save_epochs", "1", "--save_dir", save_dir, "--device", "cpu",
+                   "--grad_clip", "0.5"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
            "--num_processes", "2", "--main_process_port", str(free_port()), MAIN, *map(str, args)]
     # HF_HOME in a fresh folder: no accelerate default_config.yaml of this machine can fill in what the flags leave.
@@ -319,19 +324,20 @@ def zero3_from_flags(noisy_cifar_dir, tmp_path_factory):
 
 
 def test_zero3_from_accelerate_flags_trains_and_saves_like_ddp(launch, zero3_from_flags):
-    ddp, ds = launch("cpu_multi"), zero3_from_flags
+    ddp, ds = launch("cpu_multi", "--grad_clip", "0.5"), zero3_from_flags
     assert_deepspeed_really_ran(ds, 3)
-    assert_same_training(ddp, ds, "zero3 from accelerate's flags")
+    assert_same_training(ddp, ds, "zero3 from accelerate's flags, --grad_clip 0.5")
     path = ds / "epoch_2" / "model.safetensors"
     saved = load_weights(path)
     model = timm.create_model("test_vit", pretrained=True, num_classes=100, img_size=(32, 32),
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=100))
     state = model.state_dict()
     assert saved.keys() == state.keys() and all(torch.equal(state[k], saved[k]) for k in saved)  # full weights
-    # What the engine applies, read back from it (config.json): the trainer's batching and clipping (0 = off),
-    # full weights gathered for model.safetensors, and DeepSpeed's synchronising throughput timer off.
+    # What the engine applies, read back from it (config.json): the trainer's batching and clipping (--grad_clip;
+    # the config-file runs' 0 = off: below), full weights gathered for model.safetensors, and DeepSpeed's
+    # synchronising throughput timer off.
     engine = json.loads((ds / "config.json").read_text())["resolved"]["deepspeed_engine"]
-    assert engine == {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0,
+    assert engine == {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
                       "gather_16bit_weights_on_model_save": True, "throughput_timer": False}
 
 
