@@ -529,6 +529,40 @@ def test_every_command_refuses_in_one_line_and_writes_nothing(trained, data, tmp
     assert {p: p.read_bytes() for p in (data / "cifar-100-python").iterdir()} == data_before
 
 
+def test_a_command_ends_its_process_with_its_status_after_freezing_the_objects_it_leaves(monkeypatch):
+    """exit_process: the status, and gc.freeze() first, so that the interpreter's last collections skip the objects
+    torch and timm left (~0.9 s of CPU per process: trainer/errors.py)."""
+    import gc
+    from trainer.errors import exit_process
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    with pytest.raises(SystemExit) as stop:
+        exit_process(75)
+    assert stop.value.code == 75 and frozen == [True]
+
+
+def test_every_command_run_as_a_program_ends_through_exit_process():
+    """Each module's `if __name__ == "__main__":` (and `python -m trainer`, and the cifar-train script) ends with
+    exit_process(main()), not sys.exit(main()): read from the sources, as a new command would be added."""
+    import ast
+    import configparser
+    programs = {}
+    for path in sorted((REPO / "trainer").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                programs[path.name] = ast.unparse(node)
+    programs["__main__.py"] = (REPO / "trainer" / "__main__.py").read_text()
+    assert set(programs) >= {"main.py", "__main__.py", "evaluate.py", "export.py", "report.py", "study.py",
+                             "bench.py", "synthetic.py", "accelerate_launch.py"}, sorted(programs)
+    for name, code in programs.items():
+        assert "exit_process(main())" in code or code.strip().endswith("console()"), (name, code)
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    assert config["options.entry_points"]["console_scripts"].strip() == "cifar-train = trainer.main:console"
+    assert "exit_process(main())" in ast.unparse(ast.parse((REPO / "trainer" / "main.py").read_text()))
+
+
 @pytest.mark.parametrize("command", ["evaluate", "export", "report"])
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, capsys, monkeypatch, command):
     # As root every folder is writable; os.access is what the check asks, so here it stands in for a read-only one.

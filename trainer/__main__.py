@@ -1,5 +1,4 @@
-import sys
-
+from trainer.errors import exit_process
 from trainer.main import main
 
-sys.exit(main())
+exit_process(main())

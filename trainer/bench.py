@@ -301,4 +301,5 @@ def bench_command(argv) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from trainer.errors import exit_process
+    exit_process(main())

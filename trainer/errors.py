@@ -4,7 +4,9 @@ status 2, without a traceback. Here, in a module without torch, so that the stud
 
 from __future__ import annotations
 
+import gc
 import sys
+from typing import NoReturn
 
 # The exit status of a refusal (bad options, files, folders, data or checkpoints), as argparse's own errors.
 USER_ERROR_EXIT_CODE = 2
@@ -32,3 +34,18 @@ def run_command(work, *args, tell=None) -> int:
         if tell is not None and tell(USER_ERROR_EXIT_CODE, f"error: {error}"):
             return USER_ERROR_EXIT_CODE
         return refuse(error)
+
+
+def exit_process(status: int) -> NoReturn:
+    """End this process with `status`: how every command of the package ends when it runs as a program (its
+    `__main__`, `python -m trainer`, the `cifar-train` script), never when a main() is called in another program.
+
+    gc.freeze() first: at exit the interpreter's last garbage collections walk every object still alive, and with
+    torch and timm imported (torch._dynamo and sympy among them) that took ~0.9 s of CPU in every process:
+    `python -c "import torch, timm"` used 3.6 CPU-s, 2.9 s with the freeze (2026-12-05, torch 2.14.1, timm 1.0.31,
+    Python 3.11.7, 2-core CPU machine). Frozen objects are still freed by reference counting as the interpreter
+    clears its modules; only reference cycles left at exit are not collected, and the memory goes back with the
+    process. The exit handlers still run, and the commands have closed what they write (with-blocks, Trainer.close)
+    before this."""
+    gc.freeze()
+    raise SystemExit(status)

@@ -227,4 +227,5 @@ def evaluate_command(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.errors import exit_process
+    exit_process(main())

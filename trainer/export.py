@@ -17,7 +17,6 @@ Exit status: 0 done; 2 a bad checkpoint, --out or network (one line on stderr).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from .checkpoint import is_checkpoint, load_checkpoint_model, read_manifest
@@ -175,4 +174,5 @@ def export_command(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.errors import exit_process
+    exit_process(main())

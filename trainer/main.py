@@ -93,5 +93,11 @@ def tell_launch_sh(status: int, line: str | None = None) -> bool:
 REFUSAL_WAIT_S = 5.0
 
 
+def console() -> None:
+    """The `cifar-train` command (setup.cfg's console script): main(), then the end every command has as a program."""
+    from trainer.errors import exit_process
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
@@ -491,4 +490,5 @@ def report_command(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.errors import exit_process
+    exit_process(main())

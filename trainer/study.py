@@ -461,4 +461,5 @@ def study_command(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.errors import exit_process
+    exit_process(main())

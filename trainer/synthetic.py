@@ -153,4 +153,5 @@ def write_digits_command(root: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from trainer.errors import exit_process
+    exit_process(main())
