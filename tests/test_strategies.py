@@ -355,6 +355,30 @@ def test_deepspeed_on_the_cpu_builds_no_op(launch):
     assert built == [], built
 
 
+DEEPSPEED_WITHOUT_MLFLOW = """
+import sys
+from trainer.runtime import import_deepspeed_without_mlflow
+import_deepspeed_without_mlflow()
+print("deepspeed" in sys.modules, "mlflow" in sys.modules, sys.modules["deepspeed.autotuning.autotuner"].has_mlflow)
+import mlflow  # still importable afterwards, for --log_with mlflow
+print(mlflow.__name__)
+"""
+
+
+@pytest.mark.launches
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """runtime.import_deepspeed_without_mlflow, in a fresh process: DeepSpeed's autotuner does not import MLflow (1.1 s
+    of every DeepSpeed process's start), and MLflow imports as usual afterwards."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+    result = subprocess.run([sys.executable, "-c", DEEPSPEED_WITHOUT_MLFLOW], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == ["True False False", "mlflow"], result.stdout  # after DeepSpeed's own
+
+
 @pytest.mark.parametrize("saved, here, natively", [
     (("MULTI_CPU", None, 2), ("NO", None, 1), True),  # DDP's state is replicated: any count
     (("FSDP", None, 2), ("FSDP", None, 1), True),  # FSDP's full state: any count

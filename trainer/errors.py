@@ -1,5 +1,6 @@
-"""How a command of the package ends on a mistake the user can fix: one line, `error: <message>`, on stderr and exit
-status 2, without a traceback. Here, in a module without torch, so that the study runner and the report can use it.
+"""How a command of the package ends: on a mistake the user can fix, one line, `error: <message>`, on stderr and exit
+status 2, without a traceback; run as a program, through exit_process. Here, in a module without torch, so that the
+study runner and the report can use it.
 """
 
 from __future__ import annotations
