@@ -44,9 +44,9 @@ def exit_process(status: int) -> NoReturn:
     gc.freeze() first: at exit the interpreter's last garbage collections walk every object still alive, which
     with torch and timm imported (torch._dynamo and sympy among them) is most of the ~0.9 s of CPU a process spent
     exiting: `python -c "import torch, timm"` used 3.6 CPU-s, 2.7 when it ended with os._exit, 2.9 with the freeze
-    (2026-12-05, torch 2.14.1, timm 1.0.31, Python 3.11.7, 2-core CPU machine). Frozen objects are still freed by reference counting as the interpreter
-    clears its modules; only reference cycles left at exit are not collected, and the memory goes back with the
-    process. The exit handlers still run, and the commands have closed what they write (with-blocks, Trainer.close)
-    before this."""
+    (2026-12-05, torch 2.14.1, timm 1.0.31, Python 3.11.7, 2-core CPU machine). Frozen objects are still freed by
+    reference counting as the interpreter clears its modules; only reference cycles left at exit are not collected,
+    and the memory goes back with the process. The exit handlers still run, and the commands have closed what they
+    write (with-blocks, Trainer.close) before this."""
     gc.freeze()
     raise SystemExit(status)
