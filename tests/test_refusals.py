@@ -495,7 +495,8 @@ COMMAND_REFUSALS = [
     ("report", ["x", "--nope"], "unrecognized arguments: --nope (see --help)"),
     ("synthetic", ["x", "--nope"], "unrecognized arguments: --nope (see --help)"),
     ("study", ["--processes", "x"], "argument --processes: invalid int value: 'x' (see --help)"),
-    ("bench", ["--steps", "x"], "argument --steps: invalid int value: 'x' (see --help)")]]
+    ("bench", ["--steps", "x"], "argument --steps: invalid int value: 'x' (see --help)"),
+    ("bench", ["--compile_backend", "x"], "argument --compile_backend: invalid choice: 'x'")]]
 
 
 # The study's check of its runs is one trainer subprocess (trainer/precheck.py): the full suite's, not the fast tier's.

@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -254,7 +255,8 @@ def bench_command(argv) -> int:
                         help="also time the trainer under DeepSpeed ZeRO-2 at world size 1 (needs deepspeed)")
     parser.add_argument("--fsdp", action="store_true",
                         help="also time the trainer under FSDP2 at world size 1 (accelerate_configs/fsdp.yaml)")
-    parser.add_argument("--compile_backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+    parser.add_argument("--compile_backend", default="inductor",
+                        choices=typing.get_args(typing.get_type_hints(TrainConfig)["compile_backend"]),
                         help="the compile rows' torch.compile backend, as the trainer's --compile_backend (aot_eager: "
                              "the CPU smoke of benchmarks/gpu_check.sh, where inductor's kernels take minutes)")
     parser.add_argument("--channels_last", action="store_true",
