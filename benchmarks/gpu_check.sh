@@ -275,7 +275,7 @@ stage_b() {
 }
 
 stage_c() {
-  if ! $PY -c "import deepspeed" >/dev/null 2>&1; then
+  if [[ $DEEPSPEED != 1 ]]; then  # as the preamble found it
     say "skipped: deepspeed is not importable (make the wheels with --make-wheels and carry .whl)"
     return 0
   fi
@@ -331,7 +331,7 @@ stage_e() {
     "FSDP run finished by the plain trainer from epoch 1 vs the FSDP run" "$TOL_SAME" \
     train "${VIT}_fsdp_then_plain" --save_epochs 1 || failed=1
   # With DeepSpeed: a ZeRO-2 run's epoch-1 checkpoint finished under FSDP (ds_to_universal, then FSDP's loaders).
-  if $PY -c "import deepspeed" >/dev/null 2>&1; then
+  if [[ $DEEPSPEED == 1 ]]; then
     launched "${VIT}_zero2" zero2 --model "$VIT" || failed=1
     finish_elsewhere "${VIT}_zero2" "${VIT}_zero2_then_fsdp" zero2 \
       "ZeRO-2 run finished under FSDP from epoch 1 vs the ZeRO-2 run" "$TOL_FSDP" \
@@ -379,8 +379,15 @@ choose_work() {  # the first candidate folder that is writable and has NEED_MB f
   echo "$best"
 }
 { date -u; [[ $SMOKE == 1 ]] && echo "cpu-smoke: tiny models, a few steps, on the CPU"
-  $PY -m pip show torch timm accelerate 2>/dev/null | grep -E "^(Name|Version|Location):" | paste - - - \
-    || echo "pip show: failed"
+  # pip show's fields, read from the packages' metadata: pip's own start took 2.8 CPU-s (2-core CPU, 2026-12-05)
+  $PY -c "
+import importlib.metadata as metadata
+for name in ('torch', 'timm', 'accelerate'):
+    try:
+        found = metadata.distribution(name)
+        print(f'Name: {name}\tVersion: {found.version}\tLocation: {found.locate_file(\"\")}')
+    except metadata.PackageNotFoundError:
+        print(f'Name: {name}\tnot installed')" || echo "package versions: failed"
   df -h /dev/shm /tmp "$REPO" 2>&1
   if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 | head -20; else echo "nvidia-smi: not found"; fi
 } | tee "$OUT/summary.txt"
@@ -401,12 +408,20 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     echo "wheels: could not install those of $WHEELS; going on without them" | tee -a "$OUT/summary.txt"
   fi
 fi
-{ $PY -c "import sys, torch, timm, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
-  $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>/dev/null | tail -1 | grep . \
-    || echo "deepspeed: not importable"
+# One process imports them all (each import of torch costs seconds); stages c and e read DEEPSPEED from here.
+{ $PY -c "
+import sys, torch, timm, accelerate
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())
+try:
+    import deepspeed
+    print('deepspeed', deepspeed.__version__)
+except Exception:
+    print('deepspeed: not importable')" 2>/dev/null | grep -v "^\[" || echo "imports: failed"
   $PY -c "import trainer; print('trainer from', trainer.__file__)" 2>&1 | tail -1
   echo "PYTHONPATH=$PYTHONPATH"
 } | tee -a "$OUT/summary.txt"
+export DEEPSPEED=0
+grep -q "^deepspeed [0-9]" "$OUT/summary.txt" && DEEPSPEED=1
 
 start=$SECONDS failures=0
 for stage in a:300 b:240 c:150 e:300 d:0; do

@@ -162,7 +162,9 @@ def test_launch_sh_fsdp_trains_the_same_model_as_ddp(launch):
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.items()}
 
 
-@pytest.mark.parametrize("config", ["zero2", "zero3", "fsdp"])
+# DeepSpeed's clipping is one run: the trainer hands --grad_clip to the engine as `gradient_clipping` the same way
+# for every ZeRO stage (runtime.py), and ZeRO-3's partitioned parameters are the harder case for the engine's norm.
+@pytest.mark.parametrize("config", ["zero3", "fsdp"])
 def test_sharded_with_clipping_trains_the_same_model_as_ddp_with_clipping(launch, request, config):
     ddp, ddp_clipped = launch("cpu_multi"), launch("cpu_multi", "--grad_clip", "0.5")
     # ZeRO-3 with clipping is the run launched from accelerate's flags (zero3_from_flags): one launch, two claims.
@@ -208,14 +210,14 @@ def test_sharded_run_resumed_from_epoch_1_ends_bit_identical(launch, noisy_cifar
     assert_same_run(resumed, uninterrupted, 2)
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_zero2_checkpoint_resumes_with_another_process_count(launch, noisy_cifar_dir, tmp_path, before, after):
+def test_zero2_checkpoint_of_one_process_resumes_on_two(launch, noisy_cifar_dir, tmp_path):
     # DeepSpeed refuses ZeRO state partitioned over another count; the trainer reads it through its full state
-    # (DeepSpeed's ds_to_universal) and writes it into the new partitions. Measured 2026-12-04 (2 -> 1) 2.4e-6 from
-    # the uninterrupted 2-process run, whose own distance to 1 process is of that size: float noise only.
-    first = launch("zero2") if before == 2 else tmp_path / "first"
-    if before == 1:
-        run("zero2", noisy_cifar_dir, first, processes=1)
+    # (DeepSpeed's ds_to_universal) and writes it into the new partitions. The other direction, 2 -> 1, is MATRIX's
+    # ZeRO-3 case below (measured 2026-12-04 for ZeRO-2 2 -> 1: 2.4e-6 from the uninterrupted 2-process run, whose
+    # own distance to 1 process is of that size: float noise only).
+    before, after = 1, 2
+    first = tmp_path / "first"
+    run("zero2", noisy_cifar_dir, first, processes=before)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(first / "epoch_1", resumed / "epoch_1")
