@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -117,6 +118,39 @@ def assert_resumes_only_what_was_left(run_dir: Path, saved: Path, output: str, r
     assert_same_run(run_dir, reference, EPOCHS, rel=1e-9)
 
 
+def patched_on_import(module: str, patch: str, when: str = "True") -> str:
+    """A sitecustomize.py, loaded by every Python process of a launch through PYTHONPATH: in the processes where
+    `when` holds, `patch` runs on `module` (its name inside `patch`) once the trainer imports it."""
+    return f"""
+import importlib.abc, importlib.util, os, signal, sys, time
+
+class PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != {module!r}:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+{textwrap.indent(textwrap.dedent(patch), " " * 12)}
+        spec.loader.exec_module = patched
+        return spec
+
+if {when}:
+    sys.meta_path.insert(0, PatchOnImport())
+"""
+
+
+def with_hook(tmp_path: Path, source: str) -> str:
+    """PYTHONPATH that loads `source` as sitecustomize.py first."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(source)
+    return os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+
+
 @pytest.fixture(scope="module")
 @launching
 def reference(data_dir, tmp_path_factory):
@@ -136,15 +170,28 @@ def fake_slurm(folder: Path, srun_body: str = 'exec "$@"') -> Path:
     return folder
 
 
+# Every optimizer step sleeps 0.2 s first: the time limit is measured on steps of a real model's length.
+SLOW_STEPS = patched_on_import("trainer.loop", """
+    train_step = module.Trainer.train_step
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.2)
+        return train_step(self, *args, **kwargs)
+    module.Trainer.train_step = slow
+""")
+
+
 @pytest.mark.launches
 def test_the_slurm_jobs_end_time_alone_stops_every_process_before_it_saved_with_exit_75_and_a_requeue(
         data_dir, tmp_path):
     """slurm/train.sbatch, no signal at all: the trainer reads SLURM_JOB_END_TIME, measures its steps and epoch
-    ends, and saves and exits 75 in time. The run would otherwise train 500 epochs (minutes)."""
+    ends, and saves and exits 75 in time. The run would otherwise train 500 epochs (minutes). Each step takes
+    0.2 s more, asleep (SLOW_STEPS): a real model's step, without burning the shared cores for the 45 s."""
     bin_dir = fake_slurm(tmp_path / "bin")
     save_dir, log = tmp_path / "run", tmp_path / "job.out"
     end = time.time() + 45  # startup (two processes) takes 10-20 s of it on 2 busy cores
-    env = launch_env(SLURM_JOB_ID="4343", SLURM_JOB_END_TIME=f"{end:.0f}", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env = launch_env(SLURM_JOB_ID="4343", SLURM_JOB_END_TIME=f"{end:.0f}", PATH=f"{bin_dir}:{os.environ['PATH']}",
+                     PYTHONPATH=with_hook(tmp_path, SLOW_STEPS))
     job = start(["bash", str(SBATCH), *args_for(data_dir, save_dir, "--epochs", 500, "--time_limit_margin", 5)],
                 log, env)
     output = finish(job, log, timeout=end + 30 - time.time())  # a run that misses its end would go on for minutes
@@ -214,46 +261,26 @@ def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, referenc
     assert_resumes_only_what_was_left(save_dir, saved, resumed.stdout, reference)
 
 
-# Loaded by every Python process of the launch through PYTHONPATH: in the trainer process of rank 1, the first
-# evaluation (the end of epoch 1) starts by sending its own process SIGTERM. The signal lands in that window by an
-# event, not by a race that a loaded machine can lose (a test process polling for the epoch's end, then signalling
-# while evaluation may already be over).
-SIGNAL_IN_EVALUATION = """
-import importlib.abc, importlib.util, os, signal, sys
+# In the trainer process of rank 1, the first evaluation (the end of epoch 1) starts by sending its own process
+# SIGTERM. The signal lands in that window by an event, not by a race that a loaded machine can lose (a test
+# process polling for the epoch's end, then signalling while evaluation may already be over).
+SIGNAL_IN_EVALUATION = patched_on_import("trainer.evaluation", """
+    evaluate = module.Evaluator.__call__
 
-class SignalInEvaluation(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "trainer.evaluation":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        exec_module = spec.loader.exec_module
-
-        def patched(module):
-            exec_module(module)
-            evaluate = module.Evaluator.__call__
-
-            def signalled(self, *args, **kwargs):
-                os.kill(os.getpid(), signal.SIGTERM)
-                return evaluate(self, *args, **kwargs)
-            module.Evaluator.__call__ = signalled
-        spec.loader.exec_module = patched
-        return spec
-
-if os.environ.get("RANK") == "1":
-    sys.meta_path.insert(0, SignalInEvaluation())
-"""
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, *args, **kwargs)
+    module.Evaluator.__call__ = signalled
+""", when='os.environ.get("RANK") == "1"')
 
 
 @pytest.mark.launches
 def test_signal_at_the_end_of_an_epoch_that_is_not_a_save_epoch_saves_it(data_dir, reference, tmp_path):
     """Signalled in the epoch's evaluation: the epoch is saved (it used to be lost)."""
-    save_dir, log, hook = tmp_path / "run", tmp_path / "out.log", tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_IN_EVALUATION)
+    save_dir, log = tmp_path / "run", tmp_path / "out.log"
     args = args_for(data_dir, save_dir, "--save_epochs", -1, "--resume", "auto")  # only the last epoch saves
-    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
-    run = start([LAUNCH, "--strategy", "ddp", *args], log, launch_env(PYTHONPATH=path))
+    run = start([LAUNCH, "--strategy", "ddp", *args], log,
+                launch_env(PYTHONPATH=with_hook(tmp_path, SIGNAL_IN_EVALUATION)))
     output = finish(run, log)
     assert output.count("received SIGTERM") == 1, output[-5000:]  # rank 1's own, in its first evaluation
     assert run.returncode == 75, output[-5000:]

@@ -120,7 +120,7 @@ def test_compile_gives_the_eager_losses_and_recompiles_only_for_the_last_step_an
     write_fake_cifar100(tmp_path / "data", num_train=288, num_test=200, num_classes=10)
     # 288 images at 64 per step (2 micro-batches of 32): the last step holds 32 images, 2 micro-batches of 16.
     args = TINY + ["--data_dir", tmp_path / "data", "--epochs", "1", "--batch_size", "64", "--micro_batch_size", "32"]
-    run_trainer(args + ["--save_dir", tmp_path / "eager"])
+    train_here(args + ["--save_dir", tmp_path / "eager"])
     compiled = run_trainer(args + ["--save_dir", tmp_path / "compiled", "--compile"],
                            env=child_env(TORCH_LOGS="recompiles"), timeout=600)
     eager_steps, compiled_steps = (read_jsonl(tmp_path / d / "steps.jsonl") for d in ("eager", "compiled"))
@@ -138,11 +138,10 @@ def test_compile_gives_the_eager_losses_and_recompiles_only_for_the_last_step_an
     assert weights.keys() == load_weights(tmp_path / "eager/epoch_1/model.safetensors").keys()
 
 
-@pytest.mark.launches
 def test_progress_bar_shows_only_when_asked(cifar_dir, tmp_path):
     args = TINY + ["--data_dir", cifar_dir, "--epochs", "1", "--batch_size", "64"]
-    shown = run_trainer([a for a in args if a != "--no-progress"] + ["--progress", "--save_dir", tmp_path / "on"])
-    hidden = run_trainer(args + ["--save_dir", tmp_path / "off"])
+    shown = train_here([a for a in args if a != "--no-progress"] + ["--progress", "--save_dir", tmp_path / "on"])
+    hidden = train_here(args + ["--save_dir", tmp_path / "off"])
     assert "epoch 1/1: 100%" in shown.stderr and "loss=" in shown.stderr  # tqdm with the interval's loss
     assert "epoch 1/1: " not in hidden.stderr
 
