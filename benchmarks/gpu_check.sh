@@ -348,8 +348,8 @@ stage_e() {
 stage_d() {
   # NFNet first: launch-bound (its bf16 step took ~46-51 ms at batch 32, 256 and 1024 alike on one H200), where
   # compilation can matter most. The CPU smoke compiles one tiny model only, with dynamo's capture and AOTAutograd's
-  # graphs run eagerly (aot_eager): inductor's C++ kernels made this stage 32 s on 2 cores with a cold cache (torch 2.14.1, 2026-12-05), and
-  # test_train.py compiles the trainer with inductor itself.
+  # graphs run eagerly (aot_eager): inductor's C++ kernels made this stage 32 s on 2 cores with a cold cache (torch
+  # 2.14.1, 2026-12-05). The tests compile with aot_eager too: inductor itself runs here, on the GPU only.
   local models=$NFNET,$VIT backend=inductor
   [[ $SMOKE == 1 ]] && { models=$VIT backend=aot_eager; }
   bench d_compile --models "$models" --modes compile --compile_backend "$backend" --augment crop_flip --no-zero2

@@ -348,6 +348,11 @@ def train_here(args, *, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def train(args, processes: int = 1) -> subprocess.CompletedProcess:
+    """A run on `processes` processes: in this process for one (train_here), a real `accelerate launch` for more."""
+    return train_here(args) if processes == 1 else run_trainer(args, processes=processes)
+
+
 def refused(argv) -> str:
     """The trainer in this process (train_here) must exit 2 with exactly one `error: ` line on stderr, returned."""
     result = train_here(argv, check=False)

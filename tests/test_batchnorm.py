@@ -62,7 +62,7 @@ def reference_buffers(data_dir, weights: dict, world: int, accumulation: int) ->
 # statistics' update is a buffer mutation that AOTAutograd functionalizes and copies back after the graph, which
 # is what could escape buffers_kept (step.py); inductor would only generate the kernels of that same graph, and
 # its code generation, three times (training, the last step's single images, evaluation), takes a minute of the
-# suite's 2 cores (the compiled numbers themselves: test_train.py, with inductor).
+# suite's 2 cores (inductor runs on the GPU: benchmarks/gpu_check.sh stage d).
 @pytest.mark.parametrize("processes, compile", [(1, False), (2, False), (1, True)],
                          ids=["1proc-accumulate", "2proc", "1proc-accumulate-compile"])
 @pytest.mark.launches

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (TINY, assert_resumed, assert_same_run, launching, load_weights, read_jsonl, record_lines,
-                      relative_l2, run_trainer, start_trainer, train_here, wait_while_running)
+                      relative_l2, run_trainer, start_trainer, train, train_here, wait_while_running)
 from trainer import checkpoint, records
 
 EPOCHS = 3
@@ -180,10 +180,9 @@ def test_on_save_error_continue_trains_on(cifar_dir, small_disk):
 def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, uninterrupted, before, after):
     # A micro-batch of 16 makes the accumulation differ too: 2 steps on 1 process, 1 step on 2.
     run_dir = tmp_path / "run"
-    run_trainer(args_for(cifar_dir, run_dir, "--micro_batch_size", 16), processes=before)
+    train(args_for(cifar_dir, run_dir, "--micro_batch_size", 16), before)
     lines = record_lines(run_dir)
-    resumed = run_trainer(args_for(cifar_dir, run_dir, "--micro_batch_size", 16, "--checkpoint", run_dir / "epoch_1"),
-                          processes=after)
+    resumed = train(args_for(cifar_dir, run_dir, "--micro_batch_size", 16, "--checkpoint", run_dir / "epoch_1"), after)
     assert_resumed(run_dir, run_dir / "epoch_1", lines, resumed.stdout)
     # Float re-association across process counts only (see test_train.py).
     assert relative_l2(load_weights(run_dir / f"epoch_{EPOCHS}/model.safetensors"),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from conftest import TINY, load_weights, relative_l2, run_trainer, train_here
+from conftest import TINY, load_weights, relative_l2, train
 from trainer.data import EpochPlan, load_cifar100, micro_batch_indices
 from trainer.synthetic import write_fake_cifar100
 
@@ -71,7 +71,7 @@ def expected(data_dir):
 def test_short_last_step_is_the_mean_over_its_real_images(data_dir, expected, tmp_path, processes, micro_batch):
     initial, final = expected
     args = TINY + OPTIONS + ["--data_dir", data_dir, "--micro_batch_size", micro_batch, "--save_dir", tmp_path]
-    result = train_here(args) if processes == 1 else run_trainer(args, processes=processes)
+    result = train(args, processes)
     assert "2 steps per epoch (last step 40 images)" in result.stdout
     trained = load_weights(tmp_path / "epoch_1" / "model.safetensors")
     assert trained.keys() == initial.keys()

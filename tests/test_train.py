@@ -121,12 +121,16 @@ def test_compile_gives_the_eager_losses_and_recompiles_only_for_the_last_step_an
     # 288 images at 64 per step (2 micro-batches of 32): the last step holds 32 images, 2 micro-batches of 16.
     args = TINY + ["--data_dir", tmp_path / "data", "--epochs", "1", "--batch_size", "64", "--micro_batch_size", "32"]
     train_here(args + ["--save_dir", tmp_path / "eager"])
-    compiled = run_trainer(args + ["--save_dir", tmp_path / "compiled", "--compile"],
+    # aot_eager: dynamo's capture, guards and recompiles and AOTAutograd's graphs, which decide what this test checks
+    # of the trainer, run eagerly. Inductor would add its generated kernels, torch's own code: a cold compile of
+    # this run took 62 g++ runs, 57 of its 70 CPU-s (torch 2.14.1, 2-core CPU, 2026-12-05); it runs on the GPU,
+    # where it is measured (benchmarks/gpu_check.sh stage d).
+    compiled = run_trainer(args + ["--save_dir", tmp_path / "compiled", "--compile", "--compile_backend", "aot_eager"],
                            env=child_env(TORCH_LOGS="recompiles"), timeout=600)
     eager_steps, compiled_steps = (read_jsonl(tmp_path / d / "steps.jsonl") for d in ("eager", "compiled"))
     assert len(eager_steps) == len(compiled_steps) == 5
-    for a, b in zip(eager_steps, compiled_steps):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)  # inductor fuses and reorders float ops
+    # The same losses: the captured graphs run the same operations in the same order (measured equal, torch 2.14.1).
+    assert [s["train_loss"] for s in compiled_steps] == [s["train_loss"] for s in eager_steps]
     # Two recompiles in all: the last step's micro-batches of 16 real images (no padding: data/plan.py), and
     # evaluation (no_grad).
     recompiles = [line for line in compiled.stderr.splitlines() if "Recompiling function" in line]
