@@ -239,14 +239,14 @@ def test_time_limit_warning_to_every_process_saves_a_step_exits_75_requeues_and_
     assert_resumes_only_what_was_left(save_dir, saved, requeued.stdout, reference)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp"])
-def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, reference, tmp_path, strategy):
+@pytest.mark.launches
+def test_signal_to_one_fsdp_process_stops_both_after_the_same_step(data_dir, reference, tmp_path):
     """Under FSDP, the harder case: the step checkpoint is collective (the full state gathered from the shards), and
     the resumed run ends as the uninterrupted DDP run (FSDP on 2 CPU processes computes the same sums,
     tests/test_strategies.py). The stop vote is the same code under DDP, where a signal to every process (the time
     limit test above) and Ctrl-C (below) stop it."""
     save_dir, log = tmp_path / "run", tmp_path / "out.log"
-    run = start([LAUNCH, "--strategy", strategy, *args_for(data_dir, save_dir)], log, launch_env())
+    run = start([LAUNCH, "--strategy", "fsdp", *args_for(data_dir, save_dir)], log, launch_env())
     wait_while_running(run, lambda: latest(save_dir) == "epoch_1", "epoch 1 saved", log)
     kill_one_rank(run, 1)
     output = finish(run, log)
@@ -256,7 +256,7 @@ def test_signal_to_one_process_stops_both_after_the_same_step(data_dir, referenc
     (saved,) = [p for p in checkpoint.list_checkpoints(save_dir) if p.name.startswith("step_")]
     assert saved.name == f"step_{stops[0][1]}"
     assert 0 < checkpoint.read_manifest(saved)["step_in_epoch"] < STEPS_PER_EPOCH
-    resumed = subprocess.run([LAUNCH, "--strategy", strategy, *args_for(data_dir, save_dir, "--resume", "auto")],
+    resumed = subprocess.run([LAUNCH, "--strategy", "fsdp", *args_for(data_dir, save_dir, "--resume", "auto")],
                              cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "converted the training state" not in resumed.stdout  # its own layout: accelerate's load_state
