@@ -416,7 +416,7 @@ try:
     import deepspeed
     print('deepspeed', deepspeed.__version__)
 except Exception:
-    print('deepspeed: not importable')" 2>&1 | grep -vE '^(\[|[WI][0-9]{4} )' || echo "imports: failed"  # (not logs)
+    print('deepspeed: not importable')" 2>&1 | grep -vE '^(\[|[WI][0-9]{4} )' || echo "imports: failed"  # logs left out
   $PY -c "import trainer; print('trainer from', trainer.__file__)" 2>&1 | tail -1
   echo "PYTHONPATH=$PYTHONPATH"
 } | tee -a "$OUT/summary.txt"
