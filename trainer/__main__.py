@@ -1,4 +1,3 @@
-from trainer.errors import exit_process
-from trainer.main import main
+from trainer.main import console
 
-exit_process(main())
+console()
