@@ -184,6 +184,9 @@ def test_a_checkpoint_resumes_with_another_process_count(cifar_dir, tmp_path, un
     lines = record_lines(run_dir)
     resumed = train(args_for(cifar_dir, run_dir, "--micro_batch_size", 16, "--checkpoint", run_dir / "epoch_1"), after)
     assert_resumed(run_dir, run_dir / "epoch_1", lines, resumed.stdout)
+    # Saved on `before` processes (the checkpoint's manifest), resumed on `after` (the run's record).
+    assert checkpoint.read_manifest(run_dir / "epoch_1")["processes"] == before
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["processes"] == after
     # Float re-association across process counts only (see test_train.py).
     assert relative_l2(load_weights(run_dir / f"epoch_{EPOCHS}/model.safetensors"),
                        load_weights(uninterrupted / f"epoch_{EPOCHS}/model.safetensors")) < 1e-5
