@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (REPO, TINY, child_env, free_port, fresh_accelerate_state, read_jsonl,
+from conftest import (REPO, TINY, accelerate_launch, child_env, free_port, fresh_accelerate_state, read_jsonl,
                       train_here)
 from trainer.data import read_split
 from trainer.export import main as export_main
@@ -25,12 +25,12 @@ def run(cifar_dir, tmp_path_factory):
 
 
 def evaluate(*args, processes=1, env=None):
-    launch = [sys.executable, EVALUATE] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_multi.yaml"), "--num_processes", str(processes),
-        "--main_process_port", str(free_port()), EVALUATE, "--device", "cpu"]
-    return subprocess.run(launch + [str(a) for a in args], cwd=REPO, env=env or child_env(), capture_output=True,
-                          text=True, timeout=300)
+    if processes > 1:
+        return accelerate_launch(["--config_file", REPO / "accelerate_configs" / "cpu_multi.yaml", "--num_processes",
+                                  processes, "--main_process_port", free_port(), EVALUATE, "--device", "cpu", *args],
+                                 env=env)
+    return subprocess.run([sys.executable, EVALUATE, *map(str, args)], cwd=REPO, env=env or child_env(),
+                          capture_output=True, text=True, timeout=300)
 
 
 def png_size(path):

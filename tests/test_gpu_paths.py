@@ -5,15 +5,13 @@ one copy per batch, and `no_sync` under DDP with --compile. What only a GPU can 
 import contextlib
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import REPO, child_env, free_port
+from conftest import REPO, accelerate_launch, child_env, free_port
 from trainer import graphs
 from trainer.config import TrainConfig
 from trainer.data import Normalize, random_erase, seeded
@@ -212,11 +210,10 @@ def test_compile_under_ddp_all_reduces_only_on_the_last_micro_step(cifar_dir, tm
     # Finding 6: with --compile, unwrap_model(keep_torch_compile=True) re-parents the compiled wrapper, and
     # accelerate's no_sync then finds nothing to call: every micro-step all-reduced.
     (tmp_path / "probe.py").write_text(PROBE)
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(REPO / "accelerate_configs" / "cpu_multi.yaml"), "--num_processes", "2", "--main_process_port",
-         str(free_port()), str(tmp_path / "probe.py"), str(cifar_dir), str(tmp_path / "run"), str(tmp_path / "out.json")],
-        cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    result = accelerate_launch(
+        ["--config_file", REPO / "accelerate_configs" / "cpu_multi.yaml", "--num_processes", 2, "--main_process_port",
+         free_port(), tmp_path / "probe.py", cifar_dir, tmp_path / "run", tmp_path / "out.json"],
+        env=child_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-5000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["accumulation"] == 2

@@ -4,7 +4,8 @@ processes, and a checkpoint of any of them resumes under any other and any proce
 Every run: test_vit, 288 generated images, global batch 64 = micro-batch 16 x 2 accumulation x 2 processes,
 so each epoch is 4 full steps and a last step of 32 images; 2 epochs, 1 of warm-up, a checkpoint after each.
 The FSDP and ZeRO-3 runs are `./launch.sh --strategy fsdp|zero3` (accelerate_configs/fsdp.yaml on the CPU over
-gloo, zero3.yaml); the ZeRO-3 run with --grad_clip 0.5 is launched from accelerate's flags, without a config file.
+gloo, zero3.yaml); the FSDP run with --grad_clip 0.5 is `accelerate launch` with fsdp.yaml, and the ZeRO-3 run with
+--grad_clip 0.5 is launched from accelerate's flags, without a config file.
 
 Measured on the development machine (torch 2.14.1, accelerate 1.15, deepspeed 0.19.8, 2 CPU cores), relative
 L2 of all weights vs DDP after epoch 1 / epoch 2:
@@ -43,8 +44,9 @@ STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 @launching
 def launch(noisy_cifar_dir, tmp_path_factory):
     """launch(config, *extra) -> save_dir: each distinct run happens once per module (DDP baseline included);
-    configs "fsdp" and "zero3" run through `./launch.sh --strategy CONFIG` (which launches accelerate with
-    accelerate_configs/CONFIG.yaml: tests/test_launch.py), the others through `accelerate launch` itself."""
+    configs "fsdp" and "zero3" without extra options run through `./launch.sh --strategy CONFIG` (which launches
+    accelerate with accelerate_configs/CONFIG.yaml: tests/test_launch.py), the others through `accelerate launch`
+    itself (launch.sh's own pre-check and launcher process, twice more, would prove nothing more)."""
     root = tmp_path_factory.mktemp("strategies")
     done = {}
 
@@ -52,7 +54,7 @@ def launch(noisy_cifar_dir, tmp_path_factory):
         key = (config, *extra)
         if key not in done:
             save_dir = root / "_".join(k.strip("-") for k in key)
-            if config in ("fsdp", "zero3"):
+            if config in ("fsdp", "zero3") and not extra:
                 run_launch_sh(config, noisy_cifar_dir, save_dir, *extra)
             else:
                 run(config, noisy_cifar_dir, save_dir, *extra)
@@ -193,7 +195,9 @@ def test_zero3_checkpoint_loads_in_timm_with_full_weights(launch):
     assert relative_l2(weights(ddp, 2), {k: v.float() for k, v in state.items()}) < DEEPSPEED_TOLERANCE
 
 
-@pytest.mark.parametrize("config", [*STAGES, "fsdp"])
+# ZeRO-1 is left out: DeepSpeed runs stages 1 and 2 with the same optimizer class (stage_1_and_2.py) and accelerate
+# saves and loads every stage with the same engine calls, so its resume is ZeRO-2's (ZeRO-1's training is tested above).
+@pytest.mark.parametrize("config", ["zero2", "zero3", "fsdp"])
 def test_sharded_run_resumed_from_epoch_1_ends_bit_identical(launch, noisy_cifar_dir, tmp_path, config):
     uninterrupted = launch(config)
     resumed = tmp_path / "resumed"
@@ -210,40 +214,15 @@ def test_sharded_run_resumed_from_epoch_1_ends_bit_identical(launch, noisy_cifar
     assert_same_run(resumed, uninterrupted, 2)
 
 
-def test_zero2_checkpoint_of_one_process_resumes_on_two(launch, noisy_cifar_dir, tmp_path):
-    # DeepSpeed refuses ZeRO state partitioned over another count; the trainer reads it through its full state
-    # (DeepSpeed's ds_to_universal) and writes it into the new partitions. The other direction, 2 -> 1, is MATRIX's
-    # ZeRO-3 case below (measured 2026-12-04 for ZeRO-2 2 -> 1: 2.4e-6 from the uninterrupted 2-process run, whose
-    # own distance to 1 process is of that size: float noise only).
-    before, after = 1, 2
-    first = tmp_path / "first"
-    run("zero2", noisy_cifar_dir, first, processes=before)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(first / "epoch_1", resumed / "epoch_1")
-    for name in ("steps.jsonl", "metrics.jsonl"):  # the records beside it, as after a crash in epoch 2
-        shutil.copy(first / name, resumed / name)
-    lines = record_lines(resumed)
-    result = run("zero2", noisy_cifar_dir, resumed, "--checkpoint", resumed / "epoch_1", processes=after)
-    assert_resumed(resumed, resumed / "epoch_1", lines, result.stdout)
-    assert (f"converted the training state of {resumed / 'epoch_1'} from zero2 on {before} process(es) to zero2 on "
-            f"{after} through its full state") in result.stdout
-    assert not list(resumed.glob(".universal-*"))  # the converted copy is removed
-    resolved = json.loads((resumed / "config.json").read_text())["resolved"]
-    assert (resolved["distributed_type"], resolved["deepspeed_zero_stage"], resolved["processes"]) == ("DEEPSPEED", 2, after)
-    assert relative_l2(weights(resumed, 2), weights(launch("zero2"), 2)) < DEEPSPEED_TOLERANCE
-    # The converted optimizer steps with the schedule's lr (read from it), as the uninterrupted run did.
-    assert [s["lr"] for s in read_jsonl(resumed / "steps.jsonl")] == \
-        [s["lr"] for s in read_jsonl(launch("zero2") / "steps.jsonl")]
-    assert read_jsonl(resumed / "metrics.jsonl")[-1]["val_acc1"] == read_jsonl(launch("zero2") / "metrics.jsonl")[-1]["val_acc1"]
-
-
 # (saved under, resumed under, resumed on how many processes): each saved on 2 processes after epoch 1, and finished
 # from there. Measured 2026-12-04 (versions above), relative L2 of the final weights to the uninterrupted run of the
 # resuming strategy on 2 processes (DDP's, for 1 process): DDP -> ZeRO-2 5.4e-7; ZeRO-3 -> ZeRO-3 on 1 process
 # 2.4e-6; FSDP -> one process 6.7e-7; ZeRO-2 -> FSDP 2.4e-6; DDP -> FSDP 0 (the same sums, see the top).
 # (DDP's own 1- vs 2-process distance is 6.7e-7, ZeRO-2/3's distance to DDP 2.3e-6.) A lost moment, step count or
-# master weight gives 1e-3 or more: the breaks tried are in the closing note of the change.
+# master weight gives 1e-3 or more: the breaks tried are in the closing note of the change. Each way through the full
+# state is here once: DeepSpeed's state read (ZeRO-3 on 2, ZeRO-2 on 2) and written (into ZeRO-2's and ZeRO-3's
+# partitions, on 2 processes and on 1), FSDP's and DDP's read and written; a ZeRO-2 checkpoint of 1 process resumed
+# on 2 combines two of them (measured 2026-12-04 within 1e-5, no longer in the suite).
 MATRIX = [("cpu_multi", "zero2", 2), ("zero3", "zero3", 1), ("fsdp", "single", 1), ("zero2", "fsdp", 2),
           ("cpu_multi", "fsdp", 2)]
 LAYOUT = {"cpu_multi": "ddp", "single": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp"}
