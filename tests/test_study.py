@@ -175,6 +175,17 @@ def test_preemption_signal_reaches_the_run_and_exits_75(tmp_path):
         assert "run the same command again to resume" in proc.stderr.read()
 
 
+@pytest.mark.launches
+def test_the_runner_itself_imports_no_torch():
+    """Every run and evaluation is a process of its own; the runner that starts them imports neither torch nor what
+    needs it (importing trainer.checkpoint once pulled torch in through full_state.py: 1.7 CPU-s of every study
+    command's start, 2026-12-05)."""
+    heavy = "torch", "numpy", "timm", "accelerate", "matplotlib"
+    result = subprocess.run([sys.executable, "-c", f"import sys, trainer.study; print([m for m in {heavy!r} if m in "
+                             f"sys.modules])"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--epoch", "1"], "--epoch is neither a study option"),
     (["--resume", "auto"], "--resume cannot be given to a study"),

@@ -17,7 +17,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import full_state, records
+from . import records
 from .checkpoint_folder import (LATEST_FILE, MANIFEST_FILE, MODEL_EMA_FILE, MODEL_FILE, UNIVERSAL_PREFIX,
                                 CheckpointError, SaveError,
                                 list_checkpoints, load_weights, newest_valid, read_manifest, remove_stale, rotate,
@@ -355,6 +355,7 @@ class CheckpointManager:
         # step with this run's formula.
         import torch
 
+        from . import full_state  # imports torch: here, not at the top (see above)
         from .optim import scheduled_lr
         optimizer = self.scheduler.optimizer
         built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
