@@ -70,6 +70,7 @@ def accelerate_launch(argv, *, env: dict | None = None, timeout: int = 300) -> s
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     argv = [str(a) for a in argv]
     parsed = launch_command_parser().parse_args(argv)
+    env = env or child_env()  # before os.environ is replaced below: child_env() copies it
     # What the launcher changes in its process and does not put back: the environment it patches is restored by
     # accelerate, but torch's agent leaves its own signal handlers installed.
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
@@ -92,7 +93,7 @@ def accelerate_launch(argv, *, env: dict | None = None, timeout: int = 300) -> s
         os.dup2(out.fileno(), 1)  # the workers inherit these descriptors
         os.dup2(err.fileno(), 2)
         os.environ.clear()
-        os.environ.update(env or child_env())
+        os.environ.update(env)
         os.chdir(REPO)
         watchdog.start()
         try:
@@ -102,7 +103,7 @@ def accelerate_launch(argv, *, env: dict | None = None, timeout: int = 300) -> s
         except subprocess.CalledProcessError as error:  # accelerate's simple launcher (one process)
             returncode = error.returncode
         except SystemExit as error:
-            returncode = error.code if isinstance(error.code, int) else 1
+            returncode = error.code if isinstance(error.code, int) else int(error.code is not None)
         finally:
             watchdog.cancel()
             os.dup2(kept[0], 1)

@@ -55,7 +55,7 @@ def launch(noisy_cifar_dir, tmp_path_factory):
         if key not in done:
             save_dir = root / "_".join(k.strip("-") for k in key)
             if config in ("fsdp", "zero3") and not extra:
-                run_launch_sh(config, noisy_cifar_dir, save_dir, *extra)
+                run_launch_sh(config, noisy_cifar_dir, save_dir)
             else:
                 run(config, noisy_cifar_dir, save_dir, *extra)
             done[key] = save_dir
@@ -63,14 +63,14 @@ def launch(noisy_cifar_dir, tmp_path_factory):
     return launch
 
 
-def run_launch_sh(strategy: str, noisy_cifar_dir, save_dir, *extra: str, processes: int = 2):
+def run_launch_sh(strategy: str, noisy_cifar_dir, save_dir, processes: int = 2):
     """`./launch.sh --strategy STRATEGY` with NPROC_PER_NODE processes on this machine without GPUs (it adds
     --device cpu, as tests/test_launch.py checks), the runs' options as run() gives them; it must exit 0."""
     import subprocess
 
     from conftest import child_env, free_port
     args = TINY + ["--data_dir", noisy_cifar_dir, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "64",
-                   "--micro_batch_size", "16", "--save_epochs", "1", "--save_dir", save_dir, *extra]
+                   "--micro_batch_size", "16", "--save_epochs", "1", "--save_dir", save_dir]
     env = child_env(NPROC_PER_NODE=str(processes), GPUS="0", MASTER_PORT=str(free_port()))
     result = subprocess.run([str(REPO / "launch.sh"), "--strategy", strategy, *map(str, args)], cwd=save_dir.parent,
                             env=env, capture_output=True, text=True, timeout=300)
